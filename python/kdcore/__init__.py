@@ -1,0 +1,30 @@
+"""kdcore: fused knowledge-distillation losses for PyTorch.
+
+Rust SIMD kernels run CPU tensors; everything is a registered ``torch.library``
+op, so autograd and ``torch.compile(fullgraph=True)`` work through it.
+
+>>> loss = kdcore.kl_loss(student_logits, teacher_logits, temperature=2.0)
+"""
+
+from __future__ import annotations
+
+from . import nn, reference
+from ._native import simd_level
+from ._threads import get_num_threads, set_num_threads
+from .ops.kl import kl_loss
+from .ops.softmax import log_softmax, softmax
+from .spans import Span
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Span",
+    "get_num_threads",
+    "kl_loss",
+    "log_softmax",
+    "nn",
+    "reference",
+    "set_num_threads",
+    "simd_level",
+    "softmax",
+]

@@ -1,0 +1,93 @@
+"""Argument checks shared by the public ops.
+
+Every failure is a ``TypeError`` or ``ValueError`` whose message names the
+argument and what was seen (shape, dtype, device, value).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+REDUCTIONS = ("mean", "sum", "none", "batchmean")
+
+
+def logits(name: str, x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}"
+        )
+    if x.dim() == 0:
+        raise ValueError(f"{name} must have shape (..., V), got a 0-d tensor")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name} has an empty vocabulary dimension: shape {tuple(x.shape)}")
+    return x
+
+
+def logit_pair(student: object, teacher: object) -> tuple[torch.Tensor, torch.Tensor]:
+    s = logits("student_logits", student)
+    t = logits("teacher_logits", teacher)
+    if s.shape != t.shape:
+        raise ValueError(
+            "student_logits and teacher_logits must have the same shape, got "
+            f"{tuple(s.shape)} and {tuple(t.shape)}"
+        )
+    same_device("teacher_logits", t, s)
+    return s, t
+
+
+def same_device(name: str, x: torch.Tensor, like: torch.Tensor) -> None:
+    if x.device != like.device:
+        raise ValueError(
+            f"{name} is on {x.device} but student_logits is on {like.device}; "
+            "move them to one device"
+        )
+
+
+def temperature(value: object) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"temperature must be a scalar, got shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(value).__name__}")
+    t = float(value)
+    if not math.isfinite(t) or t <= 0.0:
+        raise ValueError(f"temperature must be finite and > 0, got {t}")
+    return t
+
+
+def reduction(value: object) -> str:
+    if value not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {value!r}")
+    return "mean" if value == "batchmean" else str(value)
+
+
+def labels(value: object, lead: torch.Size, like: torch.Tensor) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {value.dtype}")
+    if value.shape != lead:
+        raise ValueError(
+            f"labels must have the logits' leading shape {tuple(lead)}, got {tuple(value.shape)}"
+        )
+    same_device("labels", value, like)
+    return value
+
+
+def mask(value: object, lead: torch.Size, like: torch.Tensor) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(value).__name__}")
+    if not (value.dtype == torch.bool or value.dtype.is_floating_point):
+        raise TypeError(f"mask must be bool or floating point (per-token weight), got {value.dtype}")
+    if value.shape != lead:
+        raise ValueError(
+            f"mask must have the logits' leading shape {tuple(lead)}, got {tuple(value.shape)}"
+        )
+    same_device("mask", value, like)
+    return value

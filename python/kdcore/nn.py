@@ -1,0 +1,55 @@
+"""``torch.nn.Module`` wrappers of the functional losses (same arguments)."""
+
+from __future__ import annotations
+
+import torch
+
+from .ops.kl import kl_loss
+
+
+class KLLoss(torch.nn.Module):
+    """Module form of :func:`kdcore.kl_loss`; arguments are fixed at construction.
+
+    ``forward(student_logits, teacher_logits, labels=None, mask=None)``.
+    """
+
+    def __init__(
+        self,
+        *,
+        temperature: float = 1.0,
+        reverse: bool = False,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        scale_t2: bool = True,
+    ) -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.reverse = reverse
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.scale_t2 = scale_t2
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return kl_loss(
+            student_logits,
+            teacher_logits,
+            temperature=self.temperature,
+            reverse=self.reverse,
+            labels=labels,
+            ignore_index=self.ignore_index,
+            mask=mask,
+            reduction=self.reduction,
+            scale_t2=self.scale_t2,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self.temperature}, reverse={self.reverse}, "
+            f"reduction={self.reduction!r}, scale_t2={self.scale_t2}"
+        )

@@ -1,0 +1,102 @@
+"""Pure-PyTorch reference of every kdcore op.
+
+Written for clarity from the definitions, not speed. Float64 inputs are
+computed in float64 (tests use that as ground truth); other dtypes are upcast
+to float32, matching the kernels' accumulation. Devices without a kdcore
+kernel run these functions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def softmax(x: torch.Tensor, temperature: float = 1.0, dim: int = -1) -> torch.Tensor:
+    """softmax(x / T) along ``dim``, in float32 (float64 for float64 input)."""
+    return torch.softmax(_upcast(x) / temperature, dim=dim)
+
+
+def log_softmax(x: torch.Tensor, temperature: float = 1.0, dim: int = -1) -> torch.Tensor:
+    """log_softmax(x / T) along ``dim``, in float32 (float64 for float64 input)."""
+    return torch.log_softmax(_upcast(x) / temperature, dim=dim)
+
+
+def kl_div_rows(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    reverse: bool = False,
+) -> torch.Tensor:
+    """KL per position, shape (...): KL(P_t ‖ P_s), or KL(P_s ‖ P_t) if ``reverse``.
+
+    P = softmax(logits / T). Terms where the first distribution is 0 count 0.
+    """
+    log_s = log_softmax(student_logits, temperature)
+    log_t = log_softmax(teacher_logits, temperature)
+    log_p, log_q = (log_s, log_t) if reverse else (log_t, log_s)
+    p = log_p.exp()
+    # where() before the product keeps 0 * (-inf - -inf) from becoming NaN,
+    # in the forward and in the gradient.
+    log_ratio = torch.where(p > 0, log_p - log_q, torch.zeros_like(p))
+    return (p * log_ratio).sum(-1)
+
+
+def reduce_rows(
+    rows: torch.Tensor,
+    *,
+    labels: torch.Tensor | None,
+    ignore_index: int,
+    mask: torch.Tensor | None,
+    reduction: str,
+) -> torch.Tensor:
+    """Applies masking and a reduction to per-position losses (see kdcore.kl_loss)."""
+    weight = torch.ones_like(rows)
+    if labels is not None:
+        weight = weight * (labels != ignore_index).to(rows.dtype)
+    if mask is not None:
+        weight = weight * mask.to(rows.dtype)
+    weighted = torch.where(weight != 0, rows * weight, torch.zeros_like(rows))
+    if reduction == "none":
+        return weighted
+    if reduction == "sum":
+        return weighted.sum()
+    if reduction in ("mean", "batchmean"):
+        total = weight.sum()
+        return weighted.sum() / total if total != 0 else weighted.sum() * 0.0
+    raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def kl_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    reverse: bool = False,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    scale_t2: bool = True,
+) -> torch.Tensor:
+    """Reference of :func:`kdcore.kl_loss`."""
+    if labels is not None or mask is not None:
+        # Masked rows are never read: zero them so NaN or -inf there cannot
+        # reach the loss or the gradient.
+        valid = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
+        if labels is not None:
+            valid = valid & (labels != ignore_index)
+        if mask is not None:
+            valid = valid & (mask != 0)
+        keep = valid.unsqueeze(-1)
+        student_logits = student_logits.masked_fill(~keep, 0.0)
+        teacher_logits = teacher_logits.masked_fill(~keep, 0.0)
+    rows = kl_div_rows(student_logits, teacher_logits, temperature, reverse)
+    if scale_t2:
+        rows = rows * temperature**2
+    return reduce_rows(
+        rows, labels=labels, ignore_index=ignore_index, mask=mask, reduction=reduction
+    )

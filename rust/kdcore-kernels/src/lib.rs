@@ -1,0 +1,22 @@
+//! Pure-Rust kernels behind kdcore: temperature softmax and fused
+//! distillation losses over rows of logits.
+//!
+//! Nothing here knows about Python. Every kernel takes row-major slices and a
+//! shape, computes in `f32` whatever the storage type ([`Element`]), and runs
+//! rows in parallel on a thread pool that kdcore owns ([`pool`]). SIMD is
+//! chosen at run time ([`simd::SimdLevel`]); shipped builds never assume the
+//! build machine's CPU.
+
+pub mod element;
+pub mod error;
+pub mod kl;
+pub mod pool;
+mod rows;
+pub mod simd;
+pub mod softmax;
+
+pub use element::Element;
+pub use error::KernelError;
+pub use kl::{kl_div, KlGrads};
+pub use simd::SimdLevel;
+pub use softmax::{softmax, softmax_backward, SoftmaxKind};

@@ -1,0 +1,130 @@
+//! Helpers shared by the row kernels: widening loads and narrowing stores of
+//! lane chunks, lane reductions, and the parallel loop over blocks of rows.
+
+use rayon::prelude::*;
+
+use crate::element::Element;
+use crate::pool;
+use crate::simd::{Lanes, LANES};
+
+/// Below this many elements a call runs on the calling thread: waking the
+/// pool costs more than the work (a 1 x 8 call must take microseconds).
+const PARALLEL_MIN_ELEMENTS: usize = 1 << 15;
+
+/// Widens `src` (at most `LANES` long) to f32, padding with `fill`.
+#[inline(always)]
+pub(crate) fn load<E: Element>(src: &[E], fill: f32) -> Lanes {
+    let mut v = [fill; LANES];
+    if let Ok(full) = <&[E; LANES]>::try_from(src) {
+        for i in 0..LANES {
+            v[i] = full[i].to_f32();
+        }
+    } else {
+        for (lane, x) in v.iter_mut().zip(src) {
+            *lane = x.to_f32();
+        }
+    }
+    v
+}
+
+/// Narrows the first `dst.len()` (at most `LANES`) lanes into `dst`.
+#[inline(always)]
+pub(crate) fn store<E: Element>(dst: &mut [E], v: &Lanes) {
+    if let Ok(full) = <&mut [E; LANES]>::try_from(&mut *dst) {
+        for i in 0..LANES {
+            full[i] = E::from_f32(v[i]);
+        }
+    } else {
+        for (d, x) in dst.iter_mut().zip(v) {
+            *d = E::from_f32(*x);
+        }
+    }
+}
+
+/// Lane-wise maximum (NaN lanes are ignored here; NaN still reaches the
+/// result through the exponential sums).
+#[inline(always)]
+pub(crate) fn max_into(acc: &mut Lanes, v: &Lanes) {
+    for i in 0..LANES {
+        acc[i] = if v[i] > acc[i] { v[i] } else { acc[i] };
+    }
+}
+
+#[inline(always)]
+pub(crate) fn add_into(acc: &mut Lanes, v: &Lanes) {
+    for i in 0..LANES {
+        acc[i] += v[i];
+    }
+}
+
+#[inline(always)]
+pub(crate) fn lane_max(v: &Lanes) -> f32 {
+    v.iter()
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
+}
+
+/// Sum of the lanes in f64, so combining them adds no error of its own.
+#[inline(always)]
+pub(crate) fn lane_sum(v: &Lanes) -> f64 {
+    v.iter().map(|&x| x as f64).sum()
+}
+
+/// Maximum of a row, widened to f32.
+#[inline(always)]
+pub(crate) fn row_max<E: Element>(row: &[E]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    for chunk in row.chunks(LANES) {
+        max_into(&mut acc, &load(chunk, f32::NEG_INFINITY));
+    }
+    lane_max(&acc)
+}
+
+/// An output buffer of `rows x cols`, possibly absent, split into blocks.
+pub(crate) fn split_rows<E>(
+    buf: Option<&mut [E]>,
+    block_len: usize,
+    blocks: usize,
+) -> Vec<Option<&mut [E]>> {
+    match buf {
+        Some(b) => b.chunks_mut(block_len).map(Some).collect(),
+        None => (0..blocks).map(|_| None).collect(),
+    }
+}
+
+/// How `rows` rows of `cols` are cut into blocks for the pool.
+pub(crate) struct Blocking {
+    pub rows_per_block: usize,
+    pub blocks: usize,
+}
+
+impl Blocking {
+    pub fn new(rows: usize, cols: usize) -> Blocking {
+        let rows_per_block = if rows.saturating_mul(cols) < PARALLEL_MIN_ELEMENTS {
+            rows.max(1)
+        } else {
+            // A few blocks per thread balance uneven rows (-inf heavy, etc.).
+            rows.div_ceil(pool::num_threads() * 4).max(1)
+        };
+        Blocking {
+            rows_per_block,
+            blocks: rows.div_ceil(rows_per_block),
+        }
+    }
+}
+
+/// Runs `work(block_index, item)` for each item, in the pool when there is
+/// more than one block.
+pub(crate) fn run_blocks<T: Send>(items: Vec<T>, work: impl Fn(usize, T) + Sync + Send) {
+    if items.len() <= 1 {
+        for (i, item) in items.into_iter().enumerate() {
+            work(i, item);
+        }
+    } else {
+        pool::install(|| {
+            items
+                .into_par_iter()
+                .enumerate()
+                .for_each(|(i, item)| work(i, item))
+        });
+    }
+}

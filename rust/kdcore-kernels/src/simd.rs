@@ -1,0 +1,231 @@
+//! Run-time SIMD selection and the vectorised math the kernels share.
+//!
+//! The kernels are written once, over fixed-size lane arrays ([`Lanes`]), and
+//! compiled several times: inside `#[target_feature]` wrappers for AVX-512 and
+//! AVX2+FMA, and once for the portable baseline (SSE2 on x86-64, NEON on
+//! aarch64). LLVM vectorises the lane loops for each feature set; the level is
+//! detected once at run time, so a wheel built anywhere runs anywhere.
+
+use std::sync::OnceLock;
+
+/// Lanes processed together. Two AVX-512 registers, four AVX2 registers:
+/// enough independent work to hide the latency of `exp`.
+pub const LANES: usize = 32;
+/// One chunk of a row, widened to f32.
+pub type Lanes = [f32; LANES];
+
+/// The instruction sets a kernel can be compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SimdLevel {
+    Avx512,
+    Avx2Fma,
+    Portable,
+}
+
+impl SimdLevel {
+    /// The best level this CPU supports (detected once).
+    pub fn detect() -> SimdLevel {
+        static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
+        *LEVEL.get_or_init(detect_uncached)
+    }
+
+    /// Every level this CPU can run, best first (benchmarks and tests use it).
+    pub fn available() -> Vec<SimdLevel> {
+        let mut levels = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if avx512_supported() {
+                levels.push(SimdLevel::Avx512);
+            }
+            if avx2_supported() {
+                levels.push(SimdLevel::Avx2Fma);
+            }
+        }
+        levels.push(SimdLevel::Portable);
+        levels
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SimdLevel::Avx512 => "avx512",
+            SimdLevel::Avx2Fma => "avx2+fma",
+            SimdLevel::Portable => {
+                if cfg!(target_arch = "aarch64") {
+                    "neon"
+                } else {
+                    "portable"
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx512_supported() -> bool {
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && avx2_supported()
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx2_supported() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+fn detect_uncached() -> SimdLevel {
+    SimdLevel::available()[0]
+}
+
+/// Whether the code being compiled may use fused multiply-add.
+pub trait Arch {
+    const FMA: bool;
+}
+/// Feature sets with FMA (AVX2+FMA, AVX-512, aarch64).
+pub struct Fused;
+/// The x86-64 baseline: no FMA (a software `fmaf` would be slow).
+pub struct Plain;
+impl Arch for Fused {
+    const FMA: bool = true;
+}
+impl Arch for Plain {
+    const FMA: bool = false;
+}
+/// The `Arch` of the portable build: aarch64 always has FMA.
+#[cfg(target_arch = "aarch64")]
+pub type Baseline = Fused;
+#[cfg(not(target_arch = "aarch64"))]
+pub type Baseline = Plain;
+
+/// a * b + c, fused where the target has FMA.
+#[inline(always)]
+pub fn madd<A: Arch>(a: f32, b: f32, c: f32) -> f32 {
+    if A::FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+const EXP_LO: f32 = -87.336_55; // below: the result is subnormal; flushed to 0
+const EXP_HI: f32 = 88.722_83; // above: +inf
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+// ln 2 split so that n * LN2_HI is exact for the n that occur (Cody-Waite).
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+// 1.5 * 2^23: adding it rounds to the nearest integer (ties to even).
+const ROUND_MAGIC: f32 = 12_582_912.0;
+// Minimax polynomial for (e^r - 1 - r) / r^2 on [-ln2/2, ln2/2] (Cephes).
+const P0: f32 = 1.987_569_1e-4;
+const P1: f32 = 1.398_199_9e-3;
+const P2: f32 = 8.333_452e-3;
+const P3: f32 = 4.166_579_6e-2;
+const P4: f32 = 1.666_666_5e-1;
+const P5: f32 = 5.000_000_1e-1;
+
+/// e^x in f32, branch-free so that loops over it vectorise.
+///
+/// Within 2 ULP of the correctly rounded result where that result is a
+/// normal float; 0 where it would be subnormal (x < -87.34); +inf above
+/// 88.72; NaN for NaN; exp(-inf) = 0.
+#[inline(always)]
+pub fn exp<A: Arch>(x: f32) -> f32 {
+    let xc = if x < EXP_LO { EXP_LO } else { x };
+    let xc = if xc > EXP_HI { EXP_HI } else { xc };
+    let shifted = madd::<A>(xc, LOG2E, ROUND_MAGIC);
+    let n = shifted - ROUND_MAGIC;
+    let ni = (shifted.to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32);
+    let r = madd::<A>(n, -LN2_HI, xc);
+    let r = madd::<A>(n, -LN2_LO, r);
+    let mut p = madd::<A>(P0, r, P1);
+    p = madd::<A>(p, r, P2);
+    p = madd::<A>(p, r, P3);
+    p = madd::<A>(p, r, P4);
+    p = madd::<A>(p, r, P5);
+    let y = madd::<A>(p, r * r, r) + 1.0;
+    // 2^n as two normal factors: n reaches 128 near the top of the range.
+    let n1 = ni >> 1;
+    let n2 = ni - n1;
+    let s1 = f32::from_bits(((n1 + 127) as u32) << 23);
+    let s2 = f32::from_bits(((n2 + 127) as u32) << 23);
+    let result = y * s1 * s2;
+    if x.is_nan() {
+        x
+    } else if x < EXP_LO {
+        0.0
+    } else if x > EXP_HI {
+        f32::INFINITY
+    } else {
+        result
+    }
+}
+
+/// Lane-wise [`exp`].
+#[inline(always)]
+pub fn exp_lanes<A: Arch>(x: &Lanes) -> Lanes {
+    let mut out = [0.0; LANES];
+    for i in 0..LANES {
+        out[i] = exp::<A>(x[i]);
+    }
+    out
+}
+
+/// Compiles a generic `#[inline(always)]` kernel body for every SIMD level and
+/// picks one at run time.
+///
+/// `simd_dispatch!(pub(crate) fn name<G: Bound, ..>(args..) -> Ret => body_fn);`
+/// defines `name(level, args..)`, which calls `body_fn::<Arch, G..>(args..)`.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! simd_dispatch {
+    ($vis:vis fn $name:ident<$($gen:ident: $bound:path),*>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? => $body:ident) => {
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name<$($gen: $bound),*>(level: $crate::simd::SimdLevel, $($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn avx512<$($gen: $bound),*>($($arg: $ty),*) $(-> $ret)? {
+                $body::<$crate::simd::Fused, $($gen),*>($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma,f16c")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn avx2<$($gen: $bound),*>($($arg: $ty),*) $(-> $ret)? {
+                $body::<$crate::simd::Fused, $($gen),*>($($arg),*)
+            }
+            match level {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `SimdLevel::Avx512` is only produced after run-time
+                // detection of avx512f/bw/vl, avx2, fma and f16c.
+                $crate::simd::SimdLevel::Avx512 => unsafe { avx512::<$($gen),*>($($arg),*) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `SimdLevel::Avx2Fma` is only produced after run-time
+                // detection of avx2, fma and f16c.
+                $crate::simd::SimdLevel::Avx2Fma => unsafe { avx2::<$($gen),*>($($arg),*) },
+                _ => $body::<$crate::simd::Baseline, $($gen),*>($($arg),*),
+            }
+        }
+    };
+}
+
+#[inline(always)]
+fn exp_slice_body<A: Arch>(xs: &[f32], out: &mut [f32]) {
+    for (o, x) in out.iter_mut().zip(xs) {
+        *o = exp::<A>(*x);
+    }
+}
+
+simd_dispatch!(fn exp_slice_at<>(xs: &[f32], out: &mut [f32]) => exp_slice_body);
+
+/// Element-wise e^x at a given SIMD level (exposed for ULP tests and benches).
+///
+/// Returns `None` when this CPU cannot run `level`.
+pub fn exp_slice(level: SimdLevel, xs: &[f32], out: &mut [f32]) -> Option<()> {
+    if !SimdLevel::available().contains(&level) || xs.len() != out.len() {
+        return None;
+    }
+    exp_slice_at(level, xs, out);
+    Some(())
+}

@@ -1,0 +1,180 @@
+//! Row-wise temperature softmax and log-softmax, forward and backward.
+//!
+//! y = softmax(x / T) per row: a max pass, a sum-of-exponentials pass, and a
+//! write pass (each row stays in cache between them).
+
+use crate::element::Element;
+use crate::error::{check_len, inverse_temperature, KernelError};
+use crate::rows::{add_into, lane_sum, load, row_max, run_blocks, store, Blocking};
+use crate::simd::{exp_lanes, madd, Arch, Lanes, SimdLevel, LANES};
+use crate::simd_dispatch;
+
+/// Which of the two normalisations to compute.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SoftmaxKind {
+    /// softmax(x / T)
+    Softmax,
+    /// log_softmax(x / T)
+    LogSoftmax,
+}
+
+/// (x - max) / T for one chunk.
+#[inline(always)]
+pub(crate) fn shifted(v: &Lanes, max: f32, inv_t: f32) -> Lanes {
+    let mut s = [0.0; LANES];
+    for i in 0..LANES {
+        s[i] = (v[i] - max) * inv_t;
+    }
+    s
+}
+
+/// Maximum and log-partition of one row of x / T: log Z = log Σ exp((x - max) / T).
+#[inline(always)]
+pub(crate) fn row_log_partition<A: Arch, E: Element>(row: &[E], inv_t: f32) -> (f32, f64) {
+    let max = row_max(row);
+    let mut z = [0.0; LANES];
+    for chunk in row.chunks(LANES) {
+        let s = shifted(&load(chunk, f32::NEG_INFINITY), max, inv_t);
+        add_into(&mut z, &exp_lanes::<A>(&s));
+    }
+    (max, lane_sum(&z).ln())
+}
+
+#[inline(always)]
+fn softmax_block<A: Arch, E: Element>(x: &[E], out: &mut [E], cols: usize, inv_t: f32, log: bool) {
+    for (row, out_row) in x.chunks(cols).zip(out.chunks_mut(cols)) {
+        let (max, log_z) = row_log_partition::<A, E>(row, inv_t);
+        let log_z = log_z as f32;
+        let inv_z = (-log_z).exp();
+        for (chunk, dst) in row.chunks(LANES).zip(out_row.chunks_mut(LANES)) {
+            let s = shifted(&load(chunk, f32::NEG_INFINITY), max, inv_t);
+            let mut y = [0.0; LANES];
+            if log {
+                for i in 0..LANES {
+                    y[i] = s[i] - log_z;
+                }
+            } else {
+                let e = exp_lanes::<A>(&s);
+                for i in 0..LANES {
+                    y[i] = e[i] * inv_z;
+                }
+            }
+            store(dst, &y);
+        }
+    }
+}
+
+#[inline(always)]
+fn softmax_backward_block<A: Arch, E: Element>(
+    y: &[E],
+    grad_y: &[E],
+    grad_x: &mut [E],
+    cols: usize,
+    inv_t: f32,
+    log: bool,
+) {
+    let rows = y.chunks(cols).zip(grad_y.chunks(cols));
+    for ((y_row, g_row), dx_row) in rows.zip(grad_x.chunks_mut(cols)) {
+        // softmax: dx = y (g - Σ g y) / T;  log_softmax: dx = (g - e^y Σ g) / T
+        let mut acc = [0.0; LANES];
+        for (yc, gc) in y_row.chunks(LANES).zip(g_row.chunks(LANES)) {
+            let (yv, gv) = (load(yc, 0.0), load(gc, 0.0));
+            for i in 0..LANES {
+                acc[i] = if log {
+                    acc[i] + gv[i]
+                } else {
+                    madd::<A>(gv[i], yv[i], acc[i])
+                };
+            }
+        }
+        let total = lane_sum(&acc) as f32;
+        let chunks = y_row.chunks(LANES).zip(g_row.chunks(LANES));
+        for ((yc, gc), dst) in chunks.zip(dx_row.chunks_mut(LANES)) {
+            let (yv, gv) = (load(yc, 0.0), load(gc, 0.0));
+            let mut dx = [0.0; LANES];
+            if log {
+                let p = exp_lanes::<A>(&yv);
+                for i in 0..LANES {
+                    dx[i] = madd::<A>(-p[i], total, gv[i]) * inv_t;
+                }
+            } else {
+                for i in 0..LANES {
+                    dx[i] = yv[i] * (gv[i] - total) * inv_t;
+                }
+            }
+            store(dst, &dx);
+        }
+    }
+}
+
+simd_dispatch!(fn softmax_block_at<E: Element>(x: &[E], out: &mut [E], cols: usize, inv_t: f32, log: bool) => softmax_block);
+simd_dispatch!(fn softmax_backward_block_at<E: Element>(y: &[E], grad_y: &[E], grad_x: &mut [E], cols: usize, inv_t: f32, log: bool) => softmax_backward_block);
+
+pub(crate) fn check_shape(rows: usize, cols: usize) -> Result<usize, KernelError> {
+    if cols == 0 {
+        return Err(KernelError::Parameter {
+            what: "cols",
+            message: "the vocabulary dimension must be >= 1".to_string(),
+        });
+    }
+    rows.checked_mul(cols).ok_or(KernelError::Parameter {
+        what: "rows x cols",
+        message: "overflows usize".to_string(),
+    })
+}
+
+/// `out = softmax(x / T)` (or log-softmax) over each row of a row-major
+/// `rows x cols` matrix.
+pub fn softmax<E: Element>(
+    x: &[E],
+    rows: usize,
+    cols: usize,
+    temperature: f32,
+    kind: SoftmaxKind,
+    out: &mut [E],
+) -> Result<(), KernelError> {
+    let n = check_shape(rows, cols)?;
+    check_len("x", x.len(), n)?;
+    check_len("out", out.len(), n)?;
+    let inv_t = inverse_temperature(temperature)?;
+    let log = kind == SoftmaxKind::LogSoftmax;
+    let level = SimdLevel::detect();
+    let blocking = Blocking::new(rows, cols);
+    let len = blocking.rows_per_block * cols;
+    let items: Vec<_> = x.chunks(len).zip(out.chunks_mut(len)).collect();
+    run_blocks(items, |_, (xb, ob)| {
+        softmax_block_at(level, xb, ob, cols, inv_t, log)
+    });
+    Ok(())
+}
+
+/// Gradient of [`softmax`] w.r.t. its input, given its output `y` and the
+/// gradient `grad_y` of the output.
+pub fn softmax_backward<E: Element>(
+    y: &[E],
+    grad_y: &[E],
+    rows: usize,
+    cols: usize,
+    temperature: f32,
+    kind: SoftmaxKind,
+    grad_x: &mut [E],
+) -> Result<(), KernelError> {
+    let n = check_shape(rows, cols)?;
+    check_len("y", y.len(), n)?;
+    check_len("grad_y", grad_y.len(), n)?;
+    check_len("grad_x", grad_x.len(), n)?;
+    let inv_t = inverse_temperature(temperature)?;
+    let log = kind == SoftmaxKind::LogSoftmax;
+    let level = SimdLevel::detect();
+    let blocking = Blocking::new(rows, cols);
+    let len = blocking.rows_per_block * cols;
+    let items: Vec<_> = y
+        .chunks(len)
+        .zip(grad_y.chunks(len))
+        .zip(grad_x.chunks_mut(len))
+        .collect();
+    run_blocks(items, |_, ((yb, gb), db)| {
+        softmax_backward_block_at(level, yb, gb, db, cols, inv_t, log)
+    });
+    Ok(())
+}

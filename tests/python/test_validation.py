@@ -1,0 +1,98 @@
+"""Bad input gets a clear exception naming the argument and what was seen."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kdcore
+
+S = torch.randn(2, 3, 5)
+T = torch.randn(2, 3, 5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, pattern",
+    [
+        ({"teacher_logits": torch.randn(2, 3, 6)}, ValueError, r"same shape.*\(2, 3, 5\).*\(2, 3, 6\)"),
+        ({"teacher_logits": torch.randn(6, 5)}, ValueError, r"same shape"),
+        ({"student_logits": torch.randn(2, 0), "teacher_logits": torch.randn(2, 0)},
+         ValueError, r"empty vocabulary.*\(2, 0\)"),
+        ({"student_logits": torch.randint(0, 5, (2, 3, 5))}, TypeError, r"student_logits.*torch.int64"),
+        ({"teacher_logits": torch.ones(2, 3, 5, dtype=torch.int32)}, TypeError, r"teacher_logits.*int32"),
+        ({"student_logits": torch.tensor(1.0), "teacher_logits": torch.tensor(1.0)},
+         ValueError, r"0-d"),
+        ({"student_logits": [[1.0, 2.0]]}, TypeError, r"student_logits must be a torch.Tensor, got list"),
+        ({"temperature": 0.0}, ValueError, r"temperature must be finite and > 0, got 0.0"),
+        ({"temperature": -1.0}, ValueError, r"temperature.*-1.0"),
+        ({"temperature": math.nan}, ValueError, r"temperature.*nan"),
+        ({"temperature": math.inf}, ValueError, r"temperature.*inf"),
+        ({"temperature": "2"}, TypeError, r"temperature must be a float, got str"),
+        ({"reduction": "avg"}, ValueError, r"reduction must be one of mean, sum, none, batchmean; got 'avg'"),
+        ({"labels": torch.zeros(2, 3)}, TypeError, r"labels must be an integer tensor, got torch.float32"),
+        ({"labels": torch.zeros(2, 4, dtype=torch.long)}, ValueError, r"labels.*\(2, 3\).*\(2, 4\)"),
+        ({"mask": torch.ones(3, 2, dtype=torch.bool)}, ValueError, r"mask.*\(2, 3\).*\(3, 2\)"),
+        ({"mask": torch.ones(2, 3, dtype=torch.long)}, TypeError, r"mask must be bool or floating.*int64"),
+        ({"teacher_logits": torch.randn(2, 3, 5, device="meta")}, ValueError, r"teacher_logits is on meta"),
+        ({"labels": torch.zeros(2, 3, dtype=torch.long, device="meta")}, ValueError, r"labels is on meta"),
+    ],
+)
+@pytest.mark.parametrize("backend_name", ["rust", "torch"])
+def test_kl_loss_rejects(kwargs, exc, pattern, backend_name):
+    from kdcore import _dispatch
+
+    args = {"student_logits": S, "teacher_logits": T, **kwargs}
+    s, t = args.pop("student_logits"), args.pop("teacher_logits")
+    with _dispatch.backend(backend_name), pytest.raises(exc, match=pattern):
+        kdcore.kl_loss(s, t, **args)
+
+
+@pytest.mark.parametrize(
+    "x, kwargs, exc, pattern",
+    [
+        (torch.randn(3, 0), {}, ValueError, r"empty vocabulary"),
+        (torch.arange(6).reshape(2, 3), {}, TypeError, r"x must be float32.*int64"),
+        (torch.randn(2, 3), {"temperature": 0}, ValueError, r"temperature"),
+        (torch.randn(2, 3), {"dim": 2}, ValueError, r"dim must be an int in \[-2, 1\], got 2"),
+        (torch.randn(2, 3), {"dim": "x"}, ValueError, r"dim must be an int"),
+    ],
+)
+@pytest.mark.parametrize("fn", [kdcore.softmax, kdcore.log_softmax])
+def test_softmax_rejects(fn, x, kwargs, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        fn(x, **kwargs)
+
+
+def test_set_num_threads_rejects_bad_values():
+    with pytest.raises(ValueError, match="n must be >= 1, got 0"):
+        kdcore.set_num_threads(0)
+    with pytest.raises(TypeError, match="n must be an int, got float"):
+        kdcore.set_num_threads(2.0)
+
+
+def test_kernel_op_refuses_unsupported_tensors_clearly():
+    x = torch.randn(2, 3, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"kdcore::softmax runs on CPU tensors.*float64"):
+        torch.ops.kdcore.softmax(x, 1.0, False)
+
+
+def test_unknown_backend_name_is_rejected():
+    from kdcore import _dispatch
+
+    with pytest.raises(ValueError, match=r"KDCORE_BACKEND must be one of auto, rust, triton, torch; got 'cuda'"):
+        _dispatch.set_backend("cuda")
+
+
+def test_native_rejects_mismatched_arrays():
+    from kdcore import _native
+
+    x = torch.randn(2, 3).numpy()
+    out = torch.empty(3, 2).numpy()
+    with pytest.raises(ValueError, match=r"x and out must have the same shape"):
+        _native.softmax(x, out, "float32", 1.0, False)
+    with pytest.raises(TypeError, match=r"dtype must be float32, bfloat16 or float16, got float64"):
+        _native.softmax(x, x.copy(), "float64", 1.0, False)
+    with pytest.raises(ValueError, match=r"temperature: must be finite and > 0"):
+        _native.softmax(x, x.copy(), "float32", 0.0, False)
