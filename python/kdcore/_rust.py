@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _native
+from . import _memory, _native
 
 _NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -20,7 +20,7 @@ def _view(t: torch.Tensor):
 
 def softmax(x: torch.Tensor, temperature: float, log: bool) -> torch.Tensor:
     x = x.contiguous()
-    out = torch.empty_like(x)
+    out = _memory.empty_like(x)
     _native.softmax(_view(x), _view(out), _NAMES[x.dtype], temperature, log)
     return out
 
@@ -30,7 +30,7 @@ def softmax_backward(
 ) -> torch.Tensor:
     y = y.contiguous()
     grad = grad.to(y.dtype).contiguous()
-    grad_x = torch.empty_like(y)
+    grad_x = _memory.empty_like(y)
     _native.softmax_backward(
         _view(y), _view(grad), _view(grad_x), _NAMES[y.dtype], temperature, log
     )
@@ -47,10 +47,11 @@ def kl_div(
     grad_teacher: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     student, teacher = student.contiguous(), teacher.contiguous()
-    weight = weight.to(torch.float32).contiguous()
+    if weight.dtype != torch.float32:
+        weight = weight.to(torch.float32)
     loss = torch.empty(student.shape[0], dtype=torch.float32)
-    gs = torch.empty_like(student) if grad_student else None
-    gt = torch.empty_like(teacher) if grad_teacher else None
+    gs = _memory.empty_like(student) if grad_student else None
+    gt = _memory.empty_like(teacher) if grad_teacher else None
     # The kernel computes KL(P ‖ Q); forward KL has the teacher as P.
     (p, gp), (q, gq) = ((student, gs), (teacher, gt)) if reverse else ((teacher, gt), (student, gs))
     _native.kl_div(

@@ -70,6 +70,28 @@ def _needs_grad(x: torch.Tensor) -> bool:
     return x.requires_grad and torch.is_grad_enabled()
 
 
+class _KLDivFunction(torch.autograd.Function):
+    """Eager path of ``kdcore::kl_div``: the same kernel and backward, with
+    less per-call overhead than the registered op's autograd wrapper (the
+    registered op is what torch.compile traces)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, weight, temperature, reverse, reduce):
+        grad_student, grad_teacher = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        rows, gs, gt = _rust.kl_div(
+            student, teacher, weight, temperature, reverse, grad_student, grad_teacher
+        )
+        ctx.save_for_backward(gs, gt)
+        return rows.sum() if reduce else rows
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        gs, gt = ctx.saved_tensors
+        grad_s = None if gs is None else scale_rows(gs, grad_loss)
+        grad_t = None if gt is None else scale_rows(gt, grad_loss)
+        return grad_s, grad_t, None, None, None, None
+
+
 def kl_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -138,15 +160,11 @@ def kl_loss(
         reduction=red,
         scale=t * t if scale_t2 else 1.0,
     )
+    s2, t2 = student.reshape(-1, vocab), teacher.reshape(-1, vocab)
+    if not torch.compiler.is_compiling():
+        loss = _KLDivFunction.apply(s2, t2, weight, t, bool(reverse), red != "none")
+        return loss.reshape(student.shape[:-1]) if red == "none" else loss
     rows, _, _ = kl_div_op(
-        student.reshape(-1, vocab),
-        teacher.reshape(-1, vocab),
-        weight,
-        t,
-        bool(reverse),
-        _needs_grad(student),
-        _needs_grad(teacher),
+        s2, t2, weight, t, bool(reverse), _needs_grad(student), _needs_grad(teacher)
     )
-    if red == "none":
-        return rows.reshape(student.shape[:-1])
-    return rows.sum()
+    return rows.reshape(student.shape[:-1]) if red == "none" else rows.sum()

@@ -5,7 +5,9 @@
 
 use crate::element::Element;
 use crate::error::{check_len, inverse_temperature, KernelError};
-use crate::rows::{add_into, lane_sum, load, row_max, run_blocks, store, Blocking};
+use crate::rows::{
+    add_into, load, row_max, run_blocks, store, wide_sum, widen_into, Blocking, Wide, RUN,
+};
 use crate::simd::{exp_lanes, madd, Arch, Lanes, SimdLevel, LANES};
 use crate::simd_dispatch;
 
@@ -32,12 +34,16 @@ pub(crate) fn shifted(v: &Lanes, max: f32, inv_t: f32) -> Lanes {
 #[inline(always)]
 pub(crate) fn row_log_partition<A: Arch, E: Element>(row: &[E], inv_t: f32) -> (f32, f64) {
     let max = row_max(row);
-    let mut z = [0.0; LANES];
-    for chunk in row.chunks(LANES) {
-        let s = shifted(&load(chunk, f32::NEG_INFINITY), max, inv_t);
-        add_into(&mut z, &exp_lanes::<A>(&s));
+    let mut z = Wide::default();
+    for run in row.chunks(RUN) {
+        let mut z_run = [0.0; LANES];
+        for chunk in run.chunks(LANES) {
+            let s = shifted(&load(chunk, f32::NEG_INFINITY), max, inv_t);
+            add_into(&mut z_run, &exp_lanes::<A>(&s));
+        }
+        widen_into(&mut z, &z_run);
     }
-    (max, lane_sum(&z).ln())
+    (max, wide_sum(&z).ln())
 }
 
 #[inline(always)]
@@ -76,18 +82,22 @@ fn softmax_backward_block<A: Arch, E: Element>(
     let rows = y.chunks(cols).zip(grad_y.chunks(cols));
     for ((y_row, g_row), dx_row) in rows.zip(grad_x.chunks_mut(cols)) {
         // softmax: dx = y (g - Σ g y) / T;  log_softmax: dx = (g - e^y Σ g) / T
-        let mut acc = [0.0; LANES];
-        for (yc, gc) in y_row.chunks(LANES).zip(g_row.chunks(LANES)) {
-            let (yv, gv) = (load(yc, 0.0), load(gc, 0.0));
-            for i in 0..LANES {
-                acc[i] = if log {
-                    acc[i] + gv[i]
-                } else {
-                    madd::<A>(gv[i], yv[i], acc[i])
-                };
+        let mut acc = Wide::default();
+        for (run_y, run_g) in y_row.chunks(RUN).zip(g_row.chunks(RUN)) {
+            let mut acc_run = [0.0; LANES];
+            for (yc, gc) in run_y.chunks(LANES).zip(run_g.chunks(LANES)) {
+                let (yv, gv) = (load(yc, 0.0), load(gc, 0.0));
+                for i in 0..LANES {
+                    acc_run[i] = if log {
+                        acc_run[i] + gv[i]
+                    } else {
+                        madd::<A>(gv[i], yv[i], acc_run[i])
+                    };
+                }
             }
+            widen_into(&mut acc, &acc_run);
         }
-        let total = lane_sum(&acc) as f32;
+        let total = wide_sum(&acc) as f32;
         let chunks = y_row.chunks(LANES).zip(g_row.chunks(LANES));
         for ((yc, gc), dst) in chunks.zip(dx_row.chunks_mut(LANES)) {
             let (yv, gv) = (load(yc, 0.0), load(gc, 0.0));
