@@ -25,6 +25,7 @@ rm -rf "$root/dist"
 
 echo "== Python: ruff, pytest"
 "$venv/bin/ruff" check python tests benches
+"$venv/bin/ruff" format --check python tests benches
 # Run from tests/ so that the installed package, not the source tree, is imported.
 cd "$root/tests"
 "$venv/bin/python" -c "import kdcore, sys; print('testing', kdcore.__file__); sys.exit('site-packages' not in kdcore.__file__)"

@@ -18,9 +18,7 @@ def logits(name: str, x: object) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}"
-        )
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
     if x.dim() == 0:
         raise ValueError(f"{name} must have shape (..., V), got a 0-d tensor")
     if x.shape[-1] == 0:
@@ -84,7 +82,9 @@ def mask(value: object, lead: torch.Size, like: torch.Tensor) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor, got {type(value).__name__}")
     if not (value.dtype == torch.bool or value.dtype.is_floating_point):
-        raise TypeError(f"mask must be bool or floating point (per-token weight), got {value.dtype}")
+        raise TypeError(
+            f"mask must be bool or floating point (per-token weight), got {value.dtype}"
+        )
     if value.shape != lead:
         raise ValueError(
             f"mask must have the logits' leading shape {tuple(lead)}, got {tuple(value.shape)}"

@@ -18,10 +18,16 @@ def _parser() -> argparse.ArgumentParser:
             "count for all, medians after warm-up, ratios printed side by side."
         ),
     )
-    bench.add_argument("--threads", type=int, default=None,
-                       help="threads for kdcore and torch alike (default: kdcore's pool size)")
+    bench.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads for kdcore and torch alike (default: kdcore's pool size)",
+    )
     bench.add_argument("--repeat", type=int, default=7, help="timed runs per cell (median)")
-    bench.add_argument("--quick", action="store_true", help="small shapes, few repeats (smoke test)")
+    bench.add_argument(
+        "--quick", action="store_true", help="small shapes, few repeats (smoke test)"
+    )
     bench.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     return parser

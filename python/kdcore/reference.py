@@ -86,7 +86,9 @@ def kl_loss(
     if labels is not None or mask is not None:
         # Masked rows are never read: zero them so NaN or -inf there cannot
         # reach the loss or the gradient.
-        valid = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
+        valid = torch.ones(
+            student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device
+        )
         if labels is not None:
             valid = valid & (labels != ignore_index)
         if mask is not None:

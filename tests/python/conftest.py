@@ -55,7 +55,9 @@ def assert_loss_close(got: torch.Tensor, ref: torch.Tensor, dtypes) -> None:
     rel = 1e-4 if any(d != torch.float32 for d in dtypes) else 1e-5
     err = (got64 - ref64)[finite].abs()
     bound = rel * ref64[finite].abs() + 1e-6
-    assert bool((err <= bound).all()), f"loss error {err.max().item():.3e}: got {got64}, ref {ref64}"
+    assert bool((err <= bound).all()), (
+        f"loss error {err.max().item():.3e}: got {got64}, ref {ref64}"
+    )
     assert torch.equal(got64[~finite], ref64[~finite]) or bool(torch.isnan(ref64).any())
 
 

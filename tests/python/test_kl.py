@@ -61,8 +61,20 @@ def make_masks(kind, lead, g):
     seed=st.integers(0, 2**31 - 1),
 )
 def test_kl_matches_float64_reference(
-    backend, lead, vocab, s_dtype, t_dtype, temperature, reverse, reduction, scale,
-    banned, masking, teacher_grad, scale_t2, seed,
+    backend,
+    lead,
+    vocab,
+    s_dtype,
+    t_dtype,
+    temperature,
+    reverse,
+    reduction,
+    scale,
+    banned,
+    masking,
+    teacher_grad,
+    scale_t2,
+    seed,
 ):
     g = torch.Generator().manual_seed(seed)
     shape = (*lead, vocab)
@@ -85,8 +97,16 @@ def test_kl_matches_float64_reference(
     labels, mask = make_masks(masking, lead, g)
     grad_out = torch.rand(lead, generator=g) + 0.5 if reduction == "none" else None
     got, ref = run_both(
-        s, t, teacher_grad=teacher_grad, grad_out=grad_out, temperature=temperature,
-        reverse=reverse, labels=labels, mask=mask, reduction=reduction, scale_t2=scale_t2,
+        s,
+        t,
+        teacher_grad=teacher_grad,
+        grad_out=grad_out,
+        temperature=temperature,
+        reverse=reverse,
+        labels=labels,
+        mask=mask,
+        reduction=reduction,
+        scale_t2=scale_t2,
     )
     assert got[0].dtype == torch.float32
     assert got[0].shape == ref[0].shape
@@ -306,8 +326,10 @@ def test_teacher_only_requires_grad(backend):
 
 def test_two_threads_at_once_give_the_sequential_results(backend):
     inputs = [
-        (make_logits((64, 3000), torch.float32, seed=40 + i),
-         make_logits((64, 3000), torch.float32, seed=50 + i))
+        (
+            make_logits((64, 3000), torch.float32, seed=40 + i),
+            make_logits((64, 3000), torch.float32, seed=50 + i),
+        )
         for i in range(2)
     ]
 

@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-from conftest import DTYPES, assert_grad_close, make_logits, ulp
 from hypothesis import given
 from hypothesis import strategies as st
 
 import kdcore
+from conftest import DTYPES, assert_grad_close, make_logits, ulp
 from kdcore import reference
 
 

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 import torch
-from conftest import make_logits
 
 import kdcore
+from conftest import make_logits
 
 
 def _loss_and_grad():
@@ -39,8 +39,14 @@ def test_results_do_not_depend_on_thread_count():
 def test_environment_variable_sets_the_pool_size():
     code = "import kdcore; print(kdcore.get_num_threads())"
     env = {**os.environ, "KDCORE_NUM_THREADS": "3"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     assert out.stdout.strip() == "3"
 
 

@@ -4,22 +4,33 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_logits
 
 import kdcore
+from conftest import make_logits
 from kdcore.ops.kl import kl_div_op
 from kdcore.ops.softmax import softmax_backward_op, softmax_op
 
 
 def _kl_samples():
-    for s_dtype, t_dtype in [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-                             (torch.float16, torch.bfloat16)]:
+    for s_dtype, t_dtype in [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.bfloat16),
+    ]:
         s = make_logits((5, 37), s_dtype, seed=1)
         t = make_logits((5, 37), t_dtype, seed=2)
         w = torch.rand(5)
         for reverse in (False, True):
             yield (s.clone().requires_grad_(), t, w, 2.0, reverse, True, False)
-            yield (s.clone().requires_grad_(), t.clone().requires_grad_(), w, 0.5, reverse, True, True)
+            yield (
+                s.clone().requires_grad_(),
+                t.clone().requires_grad_(),
+                w,
+                0.5,
+                reverse,
+                True,
+                True,
+            )
             yield (s, t, w, 1.0, reverse, False, False)
 
 

@@ -16,27 +16,73 @@ T = torch.randn(2, 3, 5)
 @pytest.mark.parametrize(
     "kwargs, exc, pattern",
     [
-        ({"teacher_logits": torch.randn(2, 3, 6)}, ValueError, r"same shape.*\(2, 3, 5\).*\(2, 3, 6\)"),
+        (
+            {"teacher_logits": torch.randn(2, 3, 6)},
+            ValueError,
+            r"same shape.*\(2, 3, 5\).*\(2, 3, 6\)",
+        ),
         ({"teacher_logits": torch.randn(6, 5)}, ValueError, r"same shape"),
-        ({"student_logits": torch.randn(2, 0), "teacher_logits": torch.randn(2, 0)},
-         ValueError, r"empty vocabulary.*\(2, 0\)"),
-        ({"student_logits": torch.randint(0, 5, (2, 3, 5))}, TypeError, r"student_logits.*torch.int64"),
-        ({"teacher_logits": torch.ones(2, 3, 5, dtype=torch.int32)}, TypeError, r"teacher_logits.*int32"),
-        ({"student_logits": torch.tensor(1.0), "teacher_logits": torch.tensor(1.0)},
-         ValueError, r"0-d"),
-        ({"student_logits": [[1.0, 2.0]]}, TypeError, r"student_logits must be a torch.Tensor, got list"),
+        (
+            {"student_logits": torch.randn(2, 0), "teacher_logits": torch.randn(2, 0)},
+            ValueError,
+            r"empty vocabulary.*\(2, 0\)",
+        ),
+        (
+            {"student_logits": torch.randint(0, 5, (2, 3, 5))},
+            TypeError,
+            r"student_logits.*torch.int64",
+        ),
+        (
+            {"teacher_logits": torch.ones(2, 3, 5, dtype=torch.int32)},
+            TypeError,
+            r"teacher_logits.*int32",
+        ),
+        (
+            {"student_logits": torch.tensor(1.0), "teacher_logits": torch.tensor(1.0)},
+            ValueError,
+            r"0-d",
+        ),
+        (
+            {"student_logits": [[1.0, 2.0]]},
+            TypeError,
+            r"student_logits must be a torch.Tensor, got list",
+        ),
         ({"temperature": 0.0}, ValueError, r"temperature must be finite and > 0, got 0.0"),
         ({"temperature": -1.0}, ValueError, r"temperature.*-1.0"),
         ({"temperature": math.nan}, ValueError, r"temperature.*nan"),
         ({"temperature": math.inf}, ValueError, r"temperature.*inf"),
         ({"temperature": "2"}, TypeError, r"temperature must be a float, got str"),
-        ({"reduction": "avg"}, ValueError, r"reduction must be one of mean, sum, none, batchmean; got 'avg'"),
-        ({"labels": torch.zeros(2, 3)}, TypeError, r"labels must be an integer tensor, got torch.float32"),
-        ({"labels": torch.zeros(2, 4, dtype=torch.long)}, ValueError, r"labels.*\(2, 3\).*\(2, 4\)"),
+        (
+            {"reduction": "avg"},
+            ValueError,
+            r"reduction must be one of mean, sum, none, batchmean; got 'avg'",
+        ),
+        (
+            {"labels": torch.zeros(2, 3)},
+            TypeError,
+            r"labels must be an integer tensor, got torch.float32",
+        ),
+        (
+            {"labels": torch.zeros(2, 4, dtype=torch.long)},
+            ValueError,
+            r"labels.*\(2, 3\).*\(2, 4\)",
+        ),
         ({"mask": torch.ones(3, 2, dtype=torch.bool)}, ValueError, r"mask.*\(2, 3\).*\(3, 2\)"),
-        ({"mask": torch.ones(2, 3, dtype=torch.long)}, TypeError, r"mask must be bool or floating.*int64"),
-        ({"teacher_logits": torch.randn(2, 3, 5, device="meta")}, ValueError, r"teacher_logits is on meta"),
-        ({"labels": torch.zeros(2, 3, dtype=torch.long, device="meta")}, ValueError, r"labels is on meta"),
+        (
+            {"mask": torch.ones(2, 3, dtype=torch.long)},
+            TypeError,
+            r"mask must be bool or floating.*int64",
+        ),
+        (
+            {"teacher_logits": torch.randn(2, 3, 5, device="meta")},
+            ValueError,
+            r"teacher_logits is on meta",
+        ),
+        (
+            {"labels": torch.zeros(2, 3, dtype=torch.long, device="meta")},
+            ValueError,
+            r"labels is on meta",
+        ),
     ],
 )
 @pytest.mark.parametrize("backend_name", ["rust", "torch"])
@@ -81,7 +127,9 @@ def test_kernel_op_refuses_unsupported_tensors_clearly():
 def test_unknown_backend_name_is_rejected():
     from kdcore import _dispatch
 
-    with pytest.raises(ValueError, match=r"KDCORE_BACKEND must be one of auto, rust, triton, torch; got 'cuda'"):
+    with pytest.raises(
+        ValueError, match=r"KDCORE_BACKEND must be one of auto, rust, triton, torch; got 'cuda'"
+    ):
         _dispatch.set_backend("cuda")
 
 

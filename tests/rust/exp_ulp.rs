@@ -21,7 +21,7 @@
 //! from the exact value.
 //! The dense test prints the figures it measures.
 
-use kdcore_kernels::simd::{exp_slice, SimdLevel};
+use kdcore_kernels::simd::{exp_nonpos_slice, exp_slice, SimdLevel};
 
 /// Smallest input the kernel does not flush to 0 (the documented cut).
 const EXP_LO: f32 = -87.336_55;
@@ -348,5 +348,32 @@ fn exp_exhaustive_all_levels() {
             s.subnormal_inputs
         );
         assert!(s.max_ulp <= 2);
+    }
+}
+
+/// `exp_nonpos`, the kernels' exp for max-shifted logits, keeps the `exp`
+/// contract on its domain x <= 0 (dense over the negative floats, the flush
+/// cut, -0, -inf and NaN).
+#[test]
+fn exp_nonpos_matches_exp_contract_on_nonpositive_inputs() {
+    let mut xs = Vec::new();
+    // Every 97th negative pattern from -0 down to below the flush cut.
+    strided(0x8000_0000, (-90.0f32).to_bits(), 97, &mut xs);
+    around(EXP_LO, 64, &mut xs);
+    around(-1.0, 64, &mut xs);
+    xs.extend([-0.0, 0.0, f32::NEG_INFINITY, -f32::MIN_POSITIVE, -1e-30]);
+    for level in SimdLevel::available() {
+        let mut ys = vec![0.0f32; xs.len()];
+        exp_nonpos_slice(level, &xs, &mut ys).expect("level listed as available");
+        let stats = check(level, &xs, &ys);
+        println!("exp_nonpos {}: {stats:?}", level.name());
+        let mut nan = [0.0f32];
+        exp_nonpos_slice(level, &[f32::NAN], &mut nan).unwrap();
+        assert!(
+            nan[0].is_nan(),
+            "{}: exp_nonpos(NaN) = {}",
+            level.name(),
+            nan[0]
+        );
     }
 }

@@ -147,8 +147,15 @@ def kl_loss(
             _validate.mask(mask, lead, student)
         wide = _dispatch.reference_dtype(student.device)
         loss = reference.kl_loss(
-            student.to(wide), teacher.to(wide), temperature=t, reverse=bool(reverse),
-            labels=labels, ignore_index=ignore_index, mask=mask, reduction=red, scale_t2=scale_t2,
+            student.to(wide),
+            teacher.to(wide),
+            temperature=t,
+            reverse=bool(reverse),
+            labels=labels,
+            ignore_index=ignore_index,
+            mask=mask,
+            reduction=red,
+            scale_t2=scale_t2,
         )
         return loss.to(_loss_dtype(student, teacher))
     vocab = student.shape[-1]

@@ -22,7 +22,7 @@ use crate::error::{check_len, inverse_temperature, KernelError};
 use crate::rows::{
     load, row_max, run_blocks, split_rows, store, wide_sum, widen_into, Blocking, Wide, RUN,
 };
-use crate::simd::{exp_lanes, Arch, SimdLevel, LANES};
+use crate::simd::{exp_nonpos_lanes, Arch, SimdLevel, LANES};
 use crate::simd_dispatch;
 use crate::softmax::{check_shape, shifted};
 
@@ -63,7 +63,7 @@ fn kl_row<A: Arch, P: Element, Q: Element>(
         for (k, (cp, cq)) in run_p.chunks(LANES).zip(run_q.chunks(LANES)).enumerate() {
             let sp = shifted(&load(cp, f32::NEG_INFINITY), max_p, inv_t);
             let sq = shifted(&load(cq, f32::NEG_INFINITY), max_q, inv_t);
-            let (ep, eq) = (exp_lanes::<A>(&sp), exp_lanes::<A>(&sq));
+            let (ep, eq) = (exp_nonpos_lanes::<A>(&sp), exp_nonpos_lanes::<A>(&sq));
             for i in 0..LANES {
                 zp_run[i] += ep[i];
                 zq_run[i] += eq[i];
@@ -110,7 +110,7 @@ fn kl_row<A: Arch, P: Element, Q: Element>(
     for (k, (cp, cq)) in p.chunks(LANES).zip(q.chunks(LANES)).enumerate() {
         let sp = shifted(&load(cp, f32::NEG_INFINITY), max_p, inv_t);
         let sq = shifted(&load(cq, f32::NEG_INFINITY), max_q, inv_t);
-        let (ep, eq) = (exp_lanes::<A>(&sp), exp_lanes::<A>(&sq));
+        let (ep, eq) = (exp_nonpos_lanes::<A>(&sp), exp_nonpos_lanes::<A>(&sq));
         let span = k * LANES..k * LANES + cp.len();
         if let Some(g) = grad_q.as_deref_mut() {
             let mut d = [0.0; LANES];

@@ -150,16 +150,54 @@ pub fn exp<A: Arch>(x: f32) -> f32 {
     let n2 = ni - n1;
     let s1 = f32::from_bits(((n1 + 127) as u32) << 23);
     let s2 = f32::from_bits(((n2 + 127) as u32) << 23);
+    // NaN needs no select of its own: the clamps keep it and every step after
+    // propagates it.
     let result = y * s1 * s2;
-    if x.is_nan() {
-        x
-    } else if x < EXP_LO {
+    if x < EXP_LO {
         0.0
     } else if x > EXP_HI {
         f32::INFINITY
     } else {
         result
     }
+}
+
+/// e^x for x <= 0, the max-shifted logits of a softmax: [`exp`] without the
+/// upper clamp and the split power of two (2^n is one normal factor for
+/// n in [-126, 0]). Same accuracy as [`exp`] on x <= 0, 0 for x < -87.34 and
+/// -inf, NaN for NaN; results for x > 0 are unspecified.
+#[inline(always)]
+pub fn exp_nonpos<A: Arch>(x: f32) -> f32 {
+    let xc = if x < EXP_LO { EXP_LO } else { x };
+    let shifted = madd::<A>(xc, LOG2E, ROUND_MAGIC);
+    let n = shifted - ROUND_MAGIC;
+    let ni = (shifted.to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32);
+    let r = madd::<A>(n, -LN2_HI, xc);
+    let r = madd::<A>(n, -LN2_LO, r);
+    let mut p = madd::<A>(P0, r, P1);
+    p = madd::<A>(p, r, P2);
+    p = madd::<A>(p, r, P3);
+    p = madd::<A>(p, r, P4);
+    p = madd::<A>(p, r, P5);
+    let y = madd::<A>(p, r * r, r) + 1.0;
+    // wrapping: a NaN input gives a meaningless n, and NaN * anything is NaN.
+    let scale = f32::from_bits((ni.wrapping_add(127) as u32) << 23);
+    let result = y * scale;
+    if x < EXP_LO {
+        0.0
+    } else {
+        result
+    }
+}
+
+/// Lane-wise [`exp_nonpos`].
+#[inline(always)]
+pub fn exp_nonpos_lanes<A: Arch>(x: &Lanes) -> Lanes {
+    let mut out = [0.0; LANES];
+    for i in 0..LANES {
+        out[i] = exp_nonpos::<A>(x[i]);
+    }
+    out
 }
 
 /// Lane-wise [`exp`].
@@ -218,6 +256,26 @@ fn exp_slice_body<A: Arch>(xs: &[f32], out: &mut [f32]) {
 }
 
 simd_dispatch!(fn exp_slice_at<>(xs: &[f32], out: &mut [f32]) => exp_slice_body);
+
+#[inline(always)]
+fn exp_nonpos_slice_body<A: Arch>(xs: &[f32], out: &mut [f32]) {
+    for (o, x) in out.iter_mut().zip(xs) {
+        *o = exp_nonpos::<A>(*x);
+    }
+}
+
+simd_dispatch!(fn exp_nonpos_slice_at<>(xs: &[f32], out: &mut [f32]) => exp_nonpos_slice_body);
+
+/// Element-wise [`exp_nonpos`] at a given SIMD level (for ULP tests).
+///
+/// Returns `None` when this CPU cannot run `level`.
+pub fn exp_nonpos_slice(level: SimdLevel, xs: &[f32], out: &mut [f32]) -> Option<()> {
+    if !SimdLevel::available().contains(&level) || xs.len() != out.len() {
+        return None;
+    }
+    exp_nonpos_slice_at(level, xs, out);
+    Some(())
+}
 
 /// Element-wise e^x at a given SIMD level (exposed for ULP tests and benches).
 ///

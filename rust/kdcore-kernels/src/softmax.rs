@@ -8,7 +8,7 @@ use crate::error::{check_len, inverse_temperature, KernelError};
 use crate::rows::{
     add_into, load, row_max, run_blocks, store, wide_sum, widen_into, Blocking, Wide, RUN,
 };
-use crate::simd::{exp_lanes, madd, Arch, Lanes, SimdLevel, LANES};
+use crate::simd::{exp_lanes, exp_nonpos_lanes, madd, Arch, Lanes, SimdLevel, LANES};
 use crate::simd_dispatch;
 
 /// Which of the two normalisations to compute.
@@ -39,7 +39,7 @@ pub(crate) fn row_log_partition<A: Arch, E: Element>(row: &[E], inv_t: f32) -> (
         let mut z_run = [0.0; LANES];
         for chunk in run.chunks(LANES) {
             let s = shifted(&load(chunk, f32::NEG_INFINITY), max, inv_t);
-            add_into(&mut z_run, &exp_lanes::<A>(&s));
+            add_into(&mut z_run, &exp_nonpos_lanes::<A>(&s));
         }
         widen_into(&mut z, &z_run);
     }
@@ -60,7 +60,7 @@ fn softmax_block<A: Arch, E: Element>(x: &[E], out: &mut [E], cols: usize, inv_t
                     y[i] = s[i] - log_z;
                 }
             } else {
-                let e = exp_lanes::<A>(&s);
+                let e = exp_nonpos_lanes::<A>(&s);
                 for i in 0..LANES {
                     y[i] = e[i] * inv_z;
                 }
@@ -103,6 +103,7 @@ fn softmax_backward_block<A: Arch, E: Element>(
             let (yv, gv) = (load(yc, 0.0), load(gc, 0.0));
             let mut dx = [0.0; LANES];
             if log {
+                // y is whatever the caller saved: use the general exp.
                 let p = exp_lanes::<A>(&yv);
                 for i in 0..LANES {
                     dx[i] = madd::<A>(-p[i], total, gv[i]) * inv_t;
