@@ -13,11 +13,13 @@ from ._native import simd_level
 from ._threads import get_num_threads, set_num_threads
 from .ops.kl import kl_loss
 from .ops.softmax import log_softmax, softmax
-from .spans import Span
+from .ops.span import span_loss
+from .spans import DEFAULT_SPAN_WEIGHTS, Span
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_SPAN_WEIGHTS",
     "Span",
     "get_num_threads",
     "kl_loss",
@@ -27,4 +29,5 @@ __all__ = [
     "set_num_threads",
     "simd_level",
     "softmax",
+    "span_loss",
 ]

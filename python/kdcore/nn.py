@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from .ops.kl import kl_loss
+from .ops.span import span_loss
 
 
 class KLLoss(torch.nn.Module):
@@ -52,4 +55,49 @@ class KLLoss(torch.nn.Module):
         return (
             f"temperature={self.temperature}, reverse={self.reverse}, "
             f"reduction={self.reduction!r}, scale_t2={self.scale_t2}"
+        )
+
+
+class SpanLoss(torch.nn.Module):
+    """Module form of :func:`kdcore.span_loss`.
+
+    ``forward(student_logits, teacher_logits, spans)``; returns the loss, or
+    ``(loss, components)`` with ``return_components=True``.
+    """
+
+    def __init__(
+        self,
+        *,
+        span_weights: Mapping[int, float] | None = None,
+        divergence: str = "kl",
+        temperature: float = 1.0,
+        normalize: str = "span",
+        scale_t2: bool = True,
+        return_components: bool = False,
+    ) -> None:
+        super().__init__()
+        self.span_weights = None if span_weights is None else dict(span_weights)
+        self.divergence = divergence
+        self.temperature = temperature
+        self.normalize = normalize
+        self.scale_t2 = scale_t2
+        self.return_components = return_components
+
+    def forward(self, student_logits, teacher_logits, spans):
+        return span_loss(
+            student_logits,
+            teacher_logits,
+            spans,
+            span_weights=self.span_weights,
+            divergence=self.divergence,
+            temperature=self.temperature,
+            normalize=self.normalize,
+            scale_t2=self.scale_t2,
+            return_components=self.return_components,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"span_weights={self.span_weights}, divergence={self.divergence!r}, "
+            f"temperature={self.temperature}, normalize={self.normalize!r}"
         )

@@ -102,3 +102,45 @@ def kl_loss(
     return reduce_rows(
         rows, labels=labels, ignore_index=ignore_index, mask=mask, reduction=reduction
     )
+
+
+def span_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    spans: torch.Tensor,
+    *,
+    span_weights: dict[int, float],
+    divergence: str = "kl",
+    temperature: float = 1.0,
+    normalize: str = "span",
+    scale_t2: bool = True,
+    return_components: bool = False,
+):
+    """Reference of :func:`kdcore.span_loss`, span by span."""
+    ids = spans.reshape(-1)
+    token_weight = torch.tensor(
+        [span_weights[int(i)] for i in ids.tolist()], dtype=torch.float64, device=spans.device
+    )
+    keep = (token_weight > 0).reshape(spans.shape).unsqueeze(-1)
+    # Rows of weight 0 are never read (NaN there cannot leak into the gradient).
+    student_logits = student_logits.masked_fill(~keep, 0.0)
+    teacher_logits = teacher_logits.masked_fill(~keep, 0.0)
+    rows = kl_div_rows(student_logits, teacher_logits, temperature, divergence == "reverse_kl")
+    rows = rows.reshape(-1) * (temperature**2 if scale_t2 else 1.0)
+    loss = rows.sum() * 0.0
+    means = {}
+    for k, w in sorted(span_weights.items()):
+        if w <= 0:
+            continue
+        selected = rows[ids == k]
+        means[k] = selected.mean() if selected.numel() else rows.new_tensor(float("nan"))
+        if normalize == "span" and selected.numel():
+            loss = loss + w * means[k]
+    if normalize == "token":
+        weight = token_weight.to(rows.dtype)
+        count = int((weight > 0).sum())
+        if count:
+            loss = (weight * torch.where(weight > 0, rows, torch.zeros_like(rows))).sum() / count
+    if return_components:
+        return loss, {k: v.detach() for k, v in means.items()}
+    return loss

@@ -92,6 +92,31 @@ class _KLDivFunction(torch.autograd.Function):
         return grad_s, grad_t, None, None, None, None
 
 
+def weighted_kl_rows(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    weight: torch.Tensor,
+    temperature: float,
+    reverse: bool,
+    *,
+    reduce: bool,
+) -> torch.Tensor:
+    """The fused kernel on logits (..., V) with one weight per row.
+
+    Returns Σ_r w_r·KL_r (``reduce``) or w_r·KL_r per row, shape (rows,);
+    differentiable w.r.t. both logits. Rows with w_r = 0 are never read.
+    The losses that build on the KL kernel (kl_loss, span_loss) call this.
+    """
+    vocab = student.shape[-1]
+    s2, t2 = student.reshape(-1, vocab), teacher.reshape(-1, vocab)
+    if not torch.compiler.is_compiling():
+        return _KLDivFunction.apply(s2, t2, weight, temperature, reverse, reduce)
+    rows, _, _ = kl_div_op(
+        s2, t2, weight, temperature, reverse, _needs_grad(student), _needs_grad(teacher)
+    )
+    return rows.sum() if reduce else rows
+
+
 def kl_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -158,7 +183,6 @@ def kl_loss(
             scale_t2=scale_t2,
         )
         return loss.to(_loss_dtype(student, teacher))
-    vocab = student.shape[-1]
     weight = _weights.row_weights(
         student,
         labels=labels,
@@ -167,11 +191,5 @@ def kl_loss(
         reduction=red,
         scale=t * t if scale_t2 else 1.0,
     )
-    s2, t2 = student.reshape(-1, vocab), teacher.reshape(-1, vocab)
-    if not torch.compiler.is_compiling():
-        loss = _KLDivFunction.apply(s2, t2, weight, t, bool(reverse), red != "none")
-        return loss.reshape(student.shape[:-1]) if red == "none" else loss
-    rows, _, _ = kl_div_op(
-        s2, t2, weight, t, bool(reverse), _needs_grad(student), _needs_grad(teacher)
-    )
-    return rows.reshape(student.shape[:-1]) if red == "none" else rows.sum()
+    loss = weighted_kl_rows(student, teacher, weight, t, bool(reverse), reduce=red != "none")
+    return loss.reshape(student.shape[:-1]) if red == "none" else loss

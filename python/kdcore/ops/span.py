@@ -1,0 +1,101 @@
+"""Span-masked distillation loss for agent trajectories: ``kdcore.span_loss``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from .. import _dispatch, _validate, reference
+from .. import spans as _spans
+from .kl import _loss_dtype, weighted_kl_rows
+
+DIVERGENCES = ("kl", "reverse_kl")
+_LATER = ("jsd", "tvd")
+
+
+def _divergence(name: object) -> bool:
+    """Validates ``divergence``; returns whether it is the reverse KL."""
+    if name in _LATER:
+        raise NotImplementedError(
+            f"divergence={name!r} is not available for span_loss yet; use 'kl' or 'reverse_kl'"
+        )
+    if name not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}; got {name!r}")
+    return name == "reverse_kl"
+
+
+def span_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    spans: torch.Tensor,
+    *,
+    span_weights: Mapping[int, float] | None = None,
+    divergence: str = "kl",
+    temperature: float = 1.0,
+    normalize: str = "span",
+    scale_t2: bool = True,
+    return_components: bool = False,
+):
+    r"""Span-weighted distillation loss for agent trajectories (one fused kernel pass).
+
+    Each token t carries a span id :math:`s_t` (:class:`kdcore.Span`: PROMPT,
+    REASON, ACT, OBSERVATION, or any small integer) and gets the divergence
+    :math:`D_t = T^2 \cdot \mathrm{KL}(P_t \| P_s)` at temperature T (reverse KL
+    with ``divergence="reverse_kl"``; no T² with ``scale_t2=False``).
+
+    - ``normalize="span"``: :math:`L = \sum_k w_k \cdot \mathrm{mean}_{t: s_t = k} D_t`
+      over the span ids that occur, so short action spans are not drowned out
+      by long reasoning spans (Structured Agent Distillation).
+    - ``normalize="token"``: :math:`L = \sum_t w_{s_t} D_t / \#\{t : w_{s_t} > 0\}`.
+
+    Args:
+        spans: integer span ids, shape (...) (the logits' leading shape).
+        span_weights: span id -> weight >= 0. Default: REASON 1, ACT 1,
+            PROMPT 0, OBSERVATION 0. Every id in ``spans`` needs a weight.
+            Rows of weight 0 are never read.
+        return_components: also return ``{span id: mean D over that span}``
+            (detached, for logging) for every span id of positive weight; NaN
+            for a span with no token in the batch.
+
+    Returns:
+        The float32 loss, or ``(loss, components)``. 0 (and zero gradients) if
+        no token has positive weight.
+    """
+    student, teacher = _validate.logit_pair(student_logits, teacher_logits)
+    t = _validate.temperature(temperature)
+    reverse = _divergence(divergence)
+    if normalize not in _spans.NORMALIZE:
+        raise ValueError(f"normalize must be 'span' or 'token'; got {normalize!r}")
+    weights = _spans.validate_weights(span_weights)
+    span_ids = _spans.validate_spans(spans, student.shape[:-1], student)
+    if not torch.compiler.is_compiling():
+        _spans.check_ids_have_weights(span_ids, weights)
+    scale = t * t if scale_t2 else 1.0
+    if _dispatch.select(student, teacher) == "torch":
+        wide = _dispatch.reference_dtype(student.device)
+        result = reference.span_loss(
+            student.to(wide), teacher.to(wide), span_ids, span_weights=weights,
+            divergence=divergence, temperature=t, normalize=normalize, scale_t2=scale_t2,
+            return_components=return_components,
+        )  # fmt: skip
+        dtype = _loss_dtype(student, teacher)
+        if return_components:
+            loss, comps = result
+            return loss.to(dtype), {k: v.detach().to(dtype) for k, v in comps.items()}
+        return result.to(dtype)
+    dtype = _loss_dtype(student, teacher)
+    w_row, index = _spans.row_weights(span_ids, weights, normalize, scale, dtype)
+    rows = weighted_kl_rows(student, teacher, w_row, t, reverse, reduce=False)
+    loss = rows.sum()
+    if not return_components:
+        return loss
+    # mean_{t in k} D_t = Σ_{t in k} w_t KL_t / Σ_{t in k} (w_t / T²); static
+    # keys (every span of positive weight) keep this traceable.
+    slots = max(weights) + 2  # ids 0..max, plus the slot of unknown ids
+    num = torch.zeros(slots, dtype=rows.dtype, device=rows.device)
+    den = torch.zeros(slots, dtype=rows.dtype, device=rows.device)
+    num.index_add_(0, index, rows.detach())
+    den.index_add_(0, index, w_row.to(rows.dtype) / scale)
+    means = num / den  # NaN (0/0) for a span with no token in this batch
+    return loss, {_spans.span_name(k): means[k] for k, w in sorted(weights.items()) if w > 0}
