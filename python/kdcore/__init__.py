@@ -11,7 +11,7 @@ from __future__ import annotations
 from . import nn, reference
 from ._native import simd_level
 from ._threads import get_num_threads, set_num_threads
-from .ops.kl import kl_loss
+from .ops.kl import jsd_loss, kl_loss, tvd_loss
 from .ops.softmax import log_softmax, softmax
 from .ops.span import span_loss
 from .spans import DEFAULT_SPAN_WEIGHTS, Span
@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_SPAN_WEIGHTS",
     "Span",
     "get_num_threads",
+    "jsd_loss",
     "kl_loss",
     "log_softmax",
     "nn",
@@ -30,4 +31,5 @@ __all__ = [
     "simd_level",
     "softmax",
     "span_loss",
+    "tvd_loss",
 ]

@@ -23,16 +23,21 @@ def softmax_backward(
     temperature: float,
     log: bool,
 ) -> None: ...
-def kl_div(
-    p: npt.NDArray[np.float32] | npt.NDArray[np.int16],
-    p_dtype: str,
-    q: npt.NDArray[np.float32] | npt.NDArray[np.int16],
-    q_dtype: str,
+def distill(
+    student: npt.NDArray[np.float32] | npt.NDArray[np.int16],
+    student_dtype: str,
+    teacher: npt.NDArray[np.float32] | npt.NDArray[np.int16],
+    teacher_dtype: str,
+    divergence_name: str,
+    beta: float,
     temperature: float,
     weight: npt.NDArray[np.float32],
     loss: npt.NDArray[np.float32],
-    grad_p: npt.NDArray[np.float32] | npt.NDArray[np.int16] | None = None,
-    grad_q: npt.NDArray[np.float32] | npt.NDArray[np.int16] | None = None,
+    labels: npt.NDArray[np.int64] | None = None,
+    ce_weight: npt.NDArray[np.float32] | None = None,
+    ce_loss: npt.NDArray[np.float32] | None = None,
+    grad_student: npt.NDArray[np.float32] | npt.NDArray[np.int16] | None = None,
+    grad_teacher: npt.NDArray[np.float32] | npt.NDArray[np.int16] | None = None,
 ) -> None: ...
 def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...

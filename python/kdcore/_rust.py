@@ -37,32 +37,50 @@ def softmax_backward(
     return grad_x
 
 
-def kl_div(
+def distill(
     student: torch.Tensor,
     teacher: torch.Tensor,
     weight: torch.Tensor,
     temperature: float,
-    reverse: bool,
+    divergence: str,
+    beta: float,
+    labels: torch.Tensor | None,
+    ce_weight: torch.Tensor | None,
     grad_student: bool,
     grad_teacher: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Per-row weighted divergence (and CE), plus gradients of their sum.
+
+    Returns ``(div_rows, ce_rows or None, grad_student or None, grad_teacher or None)``.
+    """
     student, teacher = student.contiguous(), teacher.contiguous()
+    rows = student.shape[0]
     if weight.dtype != torch.float32:
         weight = weight.to(torch.float32)
-    loss = torch.empty(student.shape[0], dtype=torch.float32)
+    loss = torch.empty(rows, dtype=torch.float32)
+    ce_loss = None
+    hard = {}
+    if labels is not None:
+        ce_loss = torch.empty(rows, dtype=torch.float32)
+        hard = {
+            "labels": labels.to(torch.int64).contiguous().numpy(),
+            "ce_weight": ce_weight.to(torch.float32).contiguous().numpy(),
+            "ce_loss": ce_loss.numpy(),
+        }
     gs = _memory.empty_like(student) if grad_student else None
     gt = _memory.empty_like(teacher) if grad_teacher else None
-    # The kernel computes KL(P ‖ Q); forward KL has the teacher as P.
-    (p, gp), (q, gq) = ((student, gs), (teacher, gt)) if reverse else ((teacher, gt), (student, gs))
-    _native.kl_div(
-        _view(p),
-        _NAMES[p.dtype],
-        _view(q),
-        _NAMES[q.dtype],
+    _native.distill(
+        _view(student),
+        _NAMES[student.dtype],
+        _view(teacher),
+        _NAMES[teacher.dtype],
+        divergence,
+        beta,
         temperature,
-        _view(weight.reshape(-1)),
+        _view(weight.contiguous()),
         _view(loss),
-        None if gp is None else _view(gp),
-        None if gq is None else _view(gq),
+        grad_student=None if gs is None else _view(gs),
+        grad_teacher=None if gt is None else _view(gt),
+        **hard,
     )
-    return loss, gs, gt
+    return loss, ce_loss, gs, gt

@@ -6,8 +6,50 @@ from collections.abc import Mapping
 
 import torch
 
-from .ops.kl import kl_loss
+from .ops.kl import jsd_loss, kl_loss, tvd_loss
 from .ops.span import span_loss
+
+
+class _DivergenceLoss(torch.nn.Module):
+    """Shared body of the divergence-loss modules."""
+
+    _fn = staticmethod(kl_loss)
+
+    def __init__(self, **options) -> None:
+        super().__init__()
+        self.options = options
+
+    def forward(self, student_logits, teacher_logits, labels=None, mask=None):
+        return type(self)._fn(
+            student_logits, teacher_logits, labels=labels, mask=mask, **self.options
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class JSDLoss(_DivergenceLoss):
+    """Module form of :func:`kdcore.jsd_loss`: ``JSDLoss(beta=0.5, temperature=1.0, ...)``,
+    ``forward(student_logits, teacher_logits, labels=None, mask=None)``."""
+
+    _fn = staticmethod(jsd_loss)
+
+    def __init__(self, *, beta=0.5, temperature=1.0, ignore_index=-100, reduction="mean",
+                 scale_t2=True) -> None:  # fmt: skip
+        super().__init__(beta=beta, temperature=temperature, ignore_index=ignore_index,
+                         reduction=reduction, scale_t2=scale_t2)  # fmt: skip
+
+
+class TVDLoss(_DivergenceLoss):
+    """Module form of :func:`kdcore.tvd_loss`: ``TVDLoss(temperature=1.0, ...)``,
+    ``forward(student_logits, teacher_logits, labels=None, mask=None)``."""
+
+    _fn = staticmethod(tvd_loss)
+
+    def __init__(self, *, temperature=1.0, ignore_index=-100, reduction="mean",
+                 scale_t2=False) -> None:  # fmt: skip
+        super().__init__(temperature=temperature, ignore_index=ignore_index,
+                         reduction=reduction, scale_t2=scale_t2)  # fmt: skip
 
 
 class KLLoss(torch.nn.Module):

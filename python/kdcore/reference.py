@@ -8,6 +8,8 @@ kernel run these functions.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -45,6 +47,75 @@ def kl_div_rows(
     return (p * log_ratio).sum(-1)
 
 
+def tvd_rows(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """½ Σ_j |P_t,j − P_s,j| per position."""
+    p = softmax(teacher_logits, temperature)
+    q = softmax(student_logits, temperature)
+    return 0.5 * (p - q).abs().sum(-1)
+
+
+def jsd_rows(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """β KL(P_t ‖ M) + (1-β) KL(P_s ‖ M), M = β P_t + (1-β) P_s, per position.
+
+    β = 0 and β = 1 are the forward and reverse KL (GKD / TRL convention).
+    """
+    if beta == 0.0:
+        return kl_div_rows(student_logits, teacher_logits, temperature, reverse=False)
+    if beta == 1.0:
+        return kl_div_rows(student_logits, teacher_logits, temperature, reverse=True)
+    log_q = log_softmax(student_logits, temperature)
+    log_p = log_softmax(teacher_logits, temperature)
+    p, q = log_p.exp(), log_q.exp()
+    # Where both are 0, log M is irrelevant; keep it finite so that no NaN
+    # reaches the gradient through logsumexp.
+    both = (p == 0) & (q == 0)
+    log_p_safe = torch.where(both, torch.zeros_like(log_p), log_p)
+    log_q_safe = torch.where(both, torch.zeros_like(log_q), log_q)
+    log_m = torch.logsumexp(
+        torch.stack([log_p_safe + math.log(beta), log_q_safe + math.log(1.0 - beta)]), dim=0
+    )
+    kl_p = torch.where(p > 0, log_p - log_m, torch.zeros_like(p))
+    kl_q = torch.where(q > 0, log_q - log_m, torch.zeros_like(q))
+    return beta * (p * kl_p).sum(-1) + (1.0 - beta) * (q * kl_q).sum(-1)
+
+
+def divergence_rows(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """The per-position divergence named ``divergence`` (kl, reverse_kl, jsd, tvd)."""
+    if divergence in ("kl", "reverse_kl"):
+        return kl_div_rows(student_logits, teacher_logits, temperature, divergence == "reverse_kl")
+    if divergence == "jsd":
+        return jsd_rows(student_logits, teacher_logits, beta, temperature)
+    if divergence == "tvd":
+        return tvd_rows(student_logits, teacher_logits, temperature)
+    raise ValueError(f"unknown divergence {divergence!r}")
+
+
+def cross_entropy_rows(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Hard-label cross-entropy at temperature 1 per position (labels must be valid)."""
+    log_q = log_softmax(student_logits)
+    return -log_q.gather(-1, labels.unsqueeze(-1).long()).squeeze(-1)
+
+
+def _zero_masked(student_logits, teacher_logits, valid):
+    """Masked rows are never read: zero them so NaN or -inf there cannot
+    reach the loss or the gradient."""
+    keep = valid.unsqueeze(-1)
+    return student_logits.masked_fill(~keep, 0.0), teacher_logits.masked_fill(~keep, 0.0)
+
+
 def reduce_rows(
     rows: torch.Tensor,
     *,
@@ -70,6 +141,37 @@ def reduce_rows(
     raise ValueError(f"unknown reduction {reduction!r}")
 
 
+def divergence_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    scale_t2: bool = True,
+) -> torch.Tensor:
+    """Reference of kdcore.kl_loss / jsd_loss / tvd_loss."""
+    if labels is not None or mask is not None:
+        valid = torch.ones(
+            student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device
+        )
+        if labels is not None:
+            valid = valid & (labels != ignore_index)
+        if mask is not None:
+            valid = valid & (mask != 0)
+        student_logits, teacher_logits = _zero_masked(student_logits, teacher_logits, valid)
+    rows = divergence_rows(student_logits, teacher_logits, divergence, beta, temperature)
+    if scale_t2:
+        rows = rows * temperature**2
+    return reduce_rows(
+        rows, labels=labels, ignore_index=ignore_index, mask=mask, reduction=reduction
+    )
+
+
 def kl_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -83,24 +185,24 @@ def kl_loss(
     scale_t2: bool = True,
 ) -> torch.Tensor:
     """Reference of :func:`kdcore.kl_loss`."""
-    if labels is not None or mask is not None:
-        # Masked rows are never read: zero them so NaN or -inf there cannot
-        # reach the loss or the gradient.
-        valid = torch.ones(
-            student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device
-        )
-        if labels is not None:
-            valid = valid & (labels != ignore_index)
-        if mask is not None:
-            valid = valid & (mask != 0)
-        keep = valid.unsqueeze(-1)
-        student_logits = student_logits.masked_fill(~keep, 0.0)
-        teacher_logits = teacher_logits.masked_fill(~keep, 0.0)
-    rows = kl_div_rows(student_logits, teacher_logits, temperature, reverse)
-    if scale_t2:
-        rows = rows * temperature**2
-    return reduce_rows(
-        rows, labels=labels, ignore_index=ignore_index, mask=mask, reduction=reduction
+    return divergence_loss(
+        student_logits, teacher_logits, divergence="reverse_kl" if reverse else "kl",
+        temperature=temperature, labels=labels, ignore_index=ignore_index, mask=mask,
+        reduction=reduction, scale_t2=scale_t2,
+    )  # fmt: skip
+
+
+def jsd_loss(student_logits, teacher_logits, *, beta=0.5, scale_t2=True, **kwargs):
+    """Reference of :func:`kdcore.jsd_loss`."""
+    return divergence_loss(
+        student_logits, teacher_logits, divergence="jsd", beta=beta, scale_t2=scale_t2, **kwargs
+    )
+
+
+def tvd_loss(student_logits, teacher_logits, *, scale_t2=False, **kwargs):
+    """Reference of :func:`kdcore.tvd_loss`."""
+    return divergence_loss(
+        student_logits, teacher_logits, divergence="tvd", scale_t2=scale_t2, **kwargs
     )
 
 
@@ -111,6 +213,7 @@ def span_loss(
     *,
     span_weights: dict[int, float],
     divergence: str = "kl",
+    beta: float = 0.5,
     temperature: float = 1.0,
     normalize: str = "span",
     scale_t2: bool = True,
@@ -125,7 +228,7 @@ def span_loss(
     # Rows of weight 0 are never read (NaN there cannot leak into the gradient).
     student_logits = student_logits.masked_fill(~keep, 0.0)
     teacher_logits = teacher_logits.masked_fill(~keep, 0.0)
-    rows = kl_div_rows(student_logits, teacher_logits, temperature, divergence == "reverse_kl")
+    rows = divergence_rows(student_logits, teacher_logits, divergence, beta, temperature)
     rows = rows.reshape(-1) * (temperature**2 if scale_t2 else 1.0)
     loss = rows.sum() * 0.0
     means = {}

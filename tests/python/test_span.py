@@ -72,7 +72,7 @@ def test_default_weights_learn_reasoning_and_actions_only(backend):
     s_dtype=st.sampled_from(DTYPES),
     t_dtype=st.sampled_from(DTYPES),
     temperature=st.sampled_from([0.5, 1.0, 2.0]),
-    divergence=st.sampled_from(["kl", "reverse_kl"]),
+    divergence=st.sampled_from(["kl", "reverse_kl", "jsd", "tvd"]),
     normalize=st.sampled_from(["span", "token"]),
     weights=st.dictionaries(
         st.sampled_from([0, 1, 2, 3, 7]),
@@ -143,10 +143,10 @@ def test_bad_arguments_are_clear():
         kdcore.span_loss(s, t, torch.tensor([1, 2]))
     with pytest.raises(ValueError, match=r"normalize must be 'span' or 'token'; got 'mean'"):
         kdcore.span_loss(s, t, torch.tensor([1, 2, 1]), normalize="mean")
-    with pytest.raises(ValueError, match=r"divergence must be one of kl, reverse_kl; got 'l2'"):
+    with pytest.raises(ValueError, match=r"divergence must be one of kl, reverse_kl, tvd, jsd"):
         kdcore.span_loss(s, t, torch.tensor([1, 2, 1]), divergence="l2")
-    with pytest.raises(NotImplementedError, match=r"divergence='jsd' is not available"):
-        kdcore.span_loss(s, t, torch.tensor([1, 2, 1]), divergence="jsd")
+    with pytest.raises(ValueError, match=r"beta must be in \[0, 1\], got 1.5"):
+        kdcore.span_loss(s, t, torch.tensor([1, 2, 1]), divergence="jsd", beta=1.5)
     with pytest.raises(ValueError, match=r"span_weights\[1\] must be finite and >= 0, got -1.0"):
         kdcore.span_loss(s, t, torch.tensor([1, 2, 1]), span_weights={1: -1.0, 2: 1.0})
     with pytest.raises(ValueError, match=r"span_weights keys must be ints in \[0, 1023\]"):

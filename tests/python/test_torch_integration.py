@@ -7,7 +7,7 @@ import torch
 
 import kdcore
 from conftest import make_logits
-from kdcore.ops.kl import kl_div_op
+from kdcore.ops.fused import distill_op
 from kdcore.ops.softmax import softmax_backward_op, softmax_op
 
 
@@ -20,23 +20,17 @@ def _kl_samples():
         s = make_logits((5, 37), s_dtype, seed=1)
         t = make_logits((5, 37), t_dtype, seed=2)
         w = torch.rand(5)
-        for reverse in (False, True):
-            yield (s.clone().requires_grad_(), t, w, 2.0, reverse, True, False)
-            yield (
-                s.clone().requires_grad_(),
-                t.clone().requires_grad_(),
-                w,
-                0.5,
-                reverse,
-                True,
-                True,
-            )
-            yield (s, t, w, 1.0, reverse, False, False)
+        labels = torch.tensor([0, 5, 36, 2, 1])
+        for div in ("kl", "reverse_kl", "tvd", "jsd"):
+            yield (s.clone().requires_grad_(), t, w, 2.0, div, 0.3, None, None, True, False)
+            yield (s.clone().requires_grad_(), t.clone().requires_grad_(), w, 0.5, div, 0.3,
+                   labels, w * 0.5, True, True)  # fmt: skip
+            yield (s, t, w, 1.0, div, 0.3, labels, w, False, False)
 
 
 @pytest.mark.parametrize("args", list(_kl_samples()))
-def test_opcheck_kl_div(args):
-    torch.library.opcheck(kl_div_op, args)
+def test_opcheck_distill(args):
+    torch.library.opcheck(distill_op, args)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

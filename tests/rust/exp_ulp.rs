@@ -377,3 +377,61 @@ fn exp_nonpos_matches_exp_contract_on_nonpositive_inputs() {
         );
     }
 }
+
+/// The vectorised `ln` (used by the JSD kernel through `log_add_exp`): within
+/// 2 ULP of the correctly rounded result over a dense sample of the normal
+/// floats, exact specials.
+#[test]
+fn ln_is_within_two_ulp_on_normal_inputs() {
+    use kdcore_kernels::simd::ln_slice;
+    let mut xs = Vec::new();
+    strided(
+        f32::MIN_POSITIVE.to_bits(),
+        f32::MAX.to_bits(),
+        211,
+        &mut xs,
+    );
+    around(1.0, 4096, &mut xs);
+    around(std::f32::consts::SQRT_2, 256, &mut xs);
+    around(std::f32::consts::FRAC_1_SQRT_2, 256, &mut xs);
+    for level in SimdLevel::available() {
+        let mut ys = vec![0.0f32; xs.len()];
+        ln_slice(level, &xs, &mut ys).expect("level listed as available");
+        let mut worst = (0u64, 0.0f32);
+        for (&x, &y) in xs.iter().zip(&ys) {
+            let exact = (x as f64).ln() as f32;
+            let d = ulp_distance(y, exact);
+            if d > worst.0 {
+                worst = (d, x);
+            }
+        }
+        println!(
+            "ln {}: max {} ULP at {:e} over {} inputs",
+            level.name(),
+            worst.0,
+            worst.1,
+            xs.len()
+        );
+        assert!(
+            worst.0 <= 2,
+            "{}: ln({:e}) off by {} ULP",
+            level.name(),
+            worst.1,
+            worst.0
+        );
+        let specials = [0.0, -0.0, 1e-40, f32::INFINITY, -1.0, f32::NAN, 1.0];
+        let mut out = [0.0f32; 7];
+        ln_slice(level, &specials, &mut out).unwrap();
+        assert_eq!(
+            &out[..4],
+            &[
+                f32::NEG_INFINITY,
+                f32::NEG_INFINITY,
+                f32::NEG_INFINITY,
+                f32::INFINITY
+            ]
+        );
+        assert!(out[4].is_nan() && out[5].is_nan());
+        assert_eq!(out[6], 0.0);
+    }
+}

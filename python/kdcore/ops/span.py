@@ -8,21 +8,14 @@ import torch
 
 from .. import _dispatch, _validate, reference
 from .. import spans as _spans
-from .kl import _loss_dtype, weighted_kl_rows
-
-DIVERGENCES = ("kl", "reverse_kl")
-_LATER = ("jsd", "tvd")
+from .fused import DIVERGENCES, fused_rows, loss_dtype
+from .kl import beta_value, kernel_divergence
 
 
-def _divergence(name: object) -> bool:
-    """Validates ``divergence``; returns whether it is the reverse KL."""
-    if name in _LATER:
-        raise NotImplementedError(
-            f"divergence={name!r} is not available for span_loss yet; use 'kl' or 'reverse_kl'"
-        )
+def divergence_name(name: object) -> str:
     if name not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}; got {name!r}")
-    return name == "reverse_kl"
+    return str(name)
 
 
 def span_loss(
@@ -32,6 +25,7 @@ def span_loss(
     *,
     span_weights: Mapping[int, float] | None = None,
     divergence: str = "kl",
+    beta: float = 0.5,
     temperature: float = 1.0,
     normalize: str = "span",
     scale_t2: bool = True,
@@ -41,8 +35,9 @@ def span_loss(
 
     Each token t carries a span id :math:`s_t` (:class:`kdcore.Span`: PROMPT,
     REASON, ACT, OBSERVATION, or any small integer) and gets the divergence
-    :math:`D_t = T^2 \cdot \mathrm{KL}(P_t \| P_s)` at temperature T (reverse KL
-    with ``divergence="reverse_kl"``; no T² with ``scale_t2=False``).
+    :math:`D_t = T^2 \cdot \mathrm{KL}(P_t \| P_s)` at temperature T (or
+    ``divergence="reverse_kl"``, ``"jsd"`` with ``beta``, ``"tvd"``, as in
+    :func:`kdcore.jsd_loss` / :func:`kdcore.tvd_loss`; no T² with ``scale_t2=False``).
 
     - ``normalize="span"``: :math:`L = \sum_k w_k \cdot \mathrm{mean}_{t: s_t = k} D_t`
       over the span ids that occur, so short action spans are not drowned out
@@ -64,7 +59,8 @@ def span_loss(
     """
     student, teacher = _validate.logit_pair(student_logits, teacher_logits)
     t = _validate.temperature(temperature)
-    reverse = _divergence(divergence)
+    divergence = divergence_name(divergence)
+    beta = beta_value(beta)
     if normalize not in _spans.NORMALIZE:
         raise ValueError(f"normalize must be 'span' or 'token'; got {normalize!r}")
     weights = _spans.validate_weights(span_weights)
@@ -76,17 +72,18 @@ def span_loss(
         wide = _dispatch.reference_dtype(student.device)
         result = reference.span_loss(
             student.to(wide), teacher.to(wide), span_ids, span_weights=weights,
-            divergence=divergence, temperature=t, normalize=normalize, scale_t2=scale_t2,
+            divergence=divergence, beta=beta, temperature=t, normalize=normalize, scale_t2=scale_t2,
             return_components=return_components,
         )  # fmt: skip
-        dtype = _loss_dtype(student, teacher)
+        dtype = loss_dtype(student, teacher)
         if return_components:
             loss, comps = result
             return loss.to(dtype), {k: v.detach().to(dtype) for k, v in comps.items()}
         return result.to(dtype)
-    dtype = _loss_dtype(student, teacher)
+    dtype = loss_dtype(student, teacher)
     w_row, index = _spans.row_weights(span_ids, weights, normalize, scale, dtype)
-    rows = weighted_kl_rows(student, teacher, w_row, t, reverse, reduce=False)
+    kernel = kernel_divergence(divergence, beta)
+    rows = fused_rows(student, teacher, w_row, t, kernel, beta=beta, reduce=False).loss
     loss = rows.sum()
     if not return_components:
         return loss

@@ -7,6 +7,7 @@
 //! chosen at run time ([`simd::SimdLevel`]); shipped builds never assume the
 //! build machine's CPU.
 
+pub mod distill;
 pub mod element;
 pub mod error;
 pub mod kl;
@@ -15,6 +16,7 @@ mod rows;
 pub mod simd;
 pub mod softmax;
 
+pub use distill::{distill, Divergence, Grads, HardLabels};
 pub use element::Element;
 pub use error::KernelError;
 pub use kl::{kl_div, KlGrads};

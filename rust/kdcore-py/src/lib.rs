@@ -6,7 +6,8 @@
 
 mod arrays;
 
-use kdcore_kernels::{self as kernels, KernelError, KlGrads, SoftmaxKind};
+use kdcore_kernels::{self as kernels, Divergence, Grads, HardLabels, KernelError, SoftmaxKind};
+use numpy::{PyReadonlyArray1, PyReadwriteArray1};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
@@ -74,47 +75,98 @@ fn softmax_backward(
     })
 }
 
-/// Per-row weighted KL(softmax(p / T) ‖ softmax(q / T)) into `loss`, and the
-/// gradients of its sum into `grad_p` / `grad_q` when they are given.
+fn divergence(name: &str, beta: f32) -> PyResult<Divergence> {
+    match name {
+        "kl" => Ok(Divergence::Kl),
+        "reverse_kl" => Ok(Divergence::ReverseKl),
+        "tvd" => Ok(Divergence::Tvd),
+        "jsd" => Ok(Divergence::Jsd { beta }),
+        other => Err(PyValueError::new_err(format!(
+            "divergence must be kl, reverse_kl, tvd or jsd, got {other}"
+        ))),
+    }
+}
+
+/// Per-row weighted divergence between softmax(teacher / T) and
+/// softmax(student / T) into `loss`, the hard-label CE into `ce_loss` when
+/// labels are given, and the gradients of their sum into `grad_student` /
+/// `grad_teacher` when those are given.
 #[pyfunction]
-#[pyo3(signature = (p, p_dtype, q, q_dtype, temperature, weight, loss, grad_p=None, grad_q=None))]
+#[pyo3(signature = (
+    student, student_dtype, teacher, teacher_dtype, divergence_name, beta, temperature, weight,
+    loss, labels=None, ce_weight=None, ce_loss=None, grad_student=None, grad_teacher=None,
+))]
 #[allow(clippy::too_many_arguments)]
-fn kl_div(
+fn distill(
     py: Python<'_>,
-    p: &Bound<'_, PyAny>,
-    p_dtype: &str,
-    q: &Bound<'_, PyAny>,
-    q_dtype: &str,
+    student: &Bound<'_, PyAny>,
+    student_dtype: &str,
+    teacher: &Bound<'_, PyAny>,
+    teacher_dtype: &str,
+    divergence_name: &str,
+    beta: f32,
     temperature: f32,
-    weight: numpy::PyReadonlyArray1<'_, f32>,
-    mut loss: numpy::PyReadwriteArray1<'_, f32>,
-    grad_p: Option<&Bound<'_, PyAny>>,
-    grad_q: Option<&Bound<'_, PyAny>>,
+    weight: PyReadonlyArray1<'_, f32>,
+    mut loss: PyReadwriteArray1<'_, f32>,
+    labels: Option<PyReadonlyArray1<'_, i64>>,
+    ce_weight: Option<PyReadonlyArray1<'_, f32>>,
+    ce_loss: Option<PyReadwriteArray1<'_, f32>>,
+    grad_student: Option<&Bound<'_, PyAny>>,
+    grad_teacher: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
-    let p = Input::extract("p", p, p_dtype)?;
-    let q = Input::extract("q", q, q_dtype)?;
-    arrays::same_shape(("p", p.shape()), ("q", q.shape()))?;
-    let (rows, cols) = p.shape();
-    let mut gp = grad_p
-        .map(|g| Output::extract("grad_p", g, p_dtype))
+    let div = divergence(divergence_name, beta)?;
+    let s = Input::extract("student", student, student_dtype)?;
+    let t = Input::extract("teacher", teacher, teacher_dtype)?;
+    arrays::same_shape(("student", s.shape()), ("teacher", t.shape()))?;
+    let (rows, cols) = s.shape();
+    let mut gs = grad_student
+        .map(|g| Output::extract("grad_student", g, student_dtype))
         .transpose()?;
-    let mut gq = grad_q
-        .map(|g| Output::extract("grad_q", g, q_dtype))
+    let mut gt = grad_teacher
+        .map(|g| Output::extract("grad_teacher", g, teacher_dtype))
         .transpose()?;
-    for g in [gp.as_ref(), gq.as_ref()].into_iter().flatten() {
-        arrays::same_shape(("p", p.shape()), (g.name(), g.shape()))?;
+    for g in [gs.as_ref(), gt.as_ref()].into_iter().flatten() {
+        arrays::same_shape(("student", s.shape()), (g.name(), g.shape()))?;
     }
     let weight = arrays::contiguous("weight", weight.as_slice())?;
     let loss = arrays::contiguous("loss", loss.as_slice_mut())?;
-    let (ps, qs) = (p.slice()?, q.slice()?);
-    let gps = gp.as_mut().map(|g| g.slice()).transpose()?;
-    let gqs = gq.as_mut().map(|g| g.slice()).transpose()?;
-    with_input!(ps, |pv| with_input!(qs, |qv| {
-        let gpv = gps.map(|g| typed_like(pv, g)).transpose()?;
-        let gqv = gqs.map(|g| typed_like(qv, g)).transpose()?;
-        let grads = KlGrads { p: gpv, q: gqv };
-        py.detach(|| kernels::kl_div(pv, qv, rows, cols, temperature, weight, loss, grads))
-            .map_err(to_py)
+    let mut ce_loss = ce_loss;
+    let hard = match (labels.as_ref(), ce_weight.as_ref(), ce_loss.as_mut()) {
+        (Some(l), Some(w), Some(o)) => Some(HardLabels {
+            labels: arrays::contiguous("labels", l.as_slice())?,
+            weight: arrays::contiguous("ce_weight", w.as_slice())?,
+            loss: arrays::contiguous("ce_loss", o.as_slice_mut())?,
+        }),
+        (None, None, None) => None,
+        _ => {
+            return Err(PyValueError::new_err(
+                "labels, ce_weight and ce_loss go together: give all three or none",
+            ))
+        }
+    };
+    let (ss, ts) = (s.slice()?, t.slice()?);
+    let gss = gs.as_mut().map(|g| g.slice()).transpose()?;
+    let gts = gt.as_mut().map(|g| g.slice()).transpose()?;
+    with_input!(ss, |sv| with_input!(ts, |tv| {
+        let grads = Grads {
+            student: gss.map(|g| typed_like(sv, g)).transpose()?,
+            teacher: gts.map(|g| typed_like(tv, g)).transpose()?,
+        };
+        py.detach(|| {
+            kernels::distill(
+                sv,
+                tv,
+                rows,
+                cols,
+                div,
+                temperature,
+                weight,
+                loss,
+                hard,
+                grads,
+            )
+        })
+        .map_err(to_py)
     }))
 }
 
@@ -142,7 +194,7 @@ fn simd_level() -> &'static str {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(softmax, m)?)?;
     m.add_function(wrap_pyfunction!(softmax_backward, m)?)?;
-    m.add_function(wrap_pyfunction!(kl_div, m)?)?;
+    m.add_function(wrap_pyfunction!(distill, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;

@@ -1,0 +1,668 @@
+//! The fused distillation kernel: a divergence between the teacher's and the
+//! student's temperature softmaxes, an optional hard-label cross-entropy on
+//! the student, and their gradients, per row in one call.
+//!
+//! With a = (s − max s)/T, b = (t − max t)/T, Q = softmax(a) (student),
+//! P = softmax(b) (teacher), log Q = a − log Z_s, log P = b − log Z_t:
+//!
+//! | divergence | D | ∂D/∂s · T | ∂D/∂t · T |
+//! |---|---|---|---|
+//! | KL(P‖Q) | Σ P (log P − log Q) | Q − P | P (log P − log Q − D) |
+//! | KL(Q‖P) | Σ Q (log Q − log P) | Q (log Q − log P − D) | P − Q |
+//! | TVD | ½ Σ \|P − Q\| | Q (g − Σ Q g), g = ½ sign(Q − P) | P (−g + Σ P g) |
+//! | JSD(β) | β KL(P‖M) + (1−β) KL(Q‖M), M = βP + (1−β)Q | (1−β) Q (log Q − log M − KL(Q‖M)) | β P (log P − log M − KL(P‖M)) |
+//!
+//! log M is formed in log space (log-add-exp of log β + log P and
+//! log(1−β) + log Q), so log-probabilities far below −104 stay finite. Terms
+//! whose probability is 0 count 0 (0 · log 0 = 0), so −inf logits are exact.
+//!
+//! Hard labels: CE = log Σ_j e^{s_j} − s_y at temperature 1, with gradient
+//! softmax(s) − onehot(y). Row r's loss is w_r · D_r (+ w_ce_r · CE_r,
+//! reported apart); rows whose weights are all 0 are never read.
+//!
+//! Passes per row: maxima; exponentials and partition functions (kept in a
+//! per-thread scratch row when later passes need them); for TVD and JSD a
+//! pass over the probabilities; the gradient pass.
+
+use std::cell::RefCell;
+
+use crate::element::Element;
+use crate::error::{check_len, inverse_temperature, KernelError};
+use crate::rows::{
+    load, row_max, run_blocks, split_rows, store, wide_sum, widen_into, Blocking, Wide, RUN,
+};
+use crate::simd::{exp_nonpos_lanes, log_add_exp, Arch, SimdLevel, LANES};
+use crate::simd_dispatch;
+use crate::softmax::{check_shape, shifted};
+
+/// Which divergence between teacher P and student Q.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Divergence {
+    /// KL(P ‖ Q), forward distillation KL.
+    Kl,
+    /// KL(Q ‖ P), reverse KL.
+    ReverseKl,
+    /// ½ Σ |P − Q|.
+    Tvd,
+    /// β KL(P‖M) + (1−β) KL(Q‖M), M = βP + (1−β)Q, 0 < β < 1.
+    Jsd { beta: f32 },
+}
+
+/// Hard labels for the cross-entropy term on the student.
+pub struct HardLabels<'a> {
+    /// One class index per row, in [0, cols) where `weight` is not 0.
+    pub labels: &'a [i64],
+    /// Per-row weight of the CE term (0 skips it).
+    pub weight: &'a [f32],
+    /// Output: `weight_r · CE_r` per row.
+    pub loss: &'a mut [f32],
+}
+
+/// Per-row constants of the divergence after the partition pass.
+#[derive(Clone, Copy)]
+struct RowStats {
+    max_s: f32,
+    max_t: f32,
+    inv_zs: f32,
+    inv_zt: f32,
+    /// log Z_t − log Z_s: log P − log Q = (b − a) − this.
+    log_ratio: f32,
+    /// −log Z_s, −log Z_t: log Q = a − log Z_s.
+    neg_log_zs: f32,
+    neg_log_zt: f32,
+}
+
+// Scratch rows (e^a, e^b, e^{s − max s} at T = 1, log M), reused by each pool
+// thread so that no pass computes an exponential twice.
+thread_local! {
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+struct Scratch<'a> {
+    es: &'a mut [f32],
+    et: &'a mut [f32],
+    e1: &'a mut [f32],
+    lm: &'a mut [f32],
+}
+
+fn scratch(buf: &mut Vec<f32>, cols: usize) -> Scratch<'_> {
+    let n = cols.div_ceil(LANES) * LANES;
+    if buf.len() < 4 * n {
+        buf.resize(4 * n, 0.0);
+    }
+    let (es, rest) = buf.split_at_mut(n);
+    let (et, rest) = rest.split_at_mut(n);
+    let (e1, rest) = rest.split_at_mut(n);
+    Scratch {
+        es,
+        et,
+        e1,
+        lm: &mut rest[..n],
+    }
+}
+
+#[inline(always)]
+fn lanes(buf: &[f32], k: usize) -> &[f32] {
+    &buf[k * LANES..(k + 1) * LANES]
+}
+
+#[inline(always)]
+fn lanes_mut(buf: &mut [f32], k: usize) -> &mut [f32] {
+    &mut buf[k * LANES..(k + 1) * LANES]
+}
+
+#[inline(always)]
+fn copy_lanes(dst: &mut [f32], v: &[f32; LANES]) {
+    // A fixed-size copy: inlined register stores, no memcpy call.
+    let dst: &mut [f32; LANES] = dst.try_into().expect("a chunk is LANES long");
+    *dst = *v;
+}
+
+/// What one row needs computed.
+#[derive(Clone, Copy)]
+struct Plan {
+    divergence: Divergence,
+    inv_t: f32,
+    /// Keep e^a, e^b in scratch (a later pass reads them).
+    keep: bool,
+    /// Hard-label CE at T ≠ 1 (needs its own partition function).
+    ce_t1: bool,
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn distill_row<A: Arch, S: Element, T: Element>(
+    s: &[S],
+    t: &[T],
+    plan: Plan,
+    weight: f32,
+    ce: Option<(usize, f32)>,
+    grad_s: Option<&mut [S]>,
+    grad_t: Option<&mut [T]>,
+    sc: &mut Scratch<'_>,
+) -> (f32, f32) {
+    let inv_t = plan.inv_t;
+    let (max_s, max_t) = (row_max(s), row_max(t));
+    let forward_kl = plan.divergence == Divergence::Kl;
+    let reverse_kl = plan.divergence == Divergence::ReverseKl;
+    let (mut zs, mut zt, mut z1, mut cross): (Wide, Wide, Wide, Wide) = Default::default();
+    for (r, (run_s, run_t)) in s.chunks(RUN).zip(t.chunks(RUN)).enumerate() {
+        let (mut zs_run, mut zt_run) = ([0.0; LANES], [0.0; LANES]);
+        let (mut z1_run, mut cross_run) = ([0.0; LANES], [0.0; LANES]);
+        for (k, (cs, ct)) in run_s.chunks(LANES).zip(run_t.chunks(LANES)).enumerate() {
+            let k = r * (RUN / LANES) + k;
+            let raw_s = load(cs, f32::NEG_INFINITY);
+            let a = shifted(&raw_s, max_s, inv_t);
+            let b = shifted(&load(ct, f32::NEG_INFINITY), max_t, inv_t);
+            let (es, et) = (exp_nonpos_lanes::<A>(&a), exp_nonpos_lanes::<A>(&b));
+            for i in 0..LANES {
+                zs_run[i] += es[i];
+                zt_run[i] += et[i];
+            }
+            if forward_kl {
+                for i in 0..LANES {
+                    cross_run[i] += if et[i] > 0.0 {
+                        et[i] * (b[i] - a[i])
+                    } else {
+                        0.0
+                    };
+                }
+            } else if reverse_kl {
+                for i in 0..LANES {
+                    cross_run[i] += if es[i] > 0.0 {
+                        es[i] * (a[i] - b[i])
+                    } else {
+                        0.0
+                    };
+                }
+            }
+            if plan.ce_t1 {
+                let e1 = exp_nonpos_lanes::<A>(&shifted(&raw_s, max_s, 1.0));
+                for i in 0..LANES {
+                    z1_run[i] += e1[i];
+                }
+                copy_lanes(lanes_mut(sc.e1, k), &e1);
+            }
+            if plan.keep {
+                copy_lanes(lanes_mut(sc.es, k), &es);
+                copy_lanes(lanes_mut(sc.et, k), &et);
+            }
+        }
+        widen_into(&mut zs, &zs_run);
+        widen_into(&mut zt, &zt_run);
+        widen_into(&mut z1, &z1_run);
+        widen_into(&mut cross, &cross_run);
+    }
+    let (zs, zt) = (wide_sum(&zs), wide_sum(&zt));
+    let (log_zs, log_zt) = (zs.ln(), zt.ln());
+    let stats = RowStats {
+        max_s,
+        max_t,
+        inv_zs: (1.0 / zs) as f32,
+        inv_zt: (1.0 / zt) as f32,
+        log_ratio: (log_zt - log_zs) as f32,
+        neg_log_zs: -log_zs as f32,
+        neg_log_zt: -log_zt as f32,
+    };
+
+    // The divergence, and what its gradient needs (sums over the row).
+    let (div, sum_s, sum_t) = match plan.divergence {
+        Divergence::Kl => (wide_sum(&cross) / zt - log_zt + log_zs, 0.0, 0.0),
+        Divergence::ReverseKl => (wide_sum(&cross) / zs - log_zs + log_zt, 0.0, 0.0),
+        Divergence::Tvd => tvd_sums(s.len(), &stats, sc),
+        Divergence::Jsd { beta } => jsd_sums::<A, S, T>(s, t, inv_t, beta, &stats, sc),
+    };
+
+    // Hard-label cross-entropy at T = 1 on the student.
+    let (ce_loss, ce_scale) = match ce {
+        Some((label, w)) => {
+            let log_z1 = if plan.ce_t1 {
+                wide_sum(&z1).ln()
+            } else {
+                log_zs
+            };
+            let ce = log_z1 + max_s as f64 - s[label].to_f32() as f64;
+            ((w as f64 * ce) as f32, w)
+        }
+        None => (0.0, 0.0),
+    };
+    let z1_inv = if plan.ce_t1 {
+        (1.0 / wide_sum(&z1)) as f32
+    } else {
+        stats.inv_zs
+    };
+    let loss = (weight as f64 * div) as f32;
+    if grad_s.is_none() && grad_t.is_none() {
+        return (loss, ce_loss);
+    }
+
+    let terms = Terms {
+        c: weight * inv_t,
+        div: div as f32,
+        sum_s: sum_s as f32,
+        sum_t: sum_t as f32,
+        stats,
+        beta: 0.0,
+    };
+    let ce = ce.map(|(label, _)| (label, ce_scale, z1_inv));
+    let (gs, gt) = (grad_s, grad_t);
+    match plan.divergence {
+        Divergence::Kl => grad_pass::<S, T, KlTerm>(s, t, plan, &terms, ce, gs, gt, sc),
+        Divergence::ReverseKl => {
+            grad_pass::<S, T, ReverseKlTerm>(s, t, plan, &terms, ce, gs, gt, sc)
+        }
+        Divergence::Tvd => grad_pass::<S, T, TvdTerm>(s, t, plan, &terms, ce, gs, gt, sc),
+        Divergence::Jsd { beta } => {
+            let terms = Terms { beta, ..terms };
+            grad_pass::<S, T, JsdTerm>(s, t, plan, &terms, ce, gs, gt, sc)
+        }
+    }
+    (loss, ce_loss)
+}
+
+/// Per-row constants of the gradient pass.
+#[derive(Clone, Copy)]
+struct Terms {
+    /// weight / T
+    c: f32,
+    div: f32,
+    sum_s: f32,
+    sum_t: f32,
+    stats: RowStats,
+    beta: f32,
+}
+
+/// One lane chunk of the gradient pass: logits a, b (only if `LOGITS_S` /
+/// `LOGITS_T` say they are read), probabilities q, p and log M.
+struct Chunk<'a> {
+    a: &'a [f32; LANES],
+    b: &'a [f32; LANES],
+    q: &'a [f32; LANES],
+    p: &'a [f32; LANES],
+    lm: &'a [f32],
+}
+
+/// The gradient of one divergence, w.r.t. student and teacher logits, times T / weight.
+trait GradTerm {
+    /// Whether the student (teacher) term reads the logits a, b.
+    const LOGITS_S: bool;
+    const LOGITS_T: bool;
+    fn student(x: &Chunk<'_>, k: &Terms, i: usize) -> f32;
+    fn teacher(x: &Chunk<'_>, k: &Terms, i: usize) -> f32;
+}
+
+struct KlTerm;
+struct ReverseKlTerm;
+struct TvdTerm;
+struct JsdTerm;
+
+impl GradTerm for KlTerm {
+    const LOGITS_S: bool = false;
+    const LOGITS_T: bool = true;
+    #[inline(always)]
+    fn student(x: &Chunk<'_>, _: &Terms, i: usize) -> f32 {
+        x.q[i] - x.p[i]
+    }
+    #[inline(always)]
+    fn teacher(x: &Chunk<'_>, k: &Terms, i: usize) -> f32 {
+        let log_ratio = (x.b[i] - x.a[i]) - k.stats.log_ratio - k.div;
+        if x.p[i] > 0.0 {
+            x.p[i] * log_ratio
+        } else {
+            0.0
+        }
+    }
+}
+
+impl GradTerm for ReverseKlTerm {
+    const LOGITS_S: bool = true;
+    const LOGITS_T: bool = false;
+    #[inline(always)]
+    fn student(x: &Chunk<'_>, k: &Terms, i: usize) -> f32 {
+        let log_ratio = (x.a[i] - x.b[i]) + k.stats.log_ratio - k.div;
+        if x.q[i] > 0.0 {
+            x.q[i] * log_ratio
+        } else {
+            0.0
+        }
+    }
+    #[inline(always)]
+    fn teacher(x: &Chunk<'_>, _: &Terms, i: usize) -> f32 {
+        x.p[i] - x.q[i]
+    }
+}
+
+impl GradTerm for TvdTerm {
+    const LOGITS_S: bool = false;
+    const LOGITS_T: bool = false;
+    #[inline(always)]
+    fn student(x: &Chunk<'_>, k: &Terms, i: usize) -> f32 {
+        x.q[i] * (half_sign(x.q[i] - x.p[i]) - k.sum_s)
+    }
+    #[inline(always)]
+    fn teacher(x: &Chunk<'_>, k: &Terms, i: usize) -> f32 {
+        x.p[i] * (half_sign(x.p[i] - x.q[i]) - k.sum_t)
+    }
+}
+
+impl GradTerm for JsdTerm {
+    const LOGITS_S: bool = true;
+    const LOGITS_T: bool = true;
+    #[inline(always)]
+    fn student(x: &Chunk<'_>, k: &Terms, i: usize) -> f32 {
+        let log_q = x.a[i] + k.stats.neg_log_zs;
+        let v = (1.0 - k.beta) * ((log_q - x.lm[i]) - k.sum_s);
+        if x.q[i] > 0.0 {
+            x.q[i] * v
+        } else {
+            0.0
+        }
+    }
+    #[inline(always)]
+    fn teacher(x: &Chunk<'_>, k: &Terms, i: usize) -> f32 {
+        let log_p = x.b[i] + k.stats.neg_log_zt;
+        let v = k.beta * ((log_p - x.lm[i]) - k.sum_t);
+        if x.p[i] > 0.0 {
+            x.p[i] * v
+        } else {
+            0.0
+        }
+    }
+}
+
+/// The gradient pass of one row, monomorphised per divergence (no dispatch
+/// inside the loop). `ce` is (label, CE weight, 1 / Z at T = 1).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn grad_pass<S: Element, T: Element, G: GradTerm>(
+    s: &[S],
+    t: &[T],
+    plan: Plan,
+    k: &Terms,
+    ce: Option<(usize, f32, f32)>,
+    mut grad_s: Option<&mut [S]>,
+    mut grad_t: Option<&mut [T]>,
+    sc: &Scratch<'_>,
+) {
+    let (stats, inv_t) = (k.stats, plan.inv_t);
+    let need_s = (G::LOGITS_S && grad_s.is_some()) || (G::LOGITS_T && grad_t.is_some());
+    for (j, (cs, ct)) in s.chunks(LANES).zip(t.chunks(LANES)).enumerate() {
+        let (a, b) = if need_s {
+            let a = shifted(&load(cs, f32::NEG_INFINITY), stats.max_s, inv_t);
+            (a, shifted(&load(ct, f32::NEG_INFINITY), stats.max_t, inv_t))
+        } else {
+            ([0.0; LANES], [0.0; LANES])
+        };
+        let (es, et) = (lanes(sc.es, j), lanes(sc.et, j));
+        let (mut q, mut p) = ([0.0; LANES], [0.0; LANES]);
+        for i in 0..LANES {
+            q[i] = es[i] * stats.inv_zs;
+            p[i] = et[i] * stats.inv_zt;
+        }
+        let x = Chunk {
+            a: &a,
+            b: &b,
+            q: &q,
+            p: &p,
+            lm: lanes(sc.lm, j),
+        };
+        let span = j * LANES..j * LANES + cs.len();
+        if let Some(g) = grad_s.as_deref_mut() {
+            let mut d = [0.0; LANES];
+            for (i, v) in d.iter_mut().enumerate() {
+                *v = G::student(&x, k, i) * k.c;
+            }
+            if let Some((label, w, z1_inv)) = ce {
+                let e1 = if plan.ce_t1 { lanes(sc.e1, j) } else { es };
+                for i in 0..LANES {
+                    d[i] += e1[i] * z1_inv * w;
+                }
+                if span.contains(&label) {
+                    d[label - j * LANES] -= w;
+                }
+            }
+            store(&mut g[span.clone()], &d);
+        }
+        if let Some(g) = grad_t.as_deref_mut() {
+            let mut d = [0.0; LANES];
+            for (i, v) in d.iter_mut().enumerate() {
+                *v = G::teacher(&x, k, i) * k.c;
+            }
+            store(&mut g[span], &d);
+        }
+    }
+}
+
+/// ½ sign(x), with sign(0) = 0 (the subgradient autograd uses for |x|).
+#[inline(always)]
+fn half_sign(x: f32) -> f32 {
+    if x > 0.0 {
+        0.5
+    } else if x < 0.0 {
+        -0.5
+    } else {
+        0.0
+    }
+}
+
+/// TVD and the sums its gradients need: (½ Σ|P−Q|, Σ Q g, Σ P (−g)).
+#[inline(always)]
+fn tvd_sums(cols: usize, stats: &RowStats, sc: &Scratch<'_>) -> (f64, f64, f64) {
+    let (mut abs, mut qg, mut pg): (Wide, Wide, Wide) = Default::default();
+    let chunks = cols.div_ceil(LANES);
+    for start in (0..chunks).step_by(RUN / LANES) {
+        let (mut abs_run, mut qg_run, mut pg_run) = ([0.0; LANES], [0.0; LANES], [0.0; LANES]);
+        for k in start..(start + RUN / LANES).min(chunks) {
+            let (es, et) = (lanes(sc.es, k), lanes(sc.et, k));
+            for i in 0..LANES {
+                let (q, p) = (es[i] * stats.inv_zs, et[i] * stats.inv_zt);
+                abs_run[i] += (p - q).abs();
+                qg_run[i] += q * half_sign(q - p);
+                pg_run[i] += p * half_sign(p - q);
+            }
+        }
+        widen_into(&mut abs, &abs_run);
+        widen_into(&mut qg, &qg_run);
+        widen_into(&mut pg, &pg_run);
+    }
+    (0.5 * wide_sum(&abs), wide_sum(&qg), wide_sum(&pg))
+}
+
+/// JSD(β) and its two KL terms: (D, KL(Q‖M), KL(P‖M)); log M goes to scratch.
+#[inline(always)]
+fn jsd_sums<A: Arch, S: Element, T: Element>(
+    s: &[S],
+    t: &[T],
+    inv_t: f32,
+    beta: f32,
+    stats: &RowStats,
+    sc: &mut Scratch<'_>,
+) -> (f64, f64, f64) {
+    let (log_beta, log_rest) = (beta.ln(), (1.0 - beta).ln());
+    let (log_inv_zs, log_inv_zt) = (stats.neg_log_zs, stats.neg_log_zt);
+    let (mut klq, mut klp): (Wide, Wide) = Default::default();
+    for (r, (run_s, run_t)) in s.chunks(RUN).zip(t.chunks(RUN)).enumerate() {
+        let (mut klq_run, mut klp_run) = ([0.0; LANES], [0.0; LANES]);
+        for (k, (cs, ct)) in run_s.chunks(LANES).zip(run_t.chunks(LANES)).enumerate() {
+            let k = r * (RUN / LANES) + k;
+            let a = shifted(&load(cs, f32::NEG_INFINITY), stats.max_s, inv_t);
+            let b = shifted(&load(ct, f32::NEG_INFINITY), stats.max_t, inv_t);
+            let (es, et) = (lanes(sc.es, k), lanes(sc.et, k));
+            let mut lm = [0.0; LANES];
+            for i in 0..LANES {
+                let (log_q, log_p) = (a[i] + log_inv_zs, b[i] + log_inv_zt);
+                lm[i] = log_add_exp::<A>(log_beta + log_p, log_rest + log_q);
+                let (q, p) = (es[i] * stats.inv_zs, et[i] * stats.inv_zt);
+                klq_run[i] += if q > 0.0 { q * (log_q - lm[i]) } else { 0.0 };
+                klp_run[i] += if p > 0.0 { p * (log_p - lm[i]) } else { 0.0 };
+            }
+            copy_lanes(lanes_mut(sc.lm, k), &lm);
+        }
+        widen_into(&mut klq, &klq_run);
+        widen_into(&mut klp, &klp_run);
+    }
+    let (klq, klp) = (wide_sum(&klq), wide_sum(&klp));
+    let beta = beta as f64;
+    (beta * klp + (1.0 - beta) * klq, klq, klp)
+}
+
+/// The hard labels, CE weights and CE losses of one block of rows.
+type HardBlock<'a> = Option<(&'a [i64], &'a [f32], &'a mut [f32])>;
+
+/// One block of rows.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn distill_block<A: Arch, S: Element, T: Element>(
+    s: &[S],
+    t: &[T],
+    cols: usize,
+    plan: Plan,
+    weight: &[f32],
+    loss: &mut [f32],
+    mut ce: HardBlock<'_>,
+    mut grad_s: Option<&mut [S]>,
+    mut grad_t: Option<&mut [T]>,
+    buf: &mut Vec<f32>,
+) {
+    let mut sc = scratch(buf, cols);
+    for (r, (&w, out)) in weight.iter().zip(loss.iter_mut()).enumerate() {
+        let span = r * cols..(r + 1) * cols;
+        let gs = grad_s.as_deref_mut().map(|g| &mut g[span.clone()]);
+        let gt = grad_t.as_deref_mut().map(|g| &mut g[span.clone()]);
+        let ce_row = ce
+            .as_ref()
+            .map(|(labels, w_ce, _)| (labels[r], w_ce[r]))
+            .filter(|&(_, w_ce)| w_ce != 0.0);
+        if w == 0.0 && ce_row.is_none() {
+            // Masked row: no loss, no gradient, and its logits are never read
+            // (a masked row of NaN or -inf stays harmless).
+            *out = 0.0;
+            if let Some((_, _, ce_loss)) = ce.as_mut() {
+                ce_loss[r] = 0.0;
+            }
+            if let Some(g) = gs {
+                g.fill(S::from_f32(0.0));
+            }
+            if let Some(g) = gt {
+                g.fill(T::from_f32(0.0));
+            }
+            continue;
+        }
+        // Labels were range-checked by `distill` for rows with a CE weight.
+        let ce_arg = ce_row.map(|(label, w_ce)| (label as usize, w_ce));
+        let (div, ce_loss) =
+            distill_row::<A, S, T>(&s[span.clone()], &t[span], plan, w, ce_arg, gs, gt, &mut sc);
+        *out = if w == 0.0 { 0.0 } else { div };
+        if let Some((_, _, ce_out)) = ce.as_mut() {
+            ce_out[r] = ce_loss;
+        }
+    }
+}
+
+simd_dispatch!(fn distill_block_at<S: Element, T: Element>(
+    s: &[S], t: &[T], cols: usize, plan: Plan, weight: &[f32], loss: &mut [f32],
+    ce: HardBlock<'_>, grad_s: Option<&mut [S]>, grad_t: Option<&mut [T]>,
+    buf: &mut Vec<f32>,
+) => distill_block);
+
+/// Where to write the gradients of Σ_r (loss_r + ce_loss_r); `None` skips that work.
+pub struct Grads<'a, S, T> {
+    /// ∂/∂student logits, `rows x cols`.
+    pub student: Option<&'a mut [S]>,
+    /// ∂/∂teacher logits, `rows x cols`.
+    pub teacher: Option<&'a mut [T]>,
+}
+
+/// Per-row weighted divergence between softmax(teacher / T) and
+/// softmax(student / T) (see the module docs), an optional hard-label CE on
+/// the student, and, on request, the gradients of their sum.
+#[allow(clippy::too_many_arguments)]
+pub fn distill<S: Element, T: Element>(
+    student: &[S],
+    teacher: &[T],
+    rows: usize,
+    cols: usize,
+    divergence: Divergence,
+    temperature: f32,
+    weight: &[f32],
+    loss: &mut [f32],
+    hard: Option<HardLabels<'_>>,
+    grads: Grads<'_, S, T>,
+) -> Result<(), KernelError> {
+    let n = check_shape(rows, cols)?;
+    check_len("student", student.len(), n)?;
+    check_len("teacher", teacher.len(), n)?;
+    check_len("weight", weight.len(), rows)?;
+    check_len("loss", loss.len(), rows)?;
+    if let Some(g) = grads.student.as_deref() {
+        check_len("grad_student", g.len(), n)?;
+    }
+    if let Some(g) = grads.teacher.as_deref() {
+        check_len("grad_teacher", g.len(), n)?;
+    }
+    if let Divergence::Jsd { beta } = divergence {
+        if !(beta > 0.0 && beta < 1.0) {
+            return Err(KernelError::Parameter {
+                what: "beta",
+                message: format!("JSD needs 0 < beta < 1 (0 and 1 are the KLs), got {beta}"),
+            });
+        }
+    }
+    if let Some(h) = hard.as_ref() {
+        check_len("labels", h.labels.len(), rows)?;
+        check_len("ce_weight", h.weight.len(), rows)?;
+        check_len("ce_loss", h.loss.len(), rows)?;
+        let bad = h
+            .labels
+            .iter()
+            .zip(h.weight)
+            .position(|(&y, &w)| w != 0.0 && !(0..cols as i64).contains(&y));
+        if let Some(r) = bad {
+            return Err(KernelError::Parameter {
+                what: "labels",
+                message: format!("label {} of row {r} is outside [0, {cols})", h.labels[r]),
+            });
+        }
+    }
+    let inv_t = inverse_temperature(temperature)?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let wants_grad = grads.student.is_some() || grads.teacher.is_some();
+    let plan = Plan {
+        divergence,
+        inv_t,
+        keep: wants_grad || matches!(divergence, Divergence::Tvd | Divergence::Jsd { .. }),
+        ce_t1: hard.is_some() && inv_t != 1.0,
+    };
+    let level = SimdLevel::detect();
+    let blocking = Blocking::new(rows, cols);
+    let (per, len) = (blocking.rows_per_block, blocking.rows_per_block * cols);
+    let hard_blocks: Vec<HardBlock<'_>> = match hard {
+        Some(h) => h
+            .labels
+            .chunks(per)
+            .zip(h.weight.chunks(per))
+            .zip(h.loss.chunks_mut(per))
+            .map(|((l, w), o)| Some((l, w, o)))
+            .collect(),
+        None => (0..blocking.blocks).map(|_| None).collect(),
+    };
+    let items: Vec<_> = student
+        .chunks(len)
+        .zip(teacher.chunks(len))
+        .zip(weight.chunks(per).zip(loss.chunks_mut(per)))
+        .zip(hard_blocks)
+        .zip(split_rows(grads.student, len, blocking.blocks))
+        .zip(split_rows(grads.teacher, len, blocking.blocks))
+        .collect();
+    run_blocks(items, |_, (((((sb, tb), (wb, lb)), hb), gs), gt)| {
+        // Taken here, outside the SIMD-compiled body: closures inside it would
+        // not inherit its target features.
+        SCRATCH.with(|cell| {
+            let buf = &mut cell.borrow_mut();
+            distill_block_at(level, sb, tb, cols, plan, wb, lb, hb, gs, gt, buf)
+        })
+    });
+    Ok(())
+}
