@@ -247,3 +247,75 @@ def span_loss(
     if return_components:
         return loss, {k: v.detach() for k, v in means.items()}
     return loss
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    ignore_index: int = -100,
+    spans: torch.Tensor | None = None,
+    span_weights: dict[int, float] | None = None,
+    normalize: str = "span",
+    reduction: str = "mean",
+    scale_t2: bool = True,
+    return_components: bool = False,
+):
+    """Reference of :func:`kdcore.distillation_loss`, term by term."""
+    valid = labels != ignore_index
+    if spans is not None:
+        token_weight = torch.tensor(
+            [span_weights[int(i)] for i in spans.reshape(-1).tolist()], dtype=torch.float64
+        ).reshape(spans.shape)
+        valid = valid & (token_weight > 0)
+    student_logits, teacher_logits = _zero_masked(student_logits, teacher_logits, valid)
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    ce = cross_entropy_rows(student_logits, safe).reshape(-1)
+    div = divergence_rows(student_logits, teacher_logits, divergence, beta, temperature)
+    div = div.reshape(-1) * (temperature**2 if scale_t2 else 1.0)
+    ok = valid.reshape(-1)
+    zero = torch.zeros_like(ce)
+    ce, div = torch.where(ok, ce, zero), torch.where(ok, div, zero)
+    if spans is None:
+        if reduction == "none":
+            per_row = (alpha * ce + (1 - alpha) * div).reshape(labels.shape)
+            return (per_row, {}) if return_components else per_row
+        n = int(ok.sum())
+        scale = 1.0 if reduction == "sum" else (1.0 / n if n else 0.0)
+        ce_term, div_term = ce.sum() * scale, div.sum() * scale
+        span_comps = {}
+    else:
+        ids = spans.reshape(-1)
+        tw = token_weight.reshape(-1).to(ce.dtype)
+        ce_term = div_term = ce.sum() * 0.0
+        span_comps = {}
+        if normalize == "span":
+            for k, w in sorted(span_weights.items()):
+                sel = ok & (ids == k)
+                n = int(sel.sum())
+                if w > 0:
+                    span_comps[k] = div[sel].mean() if n else div.new_tensor(float("nan"))
+                if w > 0 and n:
+                    ce_term = ce_term + w * ce[sel].mean()
+                    div_term = div_term + w * div[sel].mean()
+        else:
+            n = int((ok & (tw > 0)).sum())
+            if n:
+                ce_term = (tw * ce).sum() / n
+                div_term = (tw * div).sum() / n
+            for k, w in sorted(span_weights.items()):
+                if w > 0:
+                    sel = ok & (ids == k)
+                    span_comps[k] = (
+                        div[sel].mean() if int(sel.sum()) else div.new_tensor(float("nan"))
+                    )
+    loss = alpha * ce_term + (1 - alpha) * div_term
+    if not return_components:
+        return loss
+    comps = {"ce": ce_term.detach(), "divergence": div_term.detach(), **span_comps}
+    return loss, comps

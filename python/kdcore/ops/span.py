@@ -87,12 +87,5 @@ def span_loss(
     loss = rows.sum()
     if not return_components:
         return loss
-    # mean_{t in k} D_t = Σ_{t in k} w_t KL_t / Σ_{t in k} (w_t / T²); static
-    # keys (every span of positive weight) keep this traceable.
-    slots = max(weights) + 2  # ids 0..max, plus the slot of unknown ids
-    num = torch.zeros(slots, dtype=rows.dtype, device=rows.device)
-    den = torch.zeros(slots, dtype=rows.dtype, device=rows.device)
-    num.index_add_(0, index, rows.detach())
-    den.index_add_(0, index, w_row.to(rows.dtype) / scale)
-    means = num / den  # NaN (0/0) for a span with no token in this batch
-    return loss, {_spans.span_name(k): means[k] for k, w in sorted(weights.items()) if w > 0}
+    # mean_{t in k} D_t = Σ_{t in k} w_t KL_t / Σ_{t in k} (w_t / T²)
+    return loss, _spans.span_means(rows, w_row / scale, index, weights)

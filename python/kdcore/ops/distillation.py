@@ -1,0 +1,142 @@
+"""The classic distillation objective: ``kdcore.distillation_loss``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from .. import _dispatch, _validate, reference
+from .. import spans as _spans
+from .fused import fused_rows, loss_dtype
+from .kl import beta_value, kernel_divergence
+from .span import divergence_name
+
+
+def _alpha(alpha: object) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a float, got {type(alpha).__name__}")
+    if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    return float(alpha)
+
+
+def _check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    valid = labels != ignore_index
+    bad = valid & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        seen = labels[bad][:5].tolist()
+        raise ValueError(
+            f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; got {seen}"
+        )
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    ignore_index: int = -100,
+    spans: torch.Tensor | None = None,
+    span_weights: Mapping[int, float] | None = None,
+    normalize: str = "span",
+    reduction: str = "mean",
+    scale_t2: bool = True,
+    return_components: bool = False,
+):
+    r"""Hard labels plus soft targets, in one fused pass over the logits.
+
+    .. math:: L = \alpha \cdot \mathrm{CE}(y, \mathrm{softmax}(z_s))
+              + (1 - \alpha) \cdot T^2 \cdot D(P_t^T, P_s^T)
+
+    CE is the hard-label cross-entropy at temperature 1, computed in the same
+    kernel pass over the student logits as the divergence D (``"kl"``,
+    ``"reverse_kl"``, ``"jsd"`` with ``beta``, ``"tvd"``) at temperature T.
+    ``alpha`` weights the hard-label term; ``scale_t2=False`` drops the T².
+
+    Rows with ``labels == ignore_index`` are masked in both terms.
+    ``reduction``: ``"mean"`` over valid rows, ``"sum"``, or ``"none"``
+    (per row, 0 on masked rows). With ``spans`` (span ids per token, see
+    :func:`kdcore.span_loss`), rows are weighted by ``span_weights`` and
+    normalised per span (``normalize="span"``) or per token (``"token"``);
+    only ``reduction="mean"`` applies then.
+
+    ``return_components=True`` also returns ``{"ce": ..., "divergence": ...}``
+    (detached) with ``L = alpha * ce + (1 - alpha) * divergence`` — NaN for a
+    term whose weight is 0 — plus the per-span mean divergence under span ids.
+    """
+    student, teacher = _validate.logit_pair(student_logits, teacher_logits)
+    t = _validate.temperature(temperature)
+    a = _alpha(alpha)
+    beta = beta_value(beta)
+    divergence = divergence_name(divergence)
+    red = _validate.reduction(reduction)
+    lead, vocab = student.shape[:-1], student.shape[-1]
+    labels = _validate.labels(labels, lead, student)
+    if not torch.compiler.is_compiling():
+        _check_label_range(labels, vocab, ignore_index)
+    weights = None
+    if spans is not None:
+        if red != "mean":
+            raise ValueError(
+                f"with spans the loss is normalised per span: reduction must be 'mean', got {red!r}"
+            )
+        if normalize not in _spans.NORMALIZE:
+            raise ValueError(f"normalize must be 'span' or 'token'; got {normalize!r}")
+        weights = _spans.validate_weights(span_weights)
+        spans = _spans.validate_spans(spans, lead, student)
+        if not torch.compiler.is_compiling():
+            _spans.check_ids_have_weights(spans, weights)
+    scale = t * t if scale_t2 else 1.0
+    options = dict(alpha=a, temperature=t, divergence=divergence, beta=beta,
+                   ignore_index=ignore_index, spans=spans, span_weights=weights,
+                   normalize=normalize, reduction=red, scale_t2=scale_t2)  # fmt: skip
+
+    if _dispatch.select(student, teacher) == "torch":
+        wide = _dispatch.reference_dtype(student.device)
+        dtype = loss_dtype(student, teacher)
+        result = reference.distillation_loss(
+            student.to(wide), teacher.to(wide), labels, return_components=return_components,
+            **options,
+        )  # fmt: skip
+        if not return_components:
+            return result.to(dtype)
+        loss, comps = result
+        comps = {k: v.detach().to(dtype) for k, v in comps.items()}
+        # As on the kernel path: a term of weight 0 is not computed.
+        for key, weight in (("ce", a), ("divergence", 1.0 - a)):
+            if weight == 0 and key in comps:
+                comps[key] = torch.full_like(comps[key], float("nan"))
+        return loss.to(dtype), comps
+
+    dtype = loss_dtype(student, teacher)
+    valid = labels != ignore_index
+    index = None
+    if spans is not None:
+        base, index = _spans.row_weights(spans, weights, normalize, 1.0, dtype, valid=valid)
+    else:
+        base = valid.reshape(-1).to(dtype)
+        if red == "mean":
+            n = base.sum()
+            base = base / torch.where(n > 0, n, torch.ones_like(n))
+    safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
+    result = fused_rows(
+        student, teacher, base * ((1.0 - a) * scale), t, kernel_divergence(divergence, beta),
+        beta=beta, labels=safe_labels, ce_weight=base * a, reduce=red != "none",
+    )  # fmt: skip
+    loss = result.loss.reshape(lead) if red == "none" else result.loss
+    if not return_components:
+        return loss
+    nan = torch.tensor(float("nan"), dtype=result.div_rows.dtype)
+    comps = {
+        "ce": result.ce_rows.sum() / a if a > 0 else nan,
+        "divergence": result.div_rows.sum() / (1.0 - a) if a < 1 else nan,
+    }
+    if spans is not None and a < 1:
+        comps.update(_spans.span_means(result.div_rows / (1.0 - a), base, index, weights))
+    return loss, comps
