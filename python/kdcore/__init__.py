@@ -15,6 +15,7 @@ from .ops.distillation import distillation_loss
 from .ops.kl import jsd_loss, kl_loss, tvd_loss
 from .ops.softmax import log_softmax, softmax
 from .ops.span import span_loss
+from .ops.sparse import sparse_kl_loss
 from .spans import DEFAULT_SPAN_WEIGHTS, Span
 
 __version__ = "0.1.0"
@@ -33,5 +34,6 @@ __all__ = [
     "simd_level",
     "softmax",
     "span_loss",
+    "sparse_kl_loss",
     "tvd_loss",
 ]

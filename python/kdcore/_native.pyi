@@ -39,6 +39,18 @@ def distill(
     grad_student: npt.NDArray[np.float32] | npt.NDArray[np.int16] | None = None,
     grad_teacher: npt.NDArray[np.float32] | npt.NDArray[np.int16] | None = None,
 ) -> None: ...
+def sparse_kl(
+    student: npt.NDArray[np.float32] | npt.NDArray[np.int16],
+    student_dtype: str,
+    teacher_ids: npt.NDArray[np.int64],
+    teacher_logprobs: npt.NDArray[np.float32],
+    teacher_temperature: float,
+    temperature: float,
+    tail: str,
+    weight: npt.NDArray[np.float32],
+    loss: npt.NDArray[np.float32],
+    grad: npt.NDArray[np.float32] | npt.NDArray[np.int16] | None = None,
+) -> None: ...
 def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...
 def simd_level() -> str: ...

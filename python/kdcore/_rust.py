@@ -84,3 +84,32 @@ def distill(
         **hard,
     )
     return loss, ce_loss, gs, gt
+
+
+def sparse_kl(
+    student: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    weight: torch.Tensor,
+    temperature: float,
+    teacher_temperature: float,
+    tail: str,
+    grad_student: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row weighted sparse-teacher KL and, on request, the student gradient."""
+    student = student.contiguous()
+    loss = torch.empty(student.shape[0], dtype=torch.float32)
+    grad = _memory.empty_like(student) if grad_student else None
+    _native.sparse_kl(
+        _view(student),
+        _NAMES[student.dtype],
+        teacher_ids.to(torch.int64).contiguous().numpy(),
+        teacher_logprobs.detach().to(torch.float32).contiguous().numpy(),
+        teacher_temperature,
+        temperature,
+        tail,
+        _view(weight.to(torch.float32).contiguous()),
+        _view(loss),
+        None if grad is None else _view(grad),
+    )
+    return loss, grad

@@ -319,3 +319,65 @@ def distillation_loss(
         return loss
     comps = {"ce": ce_term.detach(), "divergence": div_term.detach(), **span_comps}
     return loss, comps
+
+
+def sparse_kl_rows(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    temperature: float = 1.0,
+    teacher_temperature: float = 1.0,
+    tail: str = "bucket",
+) -> torch.Tensor:
+    """KL from a top-k teacher to softmax(student / T) per position (see kdcore.sparse_kl_loss)."""
+    log_q = log_softmax(student_logits, temperature)
+    ids = teacher_ids.long()
+    log_q_ids = log_q.gather(-1, ids)
+    lp = teacher_logprobs.to(log_q.dtype)
+    mass_tail = (1.0 - lp.exp().sum(-1)).clamp_min(0.0)
+    if tail == "renormalize" or ids.shape[-1] == log_q.shape[-1]:
+        # (k = V: no token outside the top-k, the missing mass is rounding noise)
+        mass_tail = torch.zeros_like(mass_tail)
+    ratio = teacher_temperature / temperature
+    log_tail = torch.where(
+        mass_tail > 0,
+        ratio * mass_tail.clamp_min(1e-300).log(),
+        torch.full_like(mass_tail, -math.inf),
+    )
+    p_all = torch.softmax(torch.cat([ratio * lp, log_tail.unsqueeze(-1)], dim=-1), dim=-1)
+    p_ids, p_tail = p_all[..., :-1], p_all[..., -1]
+    log_p_ids = torch.where(p_ids > 0, p_ids.clamp_min(1e-300).log(), torch.zeros_like(p_ids))
+    rows = torch.where(p_ids > 0, p_ids * (log_p_ids - log_q_ids), torch.zeros_like(p_ids)).sum(-1)
+    if tail == "bucket":
+        outside = torch.ones_like(log_q, dtype=torch.bool).scatter(-1, ids, False)
+        log_q_tail = torch.logsumexp(log_q.masked_fill(~outside, -math.inf), dim=-1)
+        log_p_tail = p_tail.clamp_min(1e-300).log()
+        rows = rows + torch.where(
+            p_tail > 0, p_tail * (log_p_tail - log_q_tail), torch.zeros_like(p_tail)
+        )
+    return rows
+
+
+def sparse_kl_loss(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    teacher_temperature: float = 1.0,
+    tail: str = "bucket",
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    scale_t2: bool = True,
+) -> torch.Tensor:
+    """Reference of :func:`kdcore.sparse_kl_loss`."""
+    rows = sparse_kl_rows(
+        student_logits, teacher_ids, teacher_logprobs, temperature, teacher_temperature, tail
+    )
+    if scale_t2:
+        rows = rows * temperature**2
+    return reduce_rows(
+        rows, labels=labels, ignore_index=ignore_index, mask=mask, reduction=reduction
+    )

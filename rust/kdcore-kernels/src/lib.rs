@@ -15,6 +15,7 @@ pub mod pool;
 mod rows;
 pub mod simd;
 pub mod softmax;
+pub mod sparse;
 
 pub use distill::{distill, Divergence, Grads, HardLabels};
 pub use element::Element;
@@ -22,3 +23,4 @@ pub use error::KernelError;
 pub use kl::{kl_div, KlGrads};
 pub use simd::SimdLevel;
 pub use softmax::{softmax, softmax_backward, SoftmaxKind};
+pub use sparse::{sparse_kl, SparseTeacher, Tail};

@@ -6,8 +6,10 @@
 
 mod arrays;
 
-use kdcore_kernels::{self as kernels, Divergence, Grads, HardLabels, KernelError, SoftmaxKind};
-use numpy::{PyReadonlyArray1, PyReadwriteArray1};
+use kdcore_kernels::{
+    self as kernels, Divergence, Grads, HardLabels, KernelError, SoftmaxKind, SparseTeacher, Tail,
+};
+use numpy::{PyReadonlyArray1, PyReadonlyArray2, PyReadwriteArray1, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
@@ -170,6 +172,73 @@ fn distill(
     }))
 }
 
+/// Per-row weighted KL from a sparse top-k teacher (ids and log-probs) to
+/// the student's full softmax, and its gradient into `grad` when given.
+#[pyfunction]
+#[pyo3(signature = (
+    student, student_dtype, teacher_ids, teacher_logprobs, teacher_temperature, temperature,
+    tail, weight, loss, grad=None,
+))]
+#[allow(clippy::too_many_arguments)]
+fn sparse_kl(
+    py: Python<'_>,
+    student: &Bound<'_, PyAny>,
+    student_dtype: &str,
+    teacher_ids: PyReadonlyArray2<'_, i64>,
+    teacher_logprobs: PyReadonlyArray2<'_, f32>,
+    teacher_temperature: f32,
+    temperature: f32,
+    tail: &str,
+    weight: PyReadonlyArray1<'_, f32>,
+    mut loss: PyReadwriteArray1<'_, f32>,
+    grad: Option<&Bound<'_, PyAny>>,
+) -> PyResult<()> {
+    let tail = match tail {
+        "bucket" => Tail::Bucket,
+        "renormalize" => Tail::Renormalize,
+        "zero" => Tail::Zero,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "tail must be bucket, renormalize or zero, got {other}"
+            )))
+        }
+    };
+    let s = Input::extract("student", student, student_dtype)?;
+    let (rows, cols) = s.shape();
+    let ids_shape = (teacher_ids.shape()[0], teacher_ids.shape()[1]);
+    let lp_shape = (teacher_logprobs.shape()[0], teacher_logprobs.shape()[1]);
+    arrays::same_shape(("teacher_ids", ids_shape), ("teacher_logprobs", lp_shape))?;
+    if ids_shape.0 != rows {
+        return Err(PyValueError::new_err(format!(
+            "teacher_ids has {} rows but student has {rows}",
+            ids_shape.0
+        )));
+    }
+    let mut g = grad
+        .map(|g| Output::extract("grad", g, student_dtype))
+        .transpose()?;
+    if let Some(g) = g.as_ref() {
+        arrays::same_shape(("student", s.shape()), ("grad", g.shape()))?;
+    }
+    let teacher = SparseTeacher {
+        ids: arrays::contiguous("teacher_ids", teacher_ids.as_slice())?,
+        logprobs: arrays::contiguous("teacher_logprobs", teacher_logprobs.as_slice())?,
+        k: ids_shape.1,
+        temperature: teacher_temperature,
+    };
+    let weight = arrays::contiguous("weight", weight.as_slice())?;
+    let loss = arrays::contiguous("loss", loss.as_slice_mut())?;
+    let ss = s.slice()?;
+    let gs = g.as_mut().map(|g| g.slice()).transpose()?;
+    with_input!(ss, |sv| {
+        let gv = gs.map(|g| typed_like(sv, g)).transpose()?;
+        py.detach(|| {
+            kernels::sparse_kl(sv, rows, cols, teacher, temperature, tail, weight, loss, gv)
+        })
+        .map_err(to_py)
+    })
+}
+
 /// Sets the size of kdcore's own thread pool.
 #[pyfunction]
 fn set_num_threads(n: i64) -> PyResult<()> {
@@ -195,6 +264,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(softmax, m)?)?;
     m.add_function(wrap_pyfunction!(softmax_backward, m)?)?;
     m.add_function(wrap_pyfunction!(distill, m)?)?;
+    m.add_function(wrap_pyfunction!(sparse_kl, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
