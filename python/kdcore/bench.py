@@ -2,8 +2,10 @@
 
 Every contender runs with the same thread count, is warmed up, and is timed
 as the median of ``repeat`` runs; ratios are computed inside this run only.
-The torch contenders compute the formula a user writes today:
-``F.kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True) * T²``.
+For the KL table the torch contenders compute the formula a user writes
+today, ``F.kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True) * T²``;
+for the other losses they run kdcore's own pure-PyTorch reference (float32
+arithmetic), eager and compiled.
 """
 
 from __future__ import annotations
@@ -13,16 +15,20 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 import kdcore
+from kdcore import reference
 
 TEMPERATURE = 2.0
-FULL_SHAPES = [(512, 32000), (256, 128256)]
-QUICK_SHAPES = [(64, 4096)]
+KL_SHAPES = [(512, 32000), (256, 128256)]
+FAMILY_SHAPE = (512, 32000)
+SPARSE_SHAPE, SPARSE_K = (4096, 32000), 64
 DTYPES = [torch.float32, torch.bfloat16]
+OPS = ("kl", "family", "sparse")
 
 
 def torch_kd_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -30,10 +36,6 @@ def torch_kd_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     log_s = F.log_softmax(student.float() / TEMPERATURE, dim=-1)
     log_t = F.log_softmax(teacher.float() / TEMPERATURE, dim=-1)
     return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * TEMPERATURE**2
-
-
-def kdcore_kd_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    return kdcore.kl_loss(student, teacher, temperature=TEMPERATURE)
 
 
 def median_ms(fn: Callable[[], object], repeat: int, warmup: int = 2) -> float:
@@ -47,47 +49,161 @@ def median_ms(fn: Callable[[], object], repeat: int, warmup: int = 2) -> float:
     return statistics.median(times) * 1e3
 
 
-def _fwd_bwd(loss_fn, student, teacher):
+@dataclass
+class Case:
+    """One benchmark row: a kdcore loss and its torch counterpart on the same inputs."""
+
+    table: str
+    name: str
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    ours: Callable[[torch.Tensor], torch.Tensor]
+    theirs: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _fwd_bwd(loss_fn, student):
     def step():
-        (grad,) = torch.autograd.grad(loss_fn(student, teacher), student)
+        (grad,) = torch.autograd.grad(loss_fn(student), student)
         return grad
 
     return step
 
 
-def _fwd(loss_fn, student, teacher):
+def _fwd(loss_fn, student):
     def step():
         with torch.no_grad():
-            return loss_fn(student, teacher)
+            return loss_fn(student)
 
     return step
 
 
-def _check(student, teacher, compiled) -> float:
-    """Relative difference of kdcore's loss from the torch formula (sanity)."""
+def _cases(ops, quick, gen):
+    """(case, student) pairs, built lazily so that only one case's tensors live at a time."""
+    n_kl = [(64, 4096)] if quick else KL_SHAPES
+    fam = (64, 4096) if quick else FAMILY_SHAPE
+    sparse = (256, 4096) if quick else SPARSE_SHAPE
+    T = TEMPERATURE
+    for dtype in DTYPES:
+        if "kl" in ops:
+            for shape in n_kl:
+                t = torch.randn(shape, generator=gen).to(dtype)
+                yield Case("kl", "kl", shape, dtype,
+                           lambda s, t=t: kdcore.kl_loss(s, t, temperature=T),
+                           lambda s, t=t: torch_kd_loss(s, t))  # fmt: skip
+        if "family" in ops:
+            t = torch.randn(fam, generator=gen).to(dtype)
+            labels = torch.randint(0, fam[1], (fam[0],), generator=gen)
+            spans = torch.randint(0, 4, (fam[0],), generator=gen)
+            span_w = kdcore.DEFAULT_SPAN_WEIGHTS
+            # Precomputed per-row span weights for the torch version (the
+            # reduction is not what is measured).
+            w_tok = torch.tensor([span_w[int(i)] for i in spans])
+            counts = torch.bincount(spans, minlength=4).float()
+            w_row = w_tok / counts[spans] * T * T
+
+            def torch_span(s, t=t, w_row=w_row):
+                return (reference.kl_div_rows(s, t, T) * w_row).sum()
+
+            def torch_distill(s, t=t, labels=labels):
+                ce = F.cross_entropy(s.float(), labels)
+                return 0.5 * ce + 0.5 * T * T * reference.kl_div_rows(s, t, T).mean()
+
+            yield from (
+                Case("family", "kl", fam, dtype,
+                     lambda s, t=t: kdcore.kl_loss(s, t, temperature=T),
+                     lambda s, t=t: reference.kl_loss(s, t, temperature=T)),
+                Case("family", "jsd b=0.5", fam, dtype,
+                     lambda s, t=t: kdcore.jsd_loss(s, t, beta=0.5, temperature=T),
+                     lambda s, t=t: reference.jsd_loss(s, t, beta=0.5, temperature=T)),
+                Case("family", "tvd", fam, dtype,
+                     lambda s, t=t: kdcore.tvd_loss(s, t, temperature=T),
+                     lambda s, t=t: reference.tvd_loss(s, t, temperature=T)),
+                Case("family", "distill a=0.5", fam, dtype,
+                     lambda s, t=t, y=labels: kdcore.distillation_loss(s, t, y, alpha=0.5,
+                                                                       temperature=T),
+                     torch_distill),
+                Case("family", "span", fam, dtype,
+                     lambda s, t=t, sp=spans: kdcore.span_loss(s, t, sp, temperature=T),
+                     torch_span),
+            )  # fmt: skip
+        if "sparse" in ops:
+            t = torch.randn(sparse, generator=gen).to(dtype)
+            top = torch.log_softmax(t.float(), -1).topk(SPARSE_K, dim=-1)
+            ids, lps = top.indices, top.values
+            yield Case("sparse", "dense kl", sparse, dtype,
+                       lambda s, t=t: kdcore.kl_loss(s, t, temperature=T),
+                       lambda s, t=t: reference.kl_loss(s, t, temperature=T))  # fmt: skip
+
+            def ours_sparse(s, ids=ids, lps=lps):
+                return kdcore.sparse_kl_loss(s, ids, lps, temperature=T)
+
+            def torch_sparse(s, ids=ids, lps=lps):
+                return reference.sparse_kl_loss(s, ids, lps, temperature=T)
+
+            name = f"sparse kl k={SPARSE_K}"
+            yield Case("sparse", name, sparse, dtype, ours_sparse, torch_sparse)
+
+
+def _measure(case: Case, repeat: int, compile: bool, gen) -> dict:
+    student = torch.randn(case.shape, generator=gen).to(case.dtype).requires_grad_()
+    row: dict = {
+        "table": case.table,
+        "op": case.name,
+        "shape": f"{case.shape[0]}x{case.shape[1]}",
+        "dtype": str(case.dtype).removeprefix("torch."),
+    }
     with torch.no_grad():
-        ours = kdcore_kd_loss(student, teacher).double()
-        theirs = (compiled or torch_kd_loss)(student, teacher).double()
-    return abs(ours - theirs).item() / max(abs(theirs).item(), 1e-30)
+        ours, theirs = case.ours(student).double(), case.theirs(student).double()
+    row["loss_rel_diff_vs_torch"] = abs(ours - theirs).item() / max(abs(theirs).item(), 1e-30)
+    row["kdcore_fwd_bwd_ms"] = median_ms(_fwd_bwd(case.ours, student), repeat)
+    row["kdcore_fwd_ms"] = median_ms(_fwd(case.ours, student), repeat)
+    row["eager_fwd_bwd_ms"] = median_ms(
+        _fwd_bwd(case.theirs, student), max(3, repeat // 2), warmup=1
+    )
+    row["eager_over_kdcore"] = row["eager_fwd_bwd_ms"] / row["kdcore_fwd_bwd_ms"]
+    row["fwd_bwd_over_fwd"] = row["kdcore_fwd_bwd_ms"] / row["kdcore_fwd_ms"]
+    if compile:
+        torch._dynamo.reset()
+        compiled = torch.compile(case.theirs)
+        row["compile_fwd_bwd_ms"] = median_ms(_fwd_bwd(compiled, student), repeat)
+        row["compile_over_kdcore"] = row["compile_fwd_bwd_ms"] / row["kdcore_fwd_bwd_ms"]
+    return row
 
 
 def _table(rows: list[dict]) -> str:
     head = (
-        f"{'shape':>14} {'dtype':>8} | {'kdcore f+b':>10} {'kdcore fwd':>10} {'eager f+b':>10} "
-        f"{'compile f+b':>11} | {'eager/kd':>8} {'compile/kd':>10} {'f+b/fwd':>7}"
+        f"{'op':>16} {'shape':>11} {'dtype':>8} | {'kdcore f+b':>10} {'kdcore fwd':>10} "
+        f"{'eager f+b':>10} {'compile f+b':>11} | {'eager/kd':>8} {'compile/kd':>10} {'f+b/fwd':>7}"
     )
     lines = [head, "-" * len(head)]
+    nan = float("nan")
     for r in rows:
-        comp = r.get("compile_fwd_bwd_ms")
         lines.append(
-            f"{r['shape']:>14} {r['dtype']:>8} | {r['kdcore_fwd_bwd_ms']:>10.2f} "
+            f"{r['op']:>16} {r['shape']:>11} {r['dtype']:>8} | {r['kdcore_fwd_bwd_ms']:>10.2f} "
             f"{r['kdcore_fwd_ms']:>10.2f} {r['eager_fwd_bwd_ms']:>10.2f} "
-            f"{comp if comp is not None else float('nan'):>11.2f} | "
-            f"{r['eager_over_kdcore']:>8.1f} "
-            f"{r.get('compile_over_kdcore', float('nan')):>10.2f} "
-            f"{r['fwd_bwd_over_fwd']:>7.2f}"
+            f"{r.get('compile_fwd_bwd_ms', nan):>11.2f} | {r['eager_over_kdcore']:>8.1f} "
+            f"{r.get('compile_over_kdcore', nan):>10.2f} {r['fwd_bwd_over_fwd']:>7.2f}"
         )
     return "\n".join(lines)
+
+
+def _summary(rows: list[dict]) -> list[str]:
+    """Ratios the issues set targets for, computed from this run's rows."""
+    out = []
+    by = {(r["table"], r["op"], r["dtype"]): r for r in rows}
+    for dtype in ("float32", "bfloat16"):
+        kl = by.get(("family", "kl", dtype))
+        for op in ("jsd b=0.5", "tvd", "distill a=0.5", "span"):
+            r = by.get(("family", op, dtype))
+            if kl and r:
+                ratio = r["kdcore_fwd_bwd_ms"] / kl["kdcore_fwd_bwd_ms"]
+                out.append(f"{op} / kl (f+b, {dtype}): {ratio:.2f}")
+        dense = by.get(("sparse", "dense kl", dtype))
+        sparse = by.get(("sparse", f"sparse kl k={SPARSE_K}", dtype))
+        if dense and sparse:
+            ratio = dense["kdcore_fwd_bwd_ms"] / sparse["kdcore_fwd_bwd_ms"]
+            out.append(f"dense kl / sparse kl k={SPARSE_K} (f+b, {dtype}): {ratio:.2f}x")
+    return out
 
 
 def run(
@@ -97,11 +213,11 @@ def run(
     quick: bool = False,
     compile: bool = True,
     json_path: str | None = None,
+    ops: tuple[str, ...] = OPS,
 ) -> int:
     threads = threads or kdcore.get_num_threads()
     kdcore.set_num_threads(threads)
     torch.set_num_threads(threads)
-    shapes = QUICK_SHAPES if quick else FULL_SHAPES
     repeat = min(repeat, 3) if quick else repeat
     meta = {
         "threads": threads,
@@ -114,49 +230,48 @@ def run(
     }
     print(
         f"kdcore bench: {threads} threads (kdcore and torch), SIMD {meta['simd']}, "
-        f"torch {meta['torch']}, T={TEMPERATURE}, median of {repeat}",
+        f"torch {meta['torch']}, T={TEMPERATURE}, median of {repeat}, ops {', '.join(ops)}",
         flush=True,
     )
-    compiled = torch.compile(torch_kd_loss) if compile else None
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for n, v in shapes:
-        for dtype in DTYPES:
-            student = torch.randn(n, v, generator=gen).to(dtype).requires_grad_()
-            teacher = torch.randn(n, v, generator=gen).to(dtype)
-            row: dict = {"shape": f"{n}x{v}", "dtype": str(dtype).removeprefix("torch.")}
-            row["loss_rel_diff_vs_torch"] = _check(student, teacher, None)
-            row["kdcore_fwd_bwd_ms"] = median_ms(_fwd_bwd(kdcore_kd_loss, student, teacher), repeat)
-            row["kdcore_fwd_ms"] = median_ms(_fwd(kdcore_kd_loss, student, teacher), repeat)
-            row["eager_fwd_bwd_ms"] = median_ms(
-                _fwd_bwd(torch_kd_loss, student, teacher), max(3, repeat // 2), warmup=1
-            )
-            if compiled is not None:
-                row["compile_fwd_bwd_ms"] = median_ms(_fwd_bwd(compiled, student, teacher), repeat)
-                row["compile_over_kdcore"] = row["compile_fwd_bwd_ms"] / row["kdcore_fwd_bwd_ms"]
-            row["eager_over_kdcore"] = row["eager_fwd_bwd_ms"] / row["kdcore_fwd_bwd_ms"]
-            row["fwd_bwd_over_fwd"] = row["kdcore_fwd_bwd_ms"] / row["kdcore_fwd_ms"]
-            rows.append(row)
-            print(
-                f"  {row['shape']} {row['dtype']}: kdcore f+b {row['kdcore_fwd_bwd_ms']:.2f} ms, "
-                f"fwd {row['kdcore_fwd_ms']:.2f} ms, eager {row['eager_fwd_bwd_ms']:.2f} ms"
-                + (f", compile {row['compile_fwd_bwd_ms']:.2f} ms" if compiled else "")
-                + f" (loss rel. diff vs torch {row['loss_rel_diff_vs_torch']:.1e})",
-                flush=True,
-            )
-            del student, teacher
+    for case in _cases(ops, quick, gen):
+        row = _measure(case, repeat, compile, gen)
+        rows.append(row)
+        print(
+            f"  [{row['table']}] {row['op']} {row['shape']} {row['dtype']}: kdcore f+b "
+            f"{row['kdcore_fwd_bwd_ms']:.2f} ms, fwd {row['kdcore_fwd_ms']:.2f} ms, eager "
+            f"{row['eager_fwd_bwd_ms']:.2f} ms"
+            + (f", compile {row['compile_fwd_bwd_ms']:.2f} ms" if compile else "")
+            + f" (loss rel. diff vs torch {row['loss_rel_diff_vs_torch']:.1e})",
+            flush=True,
+        )
 
     small_s = torch.randn(1, 8, generator=gen).requires_grad_()
     small_t = torch.randn(1, 8, generator=gen)
+
+    def small_kd(s):
+        return kdcore.kl_loss(s, small_t, temperature=TEMPERATURE)
+
+    def small_torch(s):
+        return torch_kd_loss(s, small_t)
+
     small = {
-        "kdcore_1x8_fwd_bwd_us": median_ms(_fwd_bwd(kdcore_kd_loss, small_s, small_t), 201) * 1e3,
-        "kdcore_1x8_fwd_us": median_ms(_fwd(kdcore_kd_loss, small_s, small_t), 201) * 1e3,
-        "eager_1x8_fwd_bwd_us": median_ms(_fwd_bwd(torch_kd_loss, small_s, small_t), 201) * 1e3,
+        "kdcore_1x8_fwd_bwd_us": median_ms(_fwd_bwd(small_kd, small_s), 201) * 1e3,
+        "kdcore_1x8_fwd_us": median_ms(_fwd(small_kd, small_s), 201) * 1e3,
+        "eager_1x8_fwd_bwd_us": median_ms(_fwd_bwd(small_torch, small_s), 201) * 1e3,
     }
     print()
-    print(_table(rows))
+    for table in ops:
+        picked = [r for r in rows if r["table"] == table]
+        if picked:
+            print(f"[{table}]")
+            print(_table(picked))
+            print()
+    for line in _summary(rows):
+        print(line)
     print(
-        f"\n1x8 call: kdcore f+b {small['kdcore_1x8_fwd_bwd_us']:.1f} us, "
+        f"1x8 call: kdcore f+b {small['kdcore_1x8_fwd_bwd_us']:.1f} us, "
         f"fwd {small['kdcore_1x8_fwd_us']:.1f} us; eager f+b {small['eager_1x8_fwd_bwd_us']:.1f} us"
     )
     if json_path:

@@ -30,7 +30,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    bench.add_argument(
+        "--ops",
+        default="kl,family,sparse",
+        help="tables to run, comma-separated: kl (the KL anchor shapes), family "
+        "(kl/jsd/tvd/distillation/span at 512x32000), sparse (top-k teacher vs dense)",
+    )
     return parser
+
+
+def _ops(value: str) -> tuple[str, ...]:
+    from .bench import OPS
+
+    ops = tuple(v.strip() for v in value.split(",") if v.strip())
+    unknown = [o for o in ops if o not in OPS]
+    if unknown or not ops:
+        raise SystemExit(f"kdcore bench: --ops takes {', '.join(OPS)}; got {value!r}")
+    return ops
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             quick=args.quick,
             compile=not args.no_compile,
             json_path=args.json,
+            ops=_ops(args.ops),
         )
     return 2
 

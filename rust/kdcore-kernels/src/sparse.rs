@@ -150,7 +150,11 @@ fn sparse_row<A: Arch, S: Element>(
         &mut p_heap
     };
     // With no token outside the top-k, the "missing" mass is rounding noise.
-    let tail_of_teacher = if ids.len() == cols { Tail::Renormalize } else { tail };
+    let tail_of_teacher = if ids.len() == cols {
+        Tail::Renormalize
+    } else {
+        tail
+    };
     let p_tail = teacher_probs(logprobs, ratio, tail_of_teacher, p);
     let mut loss = 0.0f64;
     for (&pi, &id) in p.iter().zip(ids) {
@@ -175,13 +179,13 @@ fn sparse_row<A: Arch, S: Element>(
             Tail::Zero => (p_sum, p_sum),
         };
         let (m_in, m_out) = (m_in as f32, m_out as f32);
+        // Every token as if outside the top-k; the k ids are written below.
+        let factor = inv_z * m_out * scale;
         for (k, dst) in g.chunks_mut(LANES).enumerate() {
-            let at = k * LANES;
-            let (e, out) = (&exps[at..at + LANES], &outside[at..at + LANES]);
+            let e = &exps[k * LANES..(k + 1) * LANES];
             let mut d = [0.0; LANES];
             for i in 0..LANES {
-                let m = if out[i] > 0.0 { m_out } else { m_in };
-                d[i] = e[i] * inv_z * m * scale;
+                d[i] = e[i] * factor;
             }
             store(dst, &d);
         }
