@@ -134,17 +134,7 @@ const P5: f32 = 0.5; // Cephes: 5.0000001e-1, which is 0.5 in f32
 pub fn exp<A: Arch>(x: f32) -> f32 {
     let xc = if x < EXP_LO { EXP_LO } else { x };
     let xc = if xc > EXP_HI { EXP_HI } else { xc };
-    let shifted = madd::<A>(xc, LOG2E, ROUND_MAGIC);
-    let n = shifted - ROUND_MAGIC;
-    let ni = (shifted.to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32);
-    let r = madd::<A>(n, -LN2_HI, xc);
-    let r = madd::<A>(n, -LN2_LO, r);
-    let mut p = madd::<A>(P0, r, P1);
-    p = madd::<A>(p, r, P2);
-    p = madd::<A>(p, r, P3);
-    p = madd::<A>(p, r, P4);
-    p = madd::<A>(p, r, P5);
-    let y = madd::<A>(p, r * r, r) + 1.0;
+    let (y, ni) = exp_reduced::<A>(xc);
     // 2^n as two normal factors: n reaches 128 near the top of the range.
     let n1 = ni >> 1;
     let n2 = ni - n1;
@@ -162,13 +152,10 @@ pub fn exp<A: Arch>(x: f32) -> f32 {
     }
 }
 
-/// e^x for x <= 0, the max-shifted logits of a softmax: [`exp`] without the
-/// upper clamp and the split power of two (2^n is one normal factor for
-/// n in [-126, 0]). Same accuracy as [`exp`] on x <= 0, 0 for x < -87.34 and
-/// -inf, NaN for NaN; results for x > 0 are unspecified.
+/// e^x = y · 2^n for a clamped x: n = round(x / ln 2), y = e^r on
+/// r = x − n ln 2 in [−ln2/2, ln2/2] (Cody-Waite reduction, Cephes polynomial).
 #[inline(always)]
-pub fn exp_nonpos<A: Arch>(x: f32) -> f32 {
-    let xc = if x < EXP_LO { EXP_LO } else { x };
+fn exp_reduced<A: Arch>(xc: f32) -> (f32, i32) {
     let shifted = madd::<A>(xc, LOG2E, ROUND_MAGIC);
     let n = shifted - ROUND_MAGIC;
     let ni = (shifted.to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32);
@@ -179,7 +166,17 @@ pub fn exp_nonpos<A: Arch>(x: f32) -> f32 {
     p = madd::<A>(p, r, P3);
     p = madd::<A>(p, r, P4);
     p = madd::<A>(p, r, P5);
-    let y = madd::<A>(p, r * r, r) + 1.0;
+    (madd::<A>(p, r * r, r) + 1.0, ni)
+}
+
+/// e^x for x <= 0, the max-shifted logits of a softmax: [`exp`] without the
+/// upper clamp and the split power of two (2^n is one normal factor for
+/// n in [-126, 0]). Same accuracy as [`exp`] on x <= 0, 0 for x < -87.34 and
+/// -inf, NaN for NaN; results for x > 0 are unspecified.
+#[inline(always)]
+pub fn exp_nonpos<A: Arch>(x: f32) -> f32 {
+    let xc = if x < EXP_LO { EXP_LO } else { x };
+    let (y, ni) = exp_reduced::<A>(xc);
     // wrapping: a NaN input gives a meaningless n, and NaN * anything is NaN.
     let scale = f32::from_bits((ni.wrapping_add(127) as u32) << 23);
     let result = y * scale;
