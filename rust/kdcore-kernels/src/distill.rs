@@ -29,11 +29,11 @@ use std::cell::RefCell;
 use crate::element::Element;
 use crate::error::{check_len, inverse_temperature, KernelError};
 use crate::rows::{
-    load, row_max, run_blocks, split_rows, store, wide_sum, widen_into, Blocking, Wide, RUN,
+    load_shifted, row_max, run_blocks, split_rows, store, wide_sum, widen_into, Blocking, Wide, RUN,
 };
 use crate::simd::{exp_nonpos_lanes, log_add_exp, Arch, SimdLevel, LANES};
 use crate::simd_dispatch;
-use crate::softmax::{check_shape, shifted};
+use crate::softmax::check_shape;
 
 /// Which divergence between teacher P and student Q.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -151,9 +151,8 @@ fn distill_row<A: Arch, S: Element, T: Element>(
         let (mut z1_run, mut cross_run) = ([0.0; LANES], [0.0; LANES]);
         for (k, (cs, ct)) in run_s.chunks(LANES).zip(run_t.chunks(LANES)).enumerate() {
             let k = r * (RUN / LANES) + k;
-            let raw_s = load(cs, f32::NEG_INFINITY);
-            let a = shifted(&raw_s, max_s, inv_t);
-            let b = shifted(&load(ct, f32::NEG_INFINITY), max_t, inv_t);
+            let a = load_shifted(cs, max_s, inv_t);
+            let b = load_shifted(ct, max_t, inv_t);
             let (es, et) = (exp_nonpos_lanes::<A>(&a), exp_nonpos_lanes::<A>(&b));
             for i in 0..LANES {
                 zs_run[i] += es[i];
@@ -177,7 +176,7 @@ fn distill_row<A: Arch, S: Element, T: Element>(
                 }
             }
             if plan.ce_t1 {
-                let e1 = exp_nonpos_lanes::<A>(&shifted(&raw_s, max_s, 1.0));
+                let e1 = exp_nonpos_lanes::<A>(&load_shifted(cs, max_s, 1.0));
                 for i in 0..LANES {
                     z1_run[i] += e1[i];
                 }
@@ -388,8 +387,8 @@ fn grad_pass<S: Element, T: Element, G: GradTerm>(
     let need_s = (G::LOGITS_S && grad_s.is_some()) || (G::LOGITS_T && grad_t.is_some());
     for (j, (cs, ct)) in s.chunks(LANES).zip(t.chunks(LANES)).enumerate() {
         let (a, b) = if need_s {
-            let a = shifted(&load(cs, f32::NEG_INFINITY), stats.max_s, inv_t);
-            (a, shifted(&load(ct, f32::NEG_INFINITY), stats.max_t, inv_t))
+            let a = load_shifted(cs, stats.max_s, inv_t);
+            (a, load_shifted(ct, stats.max_t, inv_t))
         } else {
             ([0.0; LANES], [0.0; LANES])
         };
@@ -485,8 +484,8 @@ fn jsd_sums<A: Arch, S: Element, T: Element>(
         let (mut klq_run, mut klp_run) = ([0.0; LANES], [0.0; LANES]);
         for (k, (cs, ct)) in run_s.chunks(LANES).zip(run_t.chunks(LANES)).enumerate() {
             let k = r * (RUN / LANES) + k;
-            let a = shifted(&load(cs, f32::NEG_INFINITY), stats.max_s, inv_t);
-            let b = shifted(&load(ct, f32::NEG_INFINITY), stats.max_t, inv_t);
+            let a = load_shifted(cs, stats.max_s, inv_t);
+            let b = load_shifted(ct, stats.max_t, inv_t);
             let (es, et) = (lanes(sc.es, k), lanes(sc.et, k));
             let mut lm = [0.0; LANES];
             for i in 0..LANES {

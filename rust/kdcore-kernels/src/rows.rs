@@ -27,6 +27,24 @@ pub(crate) fn load<E: Element>(src: &[E], fill: f32) -> Lanes {
     v
 }
 
+/// (x − max) / T for one chunk of at most `LANES`, widened; padding lanes are
+/// −inf. (One loop for load and shift: a bare widening load of f32 compiles
+/// to a memcpy through the stack.)
+#[inline(always)]
+pub(crate) fn load_shifted<E: Element>(src: &[E], max: f32, inv_t: f32) -> Lanes {
+    let mut v = [f32::NEG_INFINITY; LANES];
+    if let Ok(full) = <&[E; LANES]>::try_from(src) {
+        for i in 0..LANES {
+            v[i] = (full[i].to_f32() - max) * inv_t;
+        }
+    } else {
+        for (lane, x) in v.iter_mut().zip(src) {
+            *lane = (x.to_f32() - max) * inv_t;
+        }
+    }
+    v
+}
+
 /// Narrows the first `dst.len()` (at most `LANES`) lanes into `dst`.
 #[inline(always)]
 pub(crate) fn store<E: Element>(dst: &mut [E], v: &Lanes) {
@@ -38,15 +56,6 @@ pub(crate) fn store<E: Element>(dst: &mut [E], v: &Lanes) {
         for (d, x) in dst.iter_mut().zip(v) {
             *d = E::from_f32(*x);
         }
-    }
-}
-
-/// Lane-wise maximum (NaN lanes are ignored here; NaN still reaches the
-/// result through the exponential sums).
-#[inline(always)]
-pub(crate) fn max_into(acc: &mut Lanes, v: &Lanes) {
-    for i in 0..LANES {
-        acc[i] = if v[i] > acc[i] { v[i] } else { acc[i] };
     }
 }
 
@@ -88,7 +97,17 @@ pub(crate) fn wide_sum(v: &Wide) -> f64 {
 pub(crate) fn row_max<E: Element>(row: &[E]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     for chunk in row.chunks(LANES) {
-        max_into(&mut acc, &load(chunk, f32::NEG_INFINITY));
+        if let Ok(full) = <&[E; LANES]>::try_from(chunk) {
+            for i in 0..LANES {
+                let x = full[i].to_f32();
+                acc[i] = if x > acc[i] { x } else { acc[i] };
+            }
+        } else {
+            for (a, x) in acc.iter_mut().zip(chunk) {
+                let x = x.to_f32();
+                *a = if x > *a { x } else { *a };
+            }
+        }
     }
     lane_max(&acc)
 }

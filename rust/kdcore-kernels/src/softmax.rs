@@ -6,9 +6,10 @@
 use crate::element::Element;
 use crate::error::{check_len, inverse_temperature, KernelError};
 use crate::rows::{
-    add_into, load, row_max, run_blocks, store, wide_sum, widen_into, Blocking, Wide, RUN,
+    add_into, load, load_shifted, row_max, run_blocks, store, wide_sum, widen_into, Blocking, Wide,
+    RUN,
 };
-use crate::simd::{exp_lanes, exp_nonpos_lanes, madd, Arch, Lanes, SimdLevel, LANES};
+use crate::simd::{exp_lanes, exp_nonpos_lanes, madd, Arch, SimdLevel, LANES};
 use crate::simd_dispatch;
 
 /// Which of the two normalisations to compute.
@@ -20,16 +21,6 @@ pub enum SoftmaxKind {
     LogSoftmax,
 }
 
-/// (x - max) / T for one chunk.
-#[inline(always)]
-pub(crate) fn shifted(v: &Lanes, max: f32, inv_t: f32) -> Lanes {
-    let mut s = [0.0; LANES];
-    for i in 0..LANES {
-        s[i] = (v[i] - max) * inv_t;
-    }
-    s
-}
-
 /// Maximum and log-partition of one row of x / T: log Z = log Σ exp((x - max) / T).
 #[inline(always)]
 pub(crate) fn row_log_partition<A: Arch, E: Element>(row: &[E], inv_t: f32) -> (f32, f64) {
@@ -38,7 +29,7 @@ pub(crate) fn row_log_partition<A: Arch, E: Element>(row: &[E], inv_t: f32) -> (
     for run in row.chunks(RUN) {
         let mut z_run = [0.0; LANES];
         for chunk in run.chunks(LANES) {
-            let s = shifted(&load(chunk, f32::NEG_INFINITY), max, inv_t);
+            let s = load_shifted(chunk, max, inv_t);
             add_into(&mut z_run, &exp_nonpos_lanes::<A>(&s));
         }
         widen_into(&mut z, &z_run);
@@ -53,7 +44,7 @@ fn softmax_block<A: Arch, E: Element>(x: &[E], out: &mut [E], cols: usize, inv_t
         let log_z = log_z as f32;
         let inv_z = (-log_z).exp();
         for (chunk, dst) in row.chunks(LANES).zip(out_row.chunks_mut(LANES)) {
-            let s = shifted(&load(chunk, f32::NEG_INFINITY), max, inv_t);
+            let s = load_shifted(chunk, max, inv_t);
             let mut y = [0.0; LANES];
             if log {
                 for i in 0..LANES {

@@ -25,11 +25,11 @@ use std::cell::RefCell;
 use crate::element::Element;
 use crate::error::{check_len, inverse_temperature, KernelError};
 use crate::rows::{
-    load, row_max, run_blocks, split_rows, store, wide_sum, widen_into, Blocking, Wide, RUN,
+    load_shifted, row_max, run_blocks, split_rows, store, wide_sum, widen_into, Blocking, Wide, RUN,
 };
 use crate::simd::{exp_nonpos_lanes, Arch, SimdLevel, LANES};
 use crate::simd_dispatch;
-use crate::softmax::{check_shape, shifted};
+use crate::softmax::check_shape;
 
 /// How the teacher's probability mass outside its top-k is handled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,7 +126,7 @@ fn sparse_row<A: Arch, S: Element>(
         let (mut z_run, mut tail_run) = ([0.0; LANES], [0.0; LANES]);
         for (k, chunk) in run.chunks(LANES).enumerate() {
             let at = (r * (RUN / LANES) + k) * LANES;
-            let e = exp_nonpos_lanes::<A>(&shifted(&load(chunk, f32::NEG_INFINITY), max, inv_t));
+            let e = exp_nonpos_lanes::<A>(&load_shifted(chunk, max, inv_t));
             let out = &outside[at..at + LANES];
             for i in 0..LANES {
                 z_run[i] += e[i];
