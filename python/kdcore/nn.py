@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
+from .ops.distillation import distillation_loss
 from .ops.kl import jsd_loss, kl_loss, tvd_loss
 from .ops.span import span_loss
 
@@ -143,3 +144,42 @@ class SpanLoss(torch.nn.Module):
             f"span_weights={self.span_weights}, divergence={self.divergence!r}, "
             f"temperature={self.temperature}, normalize={self.normalize!r}"
         )
+
+
+class DistillationLoss(torch.nn.Module):
+    """Module form of :func:`kdcore.distillation_loss`.
+
+    ``forward(student_logits, teacher_logits, labels, spans=None)``; returns the
+    loss, or ``(loss, components)`` with ``return_components=True``.
+    """
+
+    def __init__(
+        self,
+        *,
+        alpha: float = 0.5,
+        temperature: float = 1.0,
+        divergence: str = "kl",
+        beta: float = 0.5,
+        ignore_index: int = -100,
+        span_weights: Mapping[int, float] | None = None,
+        normalize: str = "span",
+        reduction: str = "mean",
+        scale_t2: bool = True,
+        return_components: bool = False,
+    ) -> None:
+        super().__init__()
+        self.options = dict(
+            alpha=alpha, temperature=temperature, divergence=divergence, beta=beta,
+            ignore_index=ignore_index,
+            span_weights=None if span_weights is None else dict(span_weights),
+            normalize=normalize, reduction=reduction, scale_t2=scale_t2,
+            return_components=return_components,
+        )  # fmt: skip
+
+    def forward(self, student_logits, teacher_logits, labels, spans=None):
+        return distillation_loss(
+            student_logits, teacher_logits, labels, spans=spans, **self.options
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -245,3 +245,22 @@ def test_compile_fullgraph():
     (ga,) = torch.autograd.grad(eager, s)
     (gb,) = torch.autograd.grad(got, s)
     assert torch.allclose(ga, gb, rtol=1e-5, atol=1e-8)
+
+
+def test_module_wrappers_match_functional():
+    s = make_logits((2, 3, 20), torch.float32, seed=15)
+    t = make_logits((2, 3, 20), torch.float32, seed=16)
+    labels = torch.tensor([[1, 2, -100], [3, 4, 5]])
+    spans = torch.tensor([[1, 2, 0], [1, 1, 2]])
+    assert torch.equal(
+        kdcore.nn.JSDLoss(beta=0.3, temperature=2.0)(s, t, labels=labels),
+        kdcore.jsd_loss(s, t, beta=0.3, temperature=2.0, labels=labels),
+    )
+    assert torch.equal(kdcore.nn.TVDLoss()(s, t), kdcore.tvd_loss(s, t))
+    module = kdcore.nn.DistillationLoss(alpha=0.2, temperature=2.0, divergence="jsd")
+    assert torch.equal(
+        module(s, t, labels, spans=spans),
+        kdcore.distillation_loss(s, t, labels, alpha=0.2, temperature=2.0, divergence="jsd",
+                                 spans=spans),
+    )  # fmt: skip
+    assert "alpha=0.2" in repr(module)
