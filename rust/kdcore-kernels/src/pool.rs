@@ -91,12 +91,11 @@ pub fn set_num_threads(threads: usize) -> Result<(), KernelError> {
 
 /// The number of worker threads kernels use.
 pub fn num_threads() -> usize {
-    let state = lock();
-    match state.as_ref() {
-        Some(s) if s.pid == std::process::id() => s.threads,
-        Some(s) => s.threads,
-        None => default_num_threads(),
-    }
+    // A forked child rebuilds the pool with the same size, so the recorded
+    // size holds there too.
+    lock()
+        .as_ref()
+        .map_or_else(default_num_threads, |s| s.threads)
 }
 
 /// Runs `f` inside the pool; falls back to the calling thread if no pool can
