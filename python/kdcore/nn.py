@@ -9,6 +9,7 @@ import torch
 from .ops.distillation import distillation_loss
 from .ops.kl import jsd_loss, kl_loss, tvd_loss
 from .ops.span import span_loss
+from .ops.sparse import sparse_kl_loss
 
 
 class _DivergenceLoss(torch.nn.Module):
@@ -180,6 +181,38 @@ class DistillationLoss(torch.nn.Module):
         return distillation_loss(
             student_logits, teacher_logits, labels, spans=spans, **self.options
         )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class SparseKLLoss(torch.nn.Module):
+    """Module form of :func:`kdcore.sparse_kl_loss`.
+
+    ``forward(student_logits, teacher_ids, teacher_logprobs, labels=None, mask=None)``.
+    """
+
+    def __init__(
+        self,
+        *,
+        temperature: float = 1.0,
+        teacher_temperature: float = 1.0,
+        tail: str = "bucket",
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        scale_t2: bool = True,
+    ) -> None:
+        super().__init__()
+        self.options = dict(
+            temperature=temperature, teacher_temperature=teacher_temperature, tail=tail,
+            ignore_index=ignore_index, reduction=reduction, scale_t2=scale_t2,
+        )  # fmt: skip
+
+    def forward(self, student_logits, teacher_ids, teacher_logprobs, labels=None, mask=None):
+        return sparse_kl_loss(
+            student_logits, teacher_ids, teacher_logprobs, labels=labels, mask=mask,
+            **self.options,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -166,3 +166,17 @@ def test_module_and_compile():
     (ga,) = torch.autograd.grad(eager, s)
     (gb,) = torch.autograd.grad(got, s)
     assert torch.allclose(ga, gb, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("normalize", ["span", "token"])
+@pytest.mark.parametrize("divergence", ["kl", "jsd", "tvd"])
+def test_gradcheck_float64(normalize, divergence):
+    s = make_logits((5, 6), torch.float64, seed=11).requires_grad_()
+    t = make_logits((5, 6), torch.float64, seed=12).requires_grad_()
+    spans = torch.tensor([0, 1, 1, 2, 3])
+
+    def fn(a, b):
+        return kdcore.span_loss(a, b, spans, divergence=divergence, beta=0.3, temperature=1.5,
+                                normalize=normalize)  # fmt: skip
+
+    assert torch.autograd.gradcheck(fn, (s, t))

@@ -147,3 +147,13 @@ def test_compile_fullgraph():
     (ga,) = torch.autograd.grad(eager, s)
     (gb,) = torch.autograd.grad(got, s)
     assert torch.allclose(ga, gb, rtol=1e-6, atol=1e-9)
+
+
+def test_module_matches_functional():
+    s = make_logits((3, 30), torch.float32, seed=9)
+    ids, lps = _top_k(make_logits((3, 30), torch.float32, seed=10), 4)
+    module = kdcore.nn.SparseKLLoss(temperature=2.0, tail="zero")
+    assert torch.equal(
+        module(s, ids, lps), kdcore.sparse_kl_loss(s, ids, lps, temperature=2.0, tail="zero")
+    )
+    assert "tail='zero'" in repr(module)
