@@ -1,4 +1,4 @@
-//! Helpers shared by the `distill` and `sparse` integration tests: the
+//! Helpers shared by the `kernels`, `distill` and `sparse` integration tests: the
 //! xorshift64* generator, exact rounding of f64 to the storage types, ULP
 //! distances, and the loss / gradient comparisons with the tolerances of
 //! `kernels.rs` (DESIGN §4):
@@ -19,7 +19,8 @@
 //!   need it are counted and printed.
 //! - NaN never passes: every comparison is written so that NaN fails it.
 //!
-//! (This is a copy of the helpers of `kernels.rs`, which keeps its own.)
+//! `kernels.rs` uses these helpers too, but keeps its own stricter gradient
+//! check (`check_grad_strict`: no slack, no rounded-reference pass).
 #![allow(dead_code)]
 
 use std::fmt::Debug;
@@ -326,6 +327,8 @@ pub struct Stats {
     pub max_tol_ratio: f64,
     /// max |got - want| / tolerance of losses.
     pub max_loss_ratio: f64,
+    /// max relative error of f32 (log-)softmax outputs (`kernels.rs`).
+    pub max_value_rel: f64,
 }
 
 impl Stats {
@@ -337,6 +340,7 @@ impl Stats {
         self.max_spec_ratio = self.max_spec_ratio.max(o.max_spec_ratio);
         self.max_tol_ratio = self.max_tol_ratio.max(o.max_tol_ratio);
         self.max_loss_ratio = self.max_loss_ratio.max(o.max_loss_ratio);
+        self.max_value_rel = self.max_value_rel.max(o.max_value_rel);
     }
 }
 
