@@ -12,6 +12,7 @@ from . import nn, reference
 from ._native import simd_level
 from ._threads import get_num_threads, set_num_threads
 from .ops.distillation import distillation_loss
+from .ops.fused_linear import fused_linear_distillation_loss
 from .ops.kl import jsd_loss, kl_loss, tvd_loss
 from .ops.softmax import log_softmax, softmax
 from .ops.span import span_loss
@@ -24,6 +25,7 @@ __all__ = [
     "DEFAULT_SPAN_WEIGHTS",
     "Span",
     "distillation_loss",
+    "fused_linear_distillation_loss",
     "get_num_threads",
     "jsd_loss",
     "kl_loss",
