@@ -14,7 +14,7 @@ from .fused import DIVERGENCES
 from .kl import beta_value, kernel_divergence
 
 #: fp32 bytes of logits (student, teacher, gradient) one chunk may hold.
-CHUNK_BUDGET_BYTES = 256 << 20
+CHUNK_BUDGET_BYTES = 64 << 20
 MIN_CHUNK_ROWS = 64
 
 
@@ -125,7 +125,7 @@ def fused_linear_distillation_loss(
     The teacher is given as ``teacher_logits`` (..., V) or as ``teacher_hidden``
     and ``teacher_weight`` (and ``teacher_bias``); it is treated as frozen (no
     gradient). Rows are processed in chunks of ``chunk_size`` (default: what
-    fits 256 MiB of fp32 logits, at least 64 rows): each chunk's logits are
+    fits 64 MiB of fp32 logits, at least 64 rows): each chunk's logits are
     formed with fp32 accumulation and kept in fp32 (never rounded to bf16
     before the loss), go through the fused kernel, and give their share of the
     gradients w.r.t. ``student_hidden``, ``student_weight`` (accumulated in
