@@ -1,0 +1,79 @@
+"""Peak memory and time of the fused linear + distillation loss on the CPU.
+
+Runs each variant in its own process (peak RSS is per process) at the issue's
+shape, 2048 rows x H 512 x V 32000 fp32, alpha 0.5, T 2:
+
+    python benches/cpu_fused_linear_memory.py          # all three variants
+
+fused: kdcore.fused_linear_distillation_loss; unfused_kdcore: logits, then
+kdcore.distillation_loss; unfused_eager: logits, then the plain PyTorch formula.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+VARIANTS = ("fused", "unfused_kdcore", "unfused_eager")
+
+
+def measure(variant: str) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    import kdcore
+
+    torch.set_num_threads(2)
+    kdcore.set_num_threads(2)
+    torch.manual_seed(0)
+    n, hidden, vocab, temp = 2048, 512, 32000, 2.0
+    h = torch.randn(n, hidden, requires_grad=True)
+    w = (torch.randn(vocab, hidden) / hidden**0.5).requires_grad_()
+    th, tw = torch.randn(n, hidden), torch.randn(vocab, hidden) / hidden**0.5
+    labels = torch.randint(0, vocab, (n,))
+
+    def fused():
+        return kdcore.fused_linear_distillation_loss(
+            h, w, teacher_hidden=th, teacher_weight=tw, labels=labels, alpha=0.5, temperature=temp
+        )
+
+    def unfused_kdcore():
+        with torch.no_grad():
+            zt = th @ tw.t()
+        return kdcore.distillation_loss(h @ w.t(), zt, labels, alpha=0.5, temperature=temp)
+
+    def unfused_eager():
+        zs = h @ w.t()
+        with torch.no_grad():
+            zt = th @ tw.t()
+        ls, lt = F.log_softmax(zs / temp, -1), F.log_softmax(zt / temp, -1)
+        kd = F.kl_div(ls, lt, log_target=True, reduction="batchmean") * temp**2
+        return 0.5 * F.cross_entropy(zs, labels) + 0.5 * kd
+
+    fn = {"fused": fused, "unfused_kdcore": unfused_kdcore, "unfused_eager": unfused_eager}
+    step = fn[variant]
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step().backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    for _ in range(5):
+        h.grad = w.grad = None
+        start = time.perf_counter()
+        step().backward()
+        times.append(time.perf_counter() - start)
+    print(
+        f"{variant:>15}: peak RSS growth {(peak - base) / 1024:6.0f} MiB, "
+        f"forward+backward median {statistics.median(times) * 1e3:6.0f} ms",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1:
+        measure(sys.argv[1])
+    else:
+        for v in VARIANTS:
+            subprocess.run([sys.executable, __file__, v], check=True)
