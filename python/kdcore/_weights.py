@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import torch
 
-from . import _validate
-
 
 def row_weights(
     student: torch.Tensor,
@@ -19,7 +17,8 @@ def row_weights(
     reduction: str,
     scale: float,
 ) -> torch.Tensor:
-    """Weights of shape (rows,) in the loss dtype (float64 for float64 inputs).
+    """Weights of shape (rows,) in the loss dtype (float64 for float64 inputs),
+    from labels and mask the caller has validated.
 
     A row's base weight is 0 where ``labels == ignore_index`` or ``mask`` is
     False, the mask value for a float mask, else 1. ``mean`` divides by the sum
@@ -34,10 +33,8 @@ def row_weights(
         return torch.full((rows,), value, dtype=dtype, device=student.device)
     weight = torch.ones(lead, dtype=dtype, device=student.device)
     if labels is not None:
-        labels = _validate.labels(labels, lead, student)
         weight = weight * (labels != ignore_index).to(dtype)
     if mask is not None:
-        mask = _validate.mask(mask, lead, student)
         weight = weight * mask.detach().to(dtype)
     weight = weight.reshape(-1)
     if reduction == "mean":
