@@ -45,6 +45,31 @@ def make_logits(shape, dtype, *, scale=1.0, seed=0, banned=0.0, generator=None):
     return x.to(dtype)
 
 
+FP32_EPS = 2.0**-23
+
+
+def log_prob_floor(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> float:
+    """Absolute gradient error that fp32 log-probabilities alone can cause.
+
+    Gradients of the form P_j * (log P_j - log Q_j - D) (the teacher side of
+    forward KL, the student side of reverse KL, JSD) cancel log-probabilities
+    of magnitude |log p|: with logits of +-30 at T = 0.5 these reach hundreds,
+    and fp32 holds each only to about FP32_EPS * |log p|.  The bound is that
+    resolution weighted by the probability mass that multiplies it, per row,
+    divided by T (the chain rule through z / T); the caller scales it by the
+    row weights.  For ordinary logits (|log p| of a few units) it is ~1e-6.
+    """
+    lps = torch.log_softmax(student.detach().double() / temperature, -1)
+    lpt = torch.log_softmax(teacher.detach().double() / temperature, -1)
+    mass = lps.exp() + lpt.exp()
+    size = (lps.abs() + lpt.abs()).nan_to_num(0.0, posinf=0.0)  # -inf entries carry no mass
+    weighted = (mass * size).nan_to_num(0.0)
+    per_row = weighted.amax(-1) + weighted.sum(-1)  # one entry's term plus the D term
+    if per_row.numel() == 0:
+        return 0.0
+    return FP32_EPS * per_row.max().item() / temperature
+
+
 def assert_loss_close(got: torch.Tensor, ref: torch.Tensor, dtypes) -> None:
     """Loss tolerance: fp32 inputs 1e-5 rel + 1e-6 abs; 16-bit inputs 1e-4 rel."""
     got64, ref64 = got.detach().double(), ref.detach().double()

@@ -11,7 +11,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import kdcore
-from conftest import DTYPES, assert_grad_close, assert_loss_close, make_logits
+from conftest import (
+    DTYPES,
+    assert_grad_close,
+    assert_loss_close,
+    log_prob_floor,
+    make_logits,
+)
 from kdcore import Span, reference
 
 
@@ -72,7 +78,9 @@ def test_jsd_and_tvd_match_reference(
     ulps = 1.0 if go is None else 2.0
     # (TVD's kink at P = Q: random inputs do not tie; sign(0) = 0 on both sides.)
     for got, exp, dtype in zip(grads, ref_grads, (s_dtype, t_dtype), strict=False):
-        assert_grad_close(got, exp, dtype, ulps, floor=_floor(temperature, scale_t2))
+        floor = _floor(temperature, scale_t2)
+        floor += (temperature**2 if scale_t2 else 1.0) * 3.0 * log_prob_floor(s, t, temperature)
+        assert_grad_close(got, exp, dtype, ulps, floor=floor)
 
 
 @pytest.mark.parametrize("beta, reverse", [(0.0, False), (1.0, True)])

@@ -11,7 +11,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import kdcore
-from conftest import DTYPES, assert_grad_close, assert_loss_close, make_logits
+from conftest import (
+    DTYPES,
+    assert_grad_close,
+    assert_loss_close,
+    log_prob_floor,
+    make_logits,
+)
 from kdcore import reference
 
 
@@ -112,9 +118,10 @@ def test_kl_matches_float64_reference(
     assert got[0].shape == ref[0].shape
     assert_loss_close(got[0], ref[0], (s_dtype, t_dtype))
     ulps = 1.0 if grad_out is None else 2.0  # a non-unit grad_output rounds twice
-    # fp32 resolves a row's gradient to ~1e-7 of its natural scale w_r / T.
-    row_scale = (temperature**2 if scale_t2 else 1.0) / temperature * 2.0 * 1.5
-    floor = 1e-6 * row_scale
+    # fp32 resolves a row's gradient to ~1e-7 of its natural scale w_r / T,
+    # and the log-ratio terms to FP32_EPS * |log p| (log_prob_floor).
+    weight = (temperature**2 if scale_t2 else 1.0) * 2.0 * 1.5  # T² x mask x grad_out
+    floor = weight * (1e-6 / temperature + log_prob_floor(s, t, temperature))
     assert_grad_close(got[1], ref[1], s_dtype, ulps, floor)
     if teacher_grad:
         assert_grad_close(got[2], ref[2], t_dtype, ulps, floor)
