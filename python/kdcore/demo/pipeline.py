@@ -1,0 +1,246 @@
+"""``kdcore demo``: distil a small calculator-using agent three ways and compare.
+
+1. The teacher (shipped checkpoint) acts on the students' problems; its
+   successful trajectories are the training data, and its logits on them are
+   computed once.
+2. Three students of the same size and initial weights train for the same
+   number of steps on the same batches: hard-label SFT on the thought and
+   action tokens; token-level KD (KL on every token after the prompt, tool
+   observations included — what KD on the raw trajectory does); span-level
+   KD (kdcore's span loss: KL on reasoning and action spans, each span type
+   averaged over its own tokens, observations and prompt excluded).
+3. Every model — teacher included — acts on held-out problems (its actions
+   executed by the calculator, observations fed back): task success rate,
+   action-token accuracy on the oracle trajectories, training time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from .._plot import write_demo_plot
+from .._threads import get_num_threads, set_num_threads
+from ..train import Distiller
+from .data import (
+    ALL_AFTER_PROMPT,
+    TOKENIZER,
+    TrajectoryDataset,
+    encode,
+    held_out_problems,
+    loader,
+    student_problems,
+    teacher_logits,
+)
+from .evaluate import Evaluation, evaluate
+from .model import TinyLM
+from .rollout import run_agent
+from .task import oracle_trajectory
+from .teacher import STUDENT_CONFIG, TeacherRecipe, cosine_schedule, load_teacher, train_teacher
+
+STUDENTS = {
+    "sft": "hard-label CE on thought + action tokens",
+    "token_kd": "KL on every token after the prompt",
+    "span_kd": "span loss: KL per span (reason, action)",
+}
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    student_problems: int = 1200
+    held_out: int = 200
+    steps: int = 450
+    batch_size: int = 16
+    lr: float = 3e-3
+    temperature: float = 1.0
+    rollout_temperature: float = 1.0  # the teacher samples the students' trajectories
+    seed: int = 0
+    out_dir: str = "kdcore-demo"
+    teacher_path: str | None = None  # None: the shipped teacher
+    device: str = "auto"
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> DemoConfig:
+        """A smoke-test size: well under a minute on two CPU cores."""
+        return replace(cls(student_problems=160, held_out=40, steps=40), **overrides)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _train_student(name: str, cfg: DemoConfig, dataset, out: Path, device) -> tuple[TinyLM, dict]:
+    torch.manual_seed(cfg.seed)  # every student starts from the same weights
+    student = TinyLM(STUDENT_CONFIG).to(device)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.01)
+    loss = {"sft": "sft", "token_kd": "token", "span_kd": "span"}[name]
+    log = out / "logs" / f"{name}.jsonl"
+    log.unlink(missing_ok=True)
+    distiller = Distiller(
+        student, None, optimizer, loss=loss, temperature=cfg.temperature, alpha=0.0,
+        max_grad_norm=1.0, scheduler=cosine_schedule(optimizer, cfg.steps, warmup=20),
+        log_path=log,
+    )  # fmt: skip
+    data = loader(dataset, cfg.batch_size, cfg.seed)
+    epochs = -(-cfg.steps // len(data))
+    summary = distiller.fit(data, epochs=epochs, max_steps=cfg.steps, description=name)
+    curve = [(r["step"], r["loss"]) for r in map(json.loads, log.read_text().splitlines())]
+    return student.eval(), {**summary, "curve": curve}
+
+
+def _row(name: str, model: TinyLM, result: Evaluation, seconds: float | None, what: str) -> dict:
+    return {
+        "model": name,
+        "objective": what,
+        "parameters": model.num_parameters(),
+        "train_seconds": seconds,
+        "success_rate": result.success_rate,
+        "action_token_accuracy": result.action_token_accuracy,
+        "mean_actions": result.mean_actions,
+        "tool_errors": result.tool_errors,
+        "episodes": [
+            {"question": e.problem.question, "answer": e.problem.answer, "text": e.text,
+             "success": e.success}  # fmt: skip
+            for e in result.episodes
+        ],
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'model':<9} {'params':>7}  {'objective':<42} {'train s':>7} {'success':>8} "
+    head += f"{'act-tok acc':>11} {'actions':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        secs = "-" if r["train_seconds"] is None else f"{r['train_seconds']:.1f}"
+        lines.append(
+            f"{r['model']:<9} {r['parameters'] / 1e3:>6.0f}k  {r['objective']:<42} {secs:>7} "
+            f"{100 * r['success_rate']:>7.1f}% {100 * r['action_token_accuracy']:>10.1f}% "
+            f"{r['mean_actions']:>7.2f}"
+        )
+    return "\n".join(lines)
+
+
+def run_demo(cfg: DemoConfig, *, threads: int | None = None) -> dict[str, Any]:
+    """Runs the whole demo; returns the summary that is also written as JSON."""
+    started = time.perf_counter()
+    if threads is not None:
+        set_num_threads(threads)
+        torch.set_num_threads(threads)
+    device = _device(cfg.device)
+    out = Path(cfg.out_dir)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    phases: dict[str, float] = {}
+
+    def phase(name: str, t0: float) -> None:
+        phases[name] = time.perf_counter() - t0
+        _say(f"  {name}: {phases[name]:.1f} s")
+
+    t0 = time.perf_counter()
+    teacher, meta = load_teacher(cfg.teacher_path)
+    teacher = teacher.to(device)
+    problems = student_problems(cfg.student_problems)
+    test = held_out_problems(cfg.held_out, exclude=problems)
+    _say(f"[1/5] teacher ({teacher.num_parameters() / 1e3:.0f}k parameters) acts on "
+         f"{len(problems)} training problems")  # fmt: skip
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    episodes = run_agent(teacher, problems, tokenizer=TOKENIZER,
+                         temperature=cfg.rollout_temperature, generator=generator)  # fmt: skip
+    kept = [e.text for e in episodes if e.success]
+    if len(kept) < cfg.batch_size:
+        raise RuntimeError(f"the teacher solved only {len(kept)} training problems")
+    default_items = encode(kept)
+    all_items = encode(kept, ALL_AFTER_PROMPT)
+    logits = teacher_logits(teacher, default_items, device=device)
+    phase("teacher trajectories + logits", t0)
+    _say(f"      kept {len(kept)}/{len(problems)} successful teacher trajectories")
+
+    datasets = {
+        "sft": TrajectoryDataset(default_items),
+        "token_kd": TrajectoryDataset(all_items, logits),
+        "span_kd": TrajectoryDataset(default_items, logits),
+    }
+    students: dict[str, tuple[TinyLM, dict]] = {}
+    for i, name in enumerate(STUDENTS, start=2):
+        _say(f"[{i}/5] student {name}: {STUDENTS[name]}, {cfg.steps} steps")
+        t0 = time.perf_counter()
+        students[name] = _train_student(name, cfg, datasets[name], out, device)
+        phase(f"train {name}", t0)
+
+    _say(f"[5/5] every model acts on {len(test)} held-out problems")
+    t0 = time.perf_counter()
+    references = encode([oracle_trajectory(p) for p in test])
+    rows = [_row("teacher", teacher, evaluate(teacher, test, references), None,
+                 "SFT on oracle trajectories (shipped)")]  # fmt: skip
+    for name, (model, summary) in students.items():
+        rows.append(_row(name, model, evaluate(model, test, references), summary["seconds"],
+                         STUDENTS[name]))  # fmt: skip
+    phase("evaluation", t0)
+
+    print(format_table(rows))
+    summary = {
+        "config": asdict(cfg),
+        "teacher": {
+            "meta": meta,
+            "training_trajectories": len(kept),
+            "training_problems": len(problems),
+        },  # fmt: skip
+        "rows": rows,
+        "curves": {name: s["curve"] for name, (_, s) in students.items()},
+        "phases_seconds": phases,
+        "total_seconds": time.perf_counter() - started,
+        "environment": {
+            "kdcore": __version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "device": str(device),
+            "threads": get_num_threads(),
+        },  # fmt: skip
+    }
+    _write_json(out / "summary.json", summary)
+    write_demo_plot(
+        out / "demo.png",
+        curves={name: s["curve"] for name, (_, s) in students.items()},
+        bars={r["model"]: r["success_rate"] for r in rows},
+        title="kdcore demo: distilling a calculator agent",
+        curve_title="student training loss (own objective)",
+        bar_title="held-out task success",
+        y_log=True,
+    )
+    _say(f"wrote {out / 'summary.json'}, {out / 'demo.png'} and logs/ "
+         f"({summary['total_seconds']:.0f} s in all)")  # fmt: skip
+    return summary
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def retrain_teacher(steps: int, save_to: str, *, progress: bool = True) -> None:
+    """``kdcore demo --train-teacher``: rebuilds the shipped teacher checkpoint."""
+    from .teacher import save_teacher
+
+    recipe = TeacherRecipe(steps=steps)
+    _say(f"training the demo teacher for {steps} steps (SFT on oracle trajectories)")
+    model = train_teacher(recipe, progress=progress)
+    save_teacher(model, save_to, recipe)
+    test = held_out_problems(200)
+    result = evaluate(model, test, encode([oracle_trajectory(p) for p in test]))
+    _say(f"wrote {save_to}: held-out success {100 * result.success_rate:.1f}%, "
+         f"action-token accuracy {100 * result.action_token_accuracy:.1f}%")  # fmt: skip

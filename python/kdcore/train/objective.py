@@ -1,0 +1,138 @@
+"""What a Distiller minimises: one batch's logits -> (loss, components).
+
+Batches follow the Hugging Face convention: ``labels`` (and ``spans``) are
+aligned with ``input_ids`` and the loss shifts by one, so the logits at
+position i are scored against token i + 1. A teacher's logits (computed or
+stored in the batch as ``teacher_logits``) and a stored top-k teacher
+(``teacher_ids`` / ``teacher_logprobs``) are aligned with the logits: entry i
+is the teacher's distribution for token i + 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .. import spans as _spans
+from ..ops.distillation import distillation_loss
+from ..ops.sparse import sparse_kl_loss
+
+MODES = ("span", "token", "sft")
+
+# (student_logits, teacher_logits or None, batch) -> loss or (loss, components)
+LossFn = Callable[[torch.Tensor, "torch.Tensor | None", Mapping], object]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The loss of a Distiller, with its arguments spelled out.
+
+    - ``"sft"``: hard-label cross-entropy on ``labels`` (no teacher).
+    - ``"token"``: ``alpha * CE + (1 - alpha) * T² * D`` averaged over every
+      labelled token alike (:func:`kdcore.distillation_loss`).
+    - ``"span"``: the same with per-span weights and normalisation from the
+      batch's ``spans`` (``normalize="span"``: each span type averaged over
+      its own tokens, then weighted).
+    - a callable ``fn(student_logits, teacher_logits, batch)`` returning the
+      loss or ``(loss, components)``; it receives the shifted logits.
+
+    With a stored top-k teacher in the batch the divergence is
+    :func:`kdcore.sparse_kl_loss` (``tail``, ``teacher_temperature``) under
+    the same row weights; ``divergence`` must then be ``"kl"``.
+    """
+
+    mode: str | LossFn = "span"
+    alpha: float = 0.0
+    temperature: float = 1.0
+    divergence: str = "kl"
+    beta: float = 0.5
+    span_weights: Mapping[int, float] | None = None
+    normalize: str = "span"
+    ignore_index: int = -100
+    tail: str = "bucket"
+    teacher_temperature: float = 1.0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not callable(self.mode) and self.mode not in MODES:
+            raise ValueError(
+                f"loss must be one of {', '.join(MODES)} or a callable; got {self.mode!r}"
+            )
+        if not 0.0 <= float(self.alpha) <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1]; got {self.alpha}")
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.mode != "sft" and not (self.mode in MODES and self.alpha == 1.0)
+
+    def __call__(
+        self, logits: torch.Tensor, teacher: torch.Tensor | None, batch: Mapping
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss and detached components for full (unshifted) logits."""
+        student = logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        if teacher is not None:
+            teacher = teacher[:, :-1]
+        if callable(self.mode):
+            out = self.mode(student, teacher, batch)
+            return out if isinstance(out, tuple) else (out, {})
+        if self.mode == "sft":
+            ce = F.cross_entropy(
+                student.reshape(-1, student.shape[-1]).float(), labels.reshape(-1),
+                ignore_index=self.ignore_index,
+            )  # fmt: skip
+            return ce, {"ce": ce.detach()}
+        spans = batch["spans"][:, 1:] if self.mode == "span" else None
+        if spans is None and self.mode == "span":
+            raise KeyError("loss='span' needs batch['spans'] (span ids per token)")
+        if "teacher_ids" in batch:
+            return self._sparse(student, labels, spans, batch)
+        if teacher is None:
+            raise ValueError(
+                f"loss={self.mode!r} needs a teacher model, batch['teacher_logits'] or a stored "
+                "top-k teacher (batch['teacher_ids'] and batch['teacher_logprobs'])"
+            )
+        loss, comps = distillation_loss(
+            student, teacher, labels, alpha=self.alpha, temperature=self.temperature,
+            divergence=self.divergence, beta=self.beta, ignore_index=self.ignore_index,
+            spans=spans, span_weights=self.span_weights if spans is not None else None,
+            normalize=self.normalize, return_components=True,
+        )  # fmt: skip
+        return loss, comps
+
+    def _sparse(self, student, labels, spans, batch) -> tuple[torch.Tensor, dict]:
+        if self.divergence != "kl":
+            raise ValueError(
+                f"a stored top-k teacher trains with divergence='kl'; got {self.divergence!r}"
+            )
+        ids = batch["teacher_ids"][:, :-1]
+        logprobs = batch["teacher_logprobs"][:, :-1]
+        valid = labels != self.ignore_index
+        dtype = torch.float32
+        if spans is not None:
+            weights = _spans.validate_weights(self.span_weights)
+            _spans.check_ids_have_weights(spans, weights)
+            w_row, _ = _spans.row_weights(spans, weights, self.normalize, 1.0, dtype, valid=valid)
+            mask = w_row.reshape(valid.shape)
+        else:
+            n = valid.sum().clamp_min(1)
+            mask = valid.to(dtype) / n
+        # Row weights already carry the normalisation: sum them.
+        div = sparse_kl_loss(
+            student, ids, logprobs, temperature=self.temperature,
+            teacher_temperature=self.teacher_temperature, tail=self.tail, mask=mask,
+            reduction="sum",
+        )  # fmt: skip
+        comps = {"divergence": div.detach()}
+        loss = (1.0 - self.alpha) * div
+        if self.alpha > 0:
+            ce = F.cross_entropy(
+                student.reshape(-1, student.shape[-1]).float(), labels.reshape(-1),
+                ignore_index=self.ignore_index,
+            )  # fmt: skip
+            comps["ce"] = ce.detach()
+            loss = loss + self.alpha * ce
+        return loss, comps

@@ -1,0 +1,223 @@
+"""The demo's task, environment and agent loop, and `kdcore demo --quick` end to end."""
+
+from __future__ import annotations
+
+import ast
+import json
+import operator
+import os
+import re
+import struct
+import subprocess
+import sys
+import zlib
+from fractions import Fraction
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kdcore.agent import ByteTokenizer
+from kdcore.demo.model import ModelConfig, TinyLM
+from kdcore.demo.rollout import run_agent
+from kdcore.demo.task import CalcError, calculate, make_problems, oracle_trajectory, prompt
+
+TOKENIZER = ByteTokenizer()
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
+
+
+def exact_value(expression: str) -> Fraction:
+    """An independent evaluator: Python's parser, exact rational arithmetic."""
+
+    def walk(node: ast.AST) -> Fraction:
+        if isinstance(node, ast.Expression):
+            return walk(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return Fraction(str(node.value))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -walk(node.operand)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            return walk(node.left) / walk(node.right)
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](walk(node.left), walk(node.right))
+        raise ValueError(ast.dump(node))
+
+    return walk(ast.parse(expression, mode="eval"))
+
+
+def expression(depth: int = 0):
+    number = st.integers(0, 999).map(str)
+    if depth >= 2:
+        return number
+    sub = expression(depth + 1)
+    binary = st.tuples(sub, st.sampled_from("+-*/"), sub).map(lambda t: f"{t[0]}{t[1]}{t[2]}")
+    return st.one_of(number, binary, sub.map(lambda e: f"({e})"))
+
+
+@given(expression())
+def test_calculator_matches_exact_arithmetic(expr):
+    try:
+        exact = exact_value(expr)
+    except ZeroDivisionError:
+        with pytest.raises(CalcError, match="division by zero"):
+            calculate(expr)
+        return
+    got = calculate(expr)
+    if exact.denominator == 1:
+        assert got == str(exact.numerator)
+    else:
+        assert abs(float(got) - float(exact)) <= 5e-5 * max(1.0, abs(float(exact)))
+
+
+@pytest.mark.parametrize("bad", ["", "2+", "(3", "3)", "2**3", "abc", "1/0", "4 5"])
+def test_calculator_rejects_bad_expressions(bad):
+    with pytest.raises(CalcError):
+        calculate(bad)
+
+
+def test_problems_are_deterministic_and_answers_follow_the_oracle_plan():
+    a, b = make_problems(50, 11), make_problems(50, 11)
+    assert a == b and make_problems(50, 12) != a
+    for p in a:
+        # The last calculator step yields the answer, checked by exact arithmetic.
+        assert exact_value(p.steps[-1][1]) == p.answer
+        numbers = [int(n) for n in re.findall(r"\d+", p.question)]
+        first = [int(n) for n in re.findall(r"\d+", p.steps[0][1])]
+        assert all(n in numbers for n in first), (p.question, p.steps)
+
+
+class ScriptedAgent(torch.nn.Module):
+    """Stands in for TinyLM: emits a fixed text per episode, whatever it is fed.
+
+    It records what the environment fed it, so the test sees the observations.
+    """
+
+    def __init__(self, scripts: list[str]) -> None:
+        super().__init__()
+        self.cfg = ModelConfig(max_len=400)
+        self.embed = torch.nn.Embedding(1, 1)
+        self.scripts = [[TOKENIZER.bos_id, *TOKENIZER.encode(s), TOKENIZER.eos_id] for s in scripts]
+        self.fed: list[list[int]] = [[] for _ in scripts]
+
+    def new_cache(self, batch):
+        return []
+
+    def decode_step(self, tokens, cache, pos):
+        logits = torch.full((len(self.scripts), 259), -1e4)
+        for b, script in enumerate(self.scripts):
+            self.fed[b].append(int(tokens[b]))
+            logits[b, script[pos + 1] if pos + 1 < len(script) else TOKENIZER.eos_id] = 0.0
+        return logits
+
+
+def test_rollout_executes_actions_and_feeds_observations_back():
+    problems = make_problems(6, 3)
+    scripts = [oracle_trajectory(p) for p in problems]
+    # Episode 1 computes a wrong first step: the tool must answer what was asked.
+    wrong = scripts[1].replace(f"calc[{problems[1].steps[0][1]}]", "calc[100+1]", 1)
+    scripts[1] = wrong.split("Observation:")[0] + "Observation: 101\nAction: finish[101]\n"
+    # Episode 2 never finishes and never acts: it stops at EOS.
+    scripts[2] = prompt(problems[2]) + "Thought: no idea.\n"
+    agent = ScriptedAgent(scripts)
+    episodes = run_agent(agent, problems, tokenizer=TOKENIZER, max_actions=6)
+    assert [e.success for e in episodes] == [True, False, False, True, True, True]
+    assert episodes[1].answer == "101" and episodes[2].answer is None
+    for b in (0, 3, 4, 5):
+        assert episodes[b].text == scripts[b]  # observations came from the calculator
+        assert episodes[b].actions == len(problems[b].steps) + 1
+    assert "Observation: 101\n" in episodes[1].text
+
+
+def test_rollout_stops_an_agent_that_never_finishes():
+    problem = make_problems(1, 5)[0]
+    loop = prompt(problem) + "Action: calc[1+1]\nObservation: 2\n" * 10
+    episodes = run_agent(ScriptedAgent([loop]), [problem], tokenizer=TOKENIZER, max_actions=3)
+    assert episodes[0].actions == 3 and not episodes[0].success
+    assert episodes[0].text.count("Action:") == 3
+
+
+def test_rollout_reports_malformed_actions_to_the_agent():
+    problem = make_problems(1, 6)[0]
+    text = prompt(problem) + "Action: calc 2+2\nObservation: error: expected tool[arguments]\n"
+    text += "Action: search[x]\nObservation: error: unknown tool search\nAction: finish[0]\n"
+    episodes = run_agent(ScriptedAgent([text]), [problem], tokenizer=TOKENIZER)
+    assert episodes[0].text == text and len(episodes[0].errors) == 2
+
+
+def test_kv_cache_decoding_matches_the_full_forward():
+    torch.manual_seed(0)
+    model = TinyLM(ModelConfig(d_model=32, n_layers=2, n_heads=4, max_len=64)).eval()
+    ids = torch.randint(0, 259, (3, 20))
+    full = model(ids)
+    cache = model.new_cache(3)
+    steps = torch.stack([model.decode_step(ids[:, i], cache, i) for i in range(20)], 1)
+    torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-5)
+
+
+def _png_size(path) -> tuple[int, int]:
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    length, kind = struct.unpack(">I4s", data[8:16])
+    body = data[16 : 16 + length]
+    assert (
+        kind == b"IHDR"
+        and zlib.crc32(kind + body) == struct.unpack(">I", data[16 + length : 20 + length])[0]
+    )
+    return struct.unpack(">II", body[:8])
+
+
+def _check_episode(episode: dict) -> None:
+    """Re-executes every action of an episode with the independent evaluator."""
+    lines = episode["text"].splitlines()
+    finish = None
+    for i, line in enumerate(lines):
+        match = re.fullmatch(r"Action: calc\[(.*)\]", line.strip())
+        if match and i + 1 < len(lines) and lines[i + 1].startswith("Observation:"):
+            observed = lines[i + 1][len("Observation:") :].strip()
+            try:
+                value = exact_value(match.group(1))
+            except (ValueError, SyntaxError, ZeroDivisionError):
+                assert observed.startswith("error"), (line, observed)
+                continue
+            if value.denominator == 1:
+                assert observed == str(value.numerator), (line, observed)
+        done = re.fullmatch(r"Action: finish\[(.*)\]", line.strip())
+        if done and finish is None:
+            finish = done.group(1)
+    assert episode["success"] == (finish is not None and finish.strip() == str(episode["answer"]))
+
+
+def test_demo_quick_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    env = dict(os.environ, KDCORE_NUM_THREADS="2")
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdcore", "demo", "--quick", "--out", str(out), "--threads", "2"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = proc.stdout
+    for name in ("teacher", "sft", "token_kd", "span_kd"):
+        assert re.search(rf"^{name}\s", table, re.M), table
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {r["model"]: r for r in summary["rows"]}
+    assert set(rows) == {"teacher", "sft", "token_kd", "span_kd"}
+    for row in rows.values():
+        episodes = row["episodes"]
+        assert len(episodes) == summary["config"]["held_out"]
+        for episode in episodes:
+            _check_episode(episode)
+        rate = sum(e["success"] for e in episodes) / len(episodes)
+        assert row["success_rate"] == pytest.approx(rate)
+        assert 0.0 <= row["action_token_accuracy"] <= 1.0
+    # Same-size students, several times smaller than the teacher.
+    sizes = {rows[n]["parameters"] for n in ("sft", "token_kd", "span_kd")}
+    assert len(sizes) == 1 and rows["teacher"]["parameters"] >= 3 * sizes.pop()
+    # The shipped teacher acts well; the curves were logged step by step.
+    assert rows["teacher"]["success_rate"] >= 0.8
+    for name in ("sft", "token_kd", "span_kd"):
+        steps = [s for s, _ in summary["curves"][name]]
+        assert steps == list(range(1, summary["config"]["steps"] + 1))
+        log = (out / "logs" / f"{name}.jsonl").read_text().splitlines()
+        assert len(log) == summary["config"]["steps"]
+    assert _png_size(out / "demo.png") == (1000, 420)
