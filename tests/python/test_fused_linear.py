@@ -106,7 +106,9 @@ def test_bad_arguments():
         kdcore.fused_linear_distillation_loss(h, w, teacher_logits=t, reduction="none")
     with pytest.raises(ValueError, match=r"alpha=0.5 weights a hard-label term: pass labels"):
         kdcore.fused_linear_distillation_loss(h, w, teacher_logits=t, alpha=0.5)
-    with pytest.raises(ValueError, match=r"give the teacher as teacher_logits, or as"):
+    with pytest.raises(
+        ValueError, match=r"give the teacher once: as teacher_logits, as teacher_hidden"
+    ):
         kdcore.fused_linear_distillation_loss(h, w)
     with pytest.raises(ValueError, match=r"student_weight must have shape \(V, 6\)"):
         kdcore.fused_linear_distillation_loss(h, torch.randn(10, 5), teacher_logits=t)
@@ -123,3 +125,117 @@ def test_gradcheck_float64_reference_path():
         a, b, teacher_logits=t, labels=labels, alpha=0.3, temperature=1.5
     )
     assert torch.autograd.gradcheck(fn, (h, w))
+
+
+def _grads_close(loss, ref, wrt, wrt64, dtype):
+    grads = torch.autograd.grad(loss, wrt)
+    ref_grads = torch.autograd.grad(ref, wrt64, allow_unused=True)
+    for name, got, exp in zip(("hidden", "weight", "bias"), grads, ref_grads, strict=False):
+        assert got.dtype == dtype
+        exp = torch.zeros_like(got, dtype=torch.float64) if exp is None else exp
+        _close(got, exp, dtype, name)
+
+
+@given(
+    lead=st.sampled_from([(9,), (2, 7)]),
+    vocab=st.sampled_from([11, 100]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
+    divergence=st.sampled_from(["kl", "jsd", "reverse_kl"]),
+    alpha=st.sampled_from([0.0, 0.5]),
+    normalize=st.sampled_from(["span", "token"]),
+    chunk=st.sampled_from([None, 2, 5]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_span_weights_match_the_unfused_reference(
+    lead, vocab, dtype, divergence, alpha, normalize, chunk, seed
+):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(*lead, 6, generator=g).to(dtype)
+    w = (torch.randn(vocab, 6, generator=g) / math.sqrt(6)).to(dtype)
+    z_t = torch.randn(*lead, vocab, generator=g) * 2
+    labels = torch.randint(0, vocab, lead, generator=g)
+    labels[torch.rand(lead, generator=g) < 0.2] = -100
+    spans = torch.randint(0, 4, lead, generator=g)
+    weights = {0: 0.0, 1: 1.0, 2: 2.5, 3: 0.0}
+    kw = dict(alpha=alpha, divergence=divergence, beta=0.5, temperature=2.0)
+    hk, wk = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = kdcore.fused_linear_distillation_loss(
+        hk, wk, teacher_logits=z_t, labels=labels, spans=spans, span_weights=weights,
+        normalize=normalize, chunk_size=chunk, **kw,
+    )  # fmt: skip
+    h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
+    ref = reference.distillation_loss(
+        h64 @ w64.t(), z_t.double(), labels, spans=spans, span_weights=weights,
+        normalize=normalize, **kw,
+    )  # fmt: skip
+    assert abs(loss.item() - ref.item()) <= 1e-4 * abs(ref.item()) + 1e-5
+    _grads_close(loss, ref, [hk, wk], [h64, w64], dtype)
+
+
+@given(
+    rows=st.sampled_from([1, 6, 13]),
+    vocab=st.sampled_from([9, 80]),
+    k=st.sampled_from([1, 4, 9]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
+    tail=st.sampled_from(["bucket", "renormalize", "zero"]),
+    alpha=st.sampled_from([0.0, 0.3]),
+    temperature=st.sampled_from([1.0, 2.0]),
+    teacher_temperature=st.sampled_from([1.0, 1.5]),
+    use_bias=st.booleans(),
+    chunk=st.sampled_from([None, 1, 4]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_topk_teacher_matches_the_unfused_reference(
+    rows, vocab, k, dtype, tail, alpha, temperature, teacher_temperature, use_bias, chunk, seed
+):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(rows, 5, generator=g).to(dtype)
+    w = (torch.randn(vocab, 5, generator=g) / math.sqrt(5)).to(dtype)
+    b = torch.randn(vocab, generator=g).to(dtype) if use_bias else None
+    teacher = torch.log_softmax(torch.randn(rows, vocab, generator=g, dtype=torch.float64), -1)
+    lps, ids = teacher.topk(min(k, vocab), dim=-1)
+    labels = torch.randint(0, vocab, (rows,), generator=g)
+    labels[torch.rand(rows, generator=g) < 0.3] = -100
+    hk, wk = h.clone().requires_grad_(), w.clone().requires_grad_()
+    bk = b.clone().requires_grad_() if b is not None else None
+    loss = kdcore.fused_linear_distillation_loss(
+        hk, wk, student_bias=bk, teacher_topk=(ids, lps.float()), labels=labels, alpha=alpha,
+        temperature=temperature, teacher_temperature=teacher_temperature, tail=tail,
+        chunk_size=chunk,
+    )  # fmt: skip
+    h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
+    b64 = b.double().requires_grad_() if b is not None else None
+    z = h64 @ w64.t() + (b64 if b64 is not None else 0.0)
+    # Independent composition: (1 - alpha) * sparse KL + alpha * CE, both means over valid rows.
+    ref = (1 - alpha) * reference.sparse_kl_loss(
+        z, ids, lps, temperature=temperature, teacher_temperature=teacher_temperature, tail=tail,
+        labels=labels,
+    )  # fmt: skip
+    if alpha > 0 and bool((labels != -100).any()):
+        ref = ref + alpha * torch.nn.functional.cross_entropy(z, labels, ignore_index=-100)
+    assert abs(loss.item() - ref.item()) <= 1e-4 * abs(ref.item()) + 1e-5
+    wrt = [hk, wk] + ([bk] if bk is not None else [])
+    wrt64 = [h64, w64] + ([b64] if b64 is not None else [])
+    _grads_close(loss, ref, wrt, wrt64, dtype)
+
+
+def test_topk_teacher_errors():
+    h, w = torch.randn(4, 6), torch.randn(10, 6)
+    ids, lps = torch.randint(0, 10, (4, 3)), -torch.rand(4, 3)
+    with pytest.raises(ValueError, match=r"top-k teacher trains with divergence='kl'"):
+        kdcore.fused_linear_distillation_loss(h, w, teacher_topk=(ids, lps), divergence="jsd")
+    with pytest.raises(ValueError, match=r"teacher_ids must be in \[0, 10\)"):
+        kdcore.fused_linear_distillation_loss(h, w, teacher_topk=(ids + 10, lps))
+    with pytest.raises(ValueError, match=r"give the teacher once"):
+        kdcore.fused_linear_distillation_loss(
+            h, w, teacher_topk=(ids, lps), teacher_logits=torch.randn(4, 10)
+        )
+    with pytest.raises(TypeError, match=r"teacher_topk must be a pair"):
+        kdcore.fused_linear_distillation_loss(h, w, teacher_topk=ids)
+    with pytest.raises(ValueError, match=r"tail must be one of"):
+        kdcore.fused_linear_distillation_loss(h, w, teacher_topk=(ids, lps), tail="drop")
+    with pytest.raises(ValueError, match=r"reduction must be 'mean'"):
+        kdcore.fused_linear_distillation_loss(
+            h, w, teacher_logits=torch.randn(4, 10), spans=torch.ones(4, dtype=torch.long),
+            reduction="sum",
+        )  # fmt: skip

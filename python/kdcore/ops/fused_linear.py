@@ -9,9 +9,11 @@ import math
 import torch
 
 from .. import _dispatch, _rust, _validate, reference
+from .. import spans as _spans
 from .distillation import _alpha, _check_label_range
 from .fused import DIVERGENCES
 from .kl import beta_value, kernel_divergence
+from .sparse import TAILS, _validate_teacher
 
 #: fp32 bytes of logits (student, teacher, gradient) one chunk may hold.
 CHUNK_BUDGET_BYTES = 64 << 20
@@ -48,8 +50,7 @@ class _FusedLinearFunction(torch.autograd.Function):
     """All gradients are computed chunk by chunk in forward; backward scales them."""
 
     @staticmethod
-    def forward(ctx, h, w, b, teacher_fn, labels, div_w, ce_w, temperature, divergence, beta,
-                vocab, chunk_rows):  # fmt: skip
+    def forward(ctx, h, w, b, chunk_loss, vocab, chunk_rows):
         rows = h.shape[0]
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         want_b = b is not None and ctx.needs_input_grad[2]
@@ -62,15 +63,8 @@ class _FusedLinearFunction(torch.autograd.Function):
             stop = min(rows, start + chunk_rows)
             h32 = h[start:stop].float()
             z_s = _pad(h32 @ w32.t() + (b.float() if b is not None else 0.0), vocab)
-            z_t = _pad(teacher_fn(start, stop), vocab)
-            y = None if labels is None else labels[start:stop]
-            div_rows, ce_rows, g_z, _ = _rust.distill(
-                z_s, z_t, div_w[start:stop], temperature, divergence, beta, y,
-                None if ce_w is None else ce_w[start:stop], True, False,
-            )  # fmt: skip
-            total += div_rows.double().sum()
-            if ce_rows is not None:
-                total += ce_rows.double().sum()
+            loss, g_z = chunk_loss(z_s, start, stop)
+            total += loss
             g_z = g_z[:, : w.shape[0]]
             if want_h:
                 grad_h[start:stop] = (g_z @ w32).to(h.dtype)
@@ -93,7 +87,7 @@ class _FusedLinearFunction(torch.autograd.Function):
                 grads.append(g)
             else:
                 grads.append((g.float() * grad_out.float()).to(g.dtype))
-        return (*grads, None, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None)
 
 
 def fused_linear_distillation_loss(
@@ -103,6 +97,7 @@ def fused_linear_distillation_loss(
     teacher_hidden: torch.Tensor | None = None,
     teacher_weight: torch.Tensor | None = None,
     teacher_logits: torch.Tensor | None = None,
+    teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
     labels: torch.Tensor | None = None,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
@@ -111,6 +106,11 @@ def fused_linear_distillation_loss(
     temperature: float = 1.0,
     alpha: float = 0.0,
     ignore_index: int = -100,
+    spans: torch.Tensor | None = None,
+    span_weights: dict[int, float] | None = None,
+    normalize: str = "span",
+    teacher_temperature: float = 1.0,
+    tail: str = "bucket",
     reduction: str = "mean",
     scale_t2: bool = True,
     pad_vocab: bool = False,
@@ -122,14 +122,21 @@ def fused_linear_distillation_loss(
     .. math:: L = \alpha \cdot \mathrm{CE}(y, z_s) + (1-\alpha) \cdot T^2 \cdot D(P_t^T, P_s^T),
               \quad z_s = h_s W_s^\top + b_s
 
-    The teacher is given as ``teacher_logits`` (..., V) or as ``teacher_hidden``
-    and ``teacher_weight`` (and ``teacher_bias``); it is treated as frozen (no
-    gradient). Rows are processed in chunks of ``chunk_size`` (default: what
-    fits 64 MiB of fp32 logits, at least 64 rows): each chunk's logits are
-    formed with fp32 accumulation and kept in fp32 (never rounded to bf16
-    before the loss), go through the fused kernel, and give their share of the
-    gradients w.r.t. ``student_hidden``, ``student_weight`` (accumulated in
-    fp32, cast at the end) and ``student_bias``.
+    The teacher is given as ``teacher_logits`` (..., V), as ``teacher_hidden``
+    and ``teacher_weight`` (and ``teacher_bias``), or as a stored top-k
+    ``teacher_topk = (ids, logprobs)`` of shape (..., k) — then D is the
+    sparse KL of :func:`kdcore.sparse_kl_loss` (``tail``,
+    ``teacher_temperature``; ``divergence`` must be ``"kl"``). The teacher is
+    treated as frozen (no gradient). ``spans`` / ``span_weights`` /
+    ``normalize`` weight rows as in :func:`kdcore.distillation_loss` (both
+    terms; ``reduction`` must be ``"mean"``).
+
+    Rows are processed in chunks of ``chunk_size`` (default: what fits 64 MiB
+    of fp32 logits, at least 64 rows): each chunk's logits are formed with
+    fp32 accumulation and kept in fp32 (never rounded to bf16 before the
+    loss), go through the fused kernel, and give their share of the gradients
+    w.r.t. ``student_hidden``, ``student_weight`` (accumulated in fp32, cast
+    at the end) and ``student_bias``.
 
     Student and teacher vocabularies must match; with ``pad_vocab=True`` the
     smaller one is padded with -inf logits (probability 0), never 0.
@@ -158,10 +165,15 @@ def fused_linear_distillation_loss(
         raise ValueError(
             "reduction='none' is not offered by the fused linear loss; use 'mean' or 'sum'"
         )
-    if (teacher_logits is None) == (teacher_hidden is None and teacher_weight is None):
+    given = [teacher_logits is not None, teacher_hidden is not None or teacher_weight is not None,
+             teacher_topk is not None]  # fmt: skip
+    if sum(given) != 1:
         raise ValueError(
-            "give the teacher as teacher_logits, or as teacher_hidden and teacher_weight"
+            "give the teacher once: as teacher_logits, as teacher_hidden and teacher_weight, "
+            "or as teacher_topk=(ids, logprobs)"
         )
+    topk = None
+    t0 = _validate.temperature(teacher_temperature)
     if teacher_logits is not None:
         t_logits = _validate.logits("teacher_logits", teacher_logits)
         if t_logits.shape[:-1] != lead:
@@ -169,6 +181,19 @@ def fused_linear_distillation_loss(
                 f"teacher_logits must have leading shape {tuple(lead)}, got {tuple(t_logits.shape)}"
             )
         vocab_t = t_logits.shape[-1]
+    elif teacher_topk is not None:
+        if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
+            raise TypeError("teacher_topk must be a pair (ids, logprobs) of tensors (..., k)")
+        if divergence != "kl":
+            raise ValueError(f"a top-k teacher trains with divergence='kl'; got {divergence!r}")
+        if tail not in TAILS:
+            raise ValueError(f"tail must be one of {', '.join(TAILS)}; got {tail!r}")
+        ids, lps = teacher_topk
+        # A zero-stride stand-in for the student logits: shapes only, no memory.
+        shape_only = h.new_zeros(()).expand(*lead, vocab_s)
+        lps = _validate_teacher(ids, lps, shape_only)
+        topk = (ids.reshape(-1, ids.shape[-1]), lps.reshape(-1, lps.shape[-1]))
+        vocab_t = vocab_s
     else:
         if teacher_hidden is None or teacher_weight is None:
             raise ValueError("teacher_hidden and teacher_weight go together")
@@ -204,10 +229,22 @@ def fused_linear_distillation_loss(
     valid = (
         torch.ones(rows, dtype=torch.bool) if labels is None else labels.reshape(-1) != ignore_index
     )
-    base = valid.to(torch.float32)
-    if red == "mean":
-        n = base.sum()
-        base = base / torch.where(n > 0, n, torch.ones_like(n))
+    if spans is not None:
+        if red != "mean":
+            raise ValueError(
+                f"with spans the loss is normalised per span: reduction must be 'mean', got {red!r}"
+            )
+        if normalize not in _spans.NORMALIZE:
+            raise ValueError(f"normalize must be 'span' or 'token'; got {normalize!r}")
+        weights = _spans.validate_weights(span_weights)
+        spans = _spans.validate_spans(spans, lead, h)
+        _spans.check_ids_have_weights(spans, weights)
+        base, _ = _spans.row_weights(spans, weights, normalize, 1.0, torch.float32, valid=valid)
+    else:
+        base = valid.to(torch.float32)
+        if red == "mean":
+            n = base.sum()
+            base = base / torch.where(n > 0, n, torch.ones_like(n))
     scale = t * t if scale_t2 else 1.0
     div_w = base * ((1.0 - a) * scale)
     ce_w = base * a if labels is not None else None
@@ -215,20 +252,51 @@ def fused_linear_distillation_loss(
 
     kernel_ok = _dispatch.select(h, w) == "rust" and h.device.type == "cpu"
     if not kernel_ok:
-        out_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
-        z_s = _pad(_logits(h2, w, student_bias).to(_dispatch.reference_dtype(h.device)), vocab)
-        z_t = _pad(teacher_rows(0, rows).to(z_s.dtype), vocab)
-        if labels is None:
-            rows_d = reference.divergence_rows(z_s, z_t, divergence, beta, t) * scale
-            return (rows_d * base.to(rows_d.dtype)).sum().to(out_dtype)
-        return reference.distillation_loss(
-            z_s, z_t, labels.reshape(-1), alpha=a, temperature=t, divergence=divergence,
-            beta=beta, ignore_index=ignore_index, reduction=red, scale_t2=scale_t2,
-        ).to(out_dtype)  # fmt: skip
+        return _unfused(h2, w, student_bias, teacher_rows, topk, safe, div_w, ce_w, t, t0, tail,
+                        divergence, beta, vocab)  # fmt: skip
     chunk = chunk_size or max(MIN_CHUNK_ROWS, CHUNK_BUDGET_BYTES // (vocab * 4 * 3))
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    return _FusedLinearFunction.apply(
-        h2, w, student_bias, teacher_rows, safe, div_w, ce_w, t,
-        kernel_divergence(divergence, beta), beta, vocab, chunk,
-    )  # fmt: skip
+    code = kernel_divergence(divergence, beta)
+
+    def chunk_loss(z_s: torch.Tensor, start: int, stop: int):
+        """Loss sum and gradient w.r.t. one chunk's student logits."""
+        y = None if safe is None else safe[start:stop]
+        ce = None if ce_w is None else ce_w[start:stop]
+        if topk is None:
+            div_rows, ce_rows, g_z, _ = _rust.distill(
+                z_s, _pad(teacher_rows(start, stop), vocab), div_w[start:stop], t, code, beta,
+                y, ce, True, False,
+            )  # fmt: skip
+            loss = div_rows.double().sum()
+            return loss + (ce_rows.double().sum() if ce_rows is not None else 0.0), g_z
+        div_rows, g_z = _rust.sparse_kl(
+            z_s, topk[0][start:stop], topk[1][start:stop], div_w[start:stop], t, t0, tail, True
+        )
+        loss = div_rows.double().sum()
+        if ce is not None:  # the hard-label term: the distill kernel with a zero divergence weight
+            _, ce_rows, g_ce, _ = _rust.distill(
+                z_s, z_s, torch.zeros_like(ce), 1.0, code, beta, y, ce, True, False
+            )
+            loss, g_z = loss + ce_rows.double().sum(), g_z + g_ce
+        return loss, g_z
+
+    return _FusedLinearFunction.apply(h2, w, student_bias, chunk_loss, vocab, chunk)
+
+
+def _unfused(h2, w, bias, teacher_rows, topk, safe, div_w, ce_w, t, t0, tail, divergence, beta,
+             vocab) -> torch.Tensor:  # fmt: skip
+    """The reference path (devices without a kernel, float64): full logits, autograd."""
+    out_dtype = torch.float64 if h2.dtype == torch.float64 else torch.float32
+    z_s = _pad(_logits(h2, w, bias).to(_dispatch.reference_dtype(h2.device)), vocab)
+    keep = div_w > 0
+    if topk is None:
+        z_t = _pad(teacher_rows(0, h2.shape[0]).to(z_s.dtype), vocab)
+        div = reference.divergence_rows(z_s, z_t, divergence, beta, t)
+    else:
+        div = reference.sparse_kl_rows(z_s, topk[0], topk[1].to(z_s.dtype), t, t0, tail)
+    total = torch.where(keep, div * div_w.to(z_s.dtype), 0.0).sum()
+    if ce_w is not None:
+        ce = reference.cross_entropy_rows(z_s, safe)
+        total = total + torch.where(ce_w > 0, ce * ce_w.to(z_s.dtype), 0.0).sum()
+    return total.to(out_dtype)
