@@ -11,6 +11,7 @@ logits in whatever dtype they come and accumulate in fp32.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import time
@@ -40,14 +41,25 @@ class TrainState:
     tokens: int = 0
 
 
+def _takes_attention_mask(model: nn.Module) -> bool:
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == "attention_mask" or p.kind is p.VAR_KEYWORD for p in params)
+
+
 def model_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Logits of ``model`` on ``batch``: plain modules and Hugging Face models alike."""
+    """Logits of ``model`` on ``batch``: plain modules and Hugging Face models alike.
+
+    ``attention_mask`` is passed only to models whose ``forward`` takes it.
+    """
     mask = batch.get("attention_mask")
-    out = (
-        model(batch["input_ids"])
-        if mask is None
-        else model(batch["input_ids"], attention_mask=mask)
-    )
+    ids = batch["input_ids"]
+    if mask is None or not _takes_attention_mask(model):
+        out = model(ids)
+    else:
+        out = model(ids, attention_mask=mask)
     return out.logits if hasattr(out, "logits") else out
 
 
@@ -125,6 +137,7 @@ class Distiller:
         self.state = TrainState()
         self._pending = 0  # micro-batches accumulated since the last optimizer step
         self._epoch_rng: torch.Tensor | None = None
+        self._last_lr = float("nan")
         if teacher is not None:
             teacher.eval()
             teacher.requires_grad_(False)
@@ -195,7 +208,16 @@ class Distiller:
         record.update({_component_name(k): float(v) for k, v in comps.items()})
         return record
 
+    def _rescale_partial_window(self) -> None:
+        """Gradients of an incomplete window become the mean over its micro-batches
+        (each loss was divided by grad_accum_steps, not by the micro-batches there)."""
+        factor = self.grad_accum_steps / self._pending
+        for p in self.student.parameters():
+            if p.grad is not None:
+                p.grad.mul_(factor)
+
     def _optimizer_step(self) -> None:
+        self._last_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
         if self.max_grad_norm is not None:
             nn.utils.clip_grad_norm_(self.student.parameters(), self.max_grad_norm)
         self.optimizer.step()
@@ -299,6 +321,7 @@ class Distiller:
                     self.state.epoch += 1
                     self.state.micro_in_epoch = 0
             if self._pending:  # the loader ended inside an accumulation window
+                self._rescale_partial_window()
                 self._optimizer_step()
                 self._finish_step(window, log, bar, started)
             if self.checkpoint_dir is not None:
@@ -353,7 +376,7 @@ class Distiller:
         record.update(
             step=self.state.step,
             epoch=self.state.epoch,
-            lr=self.optimizer.param_groups[0]["lr"],
+            lr=self._last_lr,
             elapsed_s=time.perf_counter() - started,
         )
         if log is not None:

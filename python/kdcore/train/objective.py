@@ -76,6 +76,8 @@ class Objective:
         labels = batch["labels"][:, 1:]
         if teacher is not None:
             teacher = teacher[:, :-1]
+        elif self.mode in ("token", "span") and self.alpha == 1.0:
+            teacher = student.detach()  # the divergence has weight 0: CE alone, span-weighted
         if callable(self.mode):
             out = self.mode(student, teacher, batch)
             return out if isinstance(out, tuple) else (out, {})
@@ -85,9 +87,11 @@ class Objective:
                 ignore_index=self.ignore_index,
             )  # fmt: skip
             return ce, {"ce": ce.detach()}
-        spans = batch["spans"][:, 1:] if self.mode == "span" else None
-        if spans is None and self.mode == "span":
-            raise KeyError("loss='span' needs batch['spans'] (span ids per token)")
+        spans = None
+        if self.mode == "span":
+            if batch.get("spans") is None:
+                raise KeyError("loss='span' needs batch['spans'] (span ids per token)")
+            spans = batch["spans"][:, 1:]
         if "teacher_ids" in batch:
             return self._sparse(student, labels, spans, batch)
         if teacher is None:
@@ -112,27 +116,34 @@ class Objective:
         logprobs = batch["teacher_logprobs"][:, :-1]
         valid = labels != self.ignore_index
         dtype = torch.float32
+        index = weights = None
         if spans is not None:
             weights = _spans.validate_weights(self.span_weights)
             _spans.check_ids_have_weights(spans, weights)
-            w_row, _ = _spans.row_weights(spans, weights, self.normalize, 1.0, dtype, valid=valid)
-            mask = w_row.reshape(valid.shape)
+            w_row, index = _spans.row_weights(
+                spans, weights, self.normalize, 1.0, dtype, valid=valid
+            )
         else:
-            n = valid.sum().clamp_min(1)
-            mask = valid.to(dtype) / n
-        # Row weights already carry the normalisation: sum them.
-        div = sparse_kl_loss(
+            w_row = (valid.to(dtype) / valid.sum().clamp_min(1)).reshape(-1)
+        mask = w_row.reshape(valid.shape)
+        # Per-row sparse KL (T² included), weighted here: the row weights carry the
+        # normalisation, for the CE term too (as in distillation_loss with spans).
+        rows = sparse_kl_loss(
             student, ids, logprobs, temperature=self.temperature,
-            teacher_temperature=self.teacher_temperature, tail=self.tail, mask=mask,
-            reduction="sum",
+            teacher_temperature=self.teacher_temperature, tail=self.tail,
+            mask=(mask > 0), reduction="none",
         )  # fmt: skip
-        comps = {"divergence": div.detach()}
+        div = (rows * mask).sum()
+        comps: dict = {"divergence": div.detach()}
+        if index is not None:
+            comps.update(_spans.span_means((rows * mask).reshape(-1), w_row, index, weights))
         loss = (1.0 - self.alpha) * div
         if self.alpha > 0:
-            ce = F.cross_entropy(
-                student.reshape(-1, student.shape[-1]).float(), labels.reshape(-1),
-                ignore_index=self.ignore_index,
-            )  # fmt: skip
+            safe = torch.where(valid, labels, torch.zeros_like(labels))
+            ce_rows = F.cross_entropy(
+                student.reshape(-1, student.shape[-1]).float(), safe.reshape(-1), reduction="none"
+            )
+            ce = (ce_rows * w_row).sum()
             comps["ce"] = ce.detach()
             loss = loss + self.alpha * ce
         return loss, comps
