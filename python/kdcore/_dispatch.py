@@ -1,18 +1,24 @@
 """The one place that decides which backend runs an op.
 
 Per call: the Rust kernels for CPU tensors of float32 / bfloat16 / float16,
-the pure-PyTorch reference (``kdcore.reference``, differentiable by autograd)
-for everything else: float64, devices without a kernel.
-``KDCORE_BACKEND=auto|rust|triton|torch`` overrides the choice; a forced
-kernel backend still falls back to the reference for tensors it cannot take.
+the Triton kernels for CUDA tensors of those dtypes (when triton is
+installed), the pure-PyTorch reference (``kdcore.reference``, differentiable
+by autograd) for everything else: float64, devices without a kernel, CUDA
+without triton. ``KDCORE_BACKEND=auto|rust|triton|torch`` overrides the
+choice; a forced kernel backend still falls back to the reference for
+tensors it cannot take. ``triton`` also takes CPU tensors (the Triton CPU
+interpreter, ``TRITON_INTERPRET=1``: how the tests run the GPU kernels).
 
 The public functions call :func:`select` first; the registered
-``torch.library`` ops run kernels only and refuse other tensors.
+``torch.library`` ops run kernels only (:func:`kernel_backend`) and refuse
+other tensors. Nothing here imports triton.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import os
 from collections.abc import Iterator
 
@@ -54,27 +60,76 @@ def backend(name: str) -> Iterator[None]:
         set_backend(previous)
 
 
+@functools.cache
+def triton_available() -> bool:
+    """Whether triton can be imported (checked without importing it)."""
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _require_triton(why: str = "KDCORE_BACKEND=triton") -> None:
+    if not triton_available():
+        raise RuntimeError(
+            f"{why} needs the Triton kernels, but triton is not installed in this "
+            "environment: install triton (the CUDA builds of torch on Linux x86_64 bring it) "
+            "or set KDCORE_BACKEND=torch to run the reference implementation."
+        )
+
+
 def select(*tensors: torch.Tensor) -> str:
-    """``"rust"`` or ``"torch"`` for an op over ``tensors``."""
+    """``"rust"``, ``"triton"`` or ``"torch"`` for an op over ``tensors``."""
     if _forced == "torch":
         return "torch"
+    dtypes_ok = all(t.dtype in KERNEL_DTYPES for t in tensors)
+    devices = {t.device.type for t in tensors}
     if _forced == "triton":
-        raise NotImplementedError(
-            "KDCORE_BACKEND=triton: the Triton kernels are not part of this version yet"
-        )
-    kernel_ok = all(t.device.type == "cpu" and t.dtype in KERNEL_DTYPES for t in tensors)
-    return "rust" if kernel_ok else "torch"
+        _require_triton()
+        return "triton" if dtypes_ok and devices <= {"cpu", "cuda"} else "torch"
+    if dtypes_ok and devices == {"cpu"}:
+        return "rust"
+    if dtypes_ok and devices == {"cuda"} and _forced == "auto" and triton_available():
+        return "triton"
+    return "torch"
 
 
 def require_kernel(op: str, *tensors: torch.Tensor) -> None:
     """Raises a clear error when a kernel op is called on tensors it cannot take."""
+    kernel_backend(op, *tensors)
+
+
+def kernel_backend(op: str, *tensors: torch.Tensor) -> str:
+    """The kernel backend of a registered op: ``"rust"`` for CPU tensors
+    (``"triton"`` when ``KDCORE_BACKEND=triton``), ``"triton"`` for CUDA tensors.
+    Raises ``TypeError`` for other tensors and ``RuntimeError`` when triton
+    is needed but not installed."""
     for t in tensors:
-        if t.device.type != "cpu" or t.dtype not in KERNEL_DTYPES:
+        if t.device.type not in ("cpu", "cuda") or t.dtype not in KERNEL_DTYPES:
             raise TypeError(
-                f"{op} runs on CPU tensors of float32, bfloat16 or float16; got {t.dtype} on "
-                f"{t.device}. Call the public kdcore function, which falls back to the "
-                "reference implementation for such tensors."
+                f"{op} runs on CPU tensors (Rust) or CUDA tensors (Triton) of float32, "
+                f"bfloat16 or float16; got {t.dtype} on {t.device}. Call the public kdcore "
+                "function, which falls back to the reference implementation for such tensors."
             )
+    if tensors and tensors[0].device.type == "cuda":
+        _require_triton(f"{op} on CUDA tensors")
+        return "triton"
+    if _forced == "triton":
+        _require_triton()
+        return "triton"
+    return "rust"
+
+
+def kernels(op: str, *tensors: torch.Tensor):
+    """The module (``kdcore._rust`` or ``kdcore._triton``, same functions) that
+    runs ``op`` on ``tensors``; see :func:`kernel_backend`."""
+    if kernel_backend(op, *tensors) == "triton":
+        from . import _triton
+
+        return _triton
+    from . import _rust
+
+    return _rust
 
 
 def reference_dtype(device: torch.device) -> torch.dtype:

@@ -221,3 +221,25 @@ def test_demo_quick_end_to_end(tmp_path):
         log = (out / "logs" / f"{name}.jsonl").read_text().splitlines()
         assert len(log) == summary["config"]["steps"]
     assert _png_size(out / "demo.png") == (1000, 420)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--held-out", "-3"], "--held-out must be >= 1"),
+        (["--threads", "0"], "--threads must be >= 1"),
+    ],
+)
+def test_demo_rejects_bad_arguments(argv, message):
+    from kdcore.cli import main
+
+    with pytest.raises(SystemExit, match=message):
+        main(["demo", *argv])
+
+
+def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path):
+    from kdcore.demo.teacher import load_teacher
+
+    with pytest.raises(FileNotFoundError):
+        load_teacher(tmp_path / "nope.pt")

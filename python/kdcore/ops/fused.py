@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import _dispatch, _rust
+from .. import _dispatch
 from ._grad import scale_rows
 
 DIVERGENCES = ("kl", "reverse_kl", "tvd", "jsd")
@@ -25,8 +25,8 @@ def loss_dtype(student: torch.Tensor, teacher: torch.Tensor) -> torch.dtype:
 
 
 def _run(student, teacher, weight, temperature, divergence, beta, labels, ce_weight, gs, gt):
-    _dispatch.require_kernel("kdcore::distill", student, teacher)
-    div_rows, ce_rows, grad_s, grad_t = _rust.distill(
+    kernels = _dispatch.kernels("kdcore::distill", student, teacher)  # Rust or Triton
+    div_rows, ce_rows, grad_s, grad_t = kernels.distill(
         student, teacher, weight, temperature, divergence, beta, labels, ce_weight, gs, gt
     )
     total = div_rows + ce_rows if ce_rows is not None else div_rows.clone()
@@ -88,6 +88,7 @@ def _setup(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_total, *_):
     gs, gt = ctx.saved_tensors
+    # (No in-place scaling here: the saved gradients are also outputs of the op.)
     grad_s = scale_rows(gs, grad_total) if ctx.grad_student else None
     grad_t = scale_rows(gt, grad_total) if ctx.grad_teacher else None
     return grad_s, grad_t, None, None, None, None, None, None, None, None
@@ -114,8 +115,8 @@ class _DistillFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, *_):
         gs, gt = ctx.saved_tensors
-        grad_s = None if gs is None else scale_rows(gs, grad_total)
-        grad_t = None if gt is None else scale_rows(gt, grad_total)
+        grad_s = None if gs is None else scale_rows(gs, grad_total, ctx, "student")
+        grad_t = None if gt is None else scale_rows(gt, grad_total, ctx, "teacher")
         return grad_s, grad_t, None, None, None, None, None, None, None
 
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from .. import _dispatch, _rust, _validate, reference
+from .. import _dispatch, _validate, reference
 
 
 @torch.library.custom_op("kdcore::softmax", mutates_args=())
 def softmax_op(x: torch.Tensor, temperature: float, log: bool) -> torch.Tensor:
     """softmax(x / T) (or log-softmax) over the last axis of a 2-D tensor."""
-    _dispatch.require_kernel("kdcore::softmax", x)
-    return _rust.softmax(x, temperature, log)
+    return _dispatch.kernels("kdcore::softmax", x).softmax(x, temperature, log)
 
 
 @softmax_op.register_fake
@@ -24,8 +23,8 @@ def softmax_backward_op(
     grad: torch.Tensor, y: torch.Tensor, temperature: float, log: bool
 ) -> torch.Tensor:
     """Gradient w.r.t. x of softmax(x / T) (or log-softmax) from its output y."""
-    _dispatch.require_kernel("kdcore::softmax_backward", y)
-    return _rust.softmax_backward(grad, y, temperature, log)
+    kernels = _dispatch.kernels("kdcore::softmax_backward", y)
+    return kernels.softmax_backward(grad, y, temperature, log)
 
 
 @softmax_backward_op.register_fake

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _dispatch, _rust, _validate, _weights, reference
+from .. import _dispatch, _validate, _weights, reference
 from ._grad import scale_rows
 
 TAILS = ("bucket", "renormalize", "zero")
@@ -24,8 +24,8 @@ def sparse_kl_op(
     grad_student: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """2-D student logits -> (weighted rows, gradient or an empty tensor)."""
-    _dispatch.require_kernel("kdcore::sparse_kl", student)
-    rows, grad = _rust.sparse_kl(
+    kernels = _dispatch.kernels("kdcore::sparse_kl", student)  # Rust or Triton
+    rows, grad = kernels.sparse_kl(
         student, teacher_ids, teacher_logprobs, weight, temperature, teacher_temperature, tail,
         grad_student,
     )  # fmt: skip
@@ -59,7 +59,8 @@ class _SparseKLFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, ids, logprobs, weight, temperature, t0, tail, reduce):
-        rows, grad = _rust.sparse_kl(
+        kernels = _dispatch.kernels("kdcore::sparse_kl", student)
+        rows, grad = kernels.sparse_kl(
             student, ids, logprobs, weight, temperature, t0, tail, ctx.needs_input_grad[0]
         )
         ctx.save_for_backward(grad)
@@ -68,7 +69,7 @@ class _SparseKLFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
-        grad_s = None if grad is None else scale_rows(grad, grad_loss)
+        grad_s = None if grad is None else scale_rows(grad, grad_loss, ctx, "student")
         return grad_s, None, None, None, None, None, None, None
 
 
