@@ -464,10 +464,69 @@ def tuned_config() -> dict:
             "timings_ms": {str(c): round(v[0], 4) for c, v in timings.items()}}  # fmt: skip
 
 
+def fused_linear_case(args, results: list[dict], rows=8192, vocab=128256, hs=2048, ht=4096):
+    """Fused linear + KL at the ANCHORS shape: gradients for the student's hidden
+    states and lm_head; kdcore (row chunks, fp32 logits, Triton loss kernel) vs
+    torch eager on the full logits. Checked first against float64 on 256 rows."""
+    import kdcore
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+
+    def make(n):
+        h = (torch.randn(n, hs, generator=gen, device="cuda") * 0.5).to(torch.bfloat16)
+        w = (torch.randn(vocab, hs, generator=gen, device="cuda") / hs**0.5).to(torch.bfloat16)
+        th = (torch.randn(n, ht, generator=gen, device="cuda") * 0.5).to(torch.bfloat16)
+        tw = (torch.randn(vocab, ht, generator=gen, device="cuda") / ht**0.5).to(torch.bfloat16)
+        return h.requires_grad_(), w.requires_grad_(), th, tw
+
+    def fused(h, w, th, tw):
+        return kdcore.fused_linear_distillation_loss(
+            h, w, teacher_hidden=th, teacher_weight=tw, temperature=T
+        )
+
+    def eager(h, w, th, tw):
+        return kd_eager(h @ w.t(), th @ tw.t())
+
+    def small_check():
+        h, w, th, tw = make(256)
+        loss = fused(h, w, th, tw)
+        gh, gw = torch.autograd.grad(loss, (h, w))
+        h64, w64 = h.double().detach().requires_grad_(), w.double().detach().requires_grad_()
+        ref = kdcore.reference.kl_loss(h64 @ w64.t(), th.double() @ tw.double().t(),
+                                       temperature=T)  # fmt: skip
+        rh, rw = torch.autograd.grad(ref, (h64, w64))
+        problems = []
+        if abs(loss.item() - ref.item()) > 1e-4 * abs(ref.item()) + 1e-5:
+            problems.append(f"loss {loss.item()} vs {ref.item()}")
+        for name, got, exp in (("hidden", gh, rh), ("weight", gw, rw)):
+            err = (got.double() - exp).abs().max().item()
+            if err > 2**-7 * exp.abs().max().item():  # bf16 result + bf16 GEMM operands
+                problems.append(f"grad {name} error {err:.3e} vs max {exp.abs().max().item():.3e}")
+        return problems
+
+    check("fused linear + KL (256 rows, V=128256) vs float64", small_check)
+    free()
+    h, w, th, tw = make(rows)
+    for name, fn in (("kdcore fused linear kl", fused), ("torch eager linear+kl", eager)):
+        row = {"shape": [rows, hs, ht, vocab], "impl": name}
+        try:
+            ms, gib = measure(lambda fn=fn: torch.autograd.grad(fn(h, w, th, tw), (h, w)),
+                              args.rep_ms)  # fmt: skip
+            row.update(ms=round(ms, 3), peak_extra_gib=round(gib, 3))
+        except Exception as exc:
+            traceback.print_exc()
+            row["error"] = repr(exc)[:300]
+        results.append(row)
+        log(row)
+        free()
+
+
 def benchmarks(args, tbps: float, results: list[dict]) -> None:
     for i, (rows, vocab) in enumerate([(8192, 128256), (16384, 32000)]):
         bench_shape(args, rows, vocab, i == 0, tbps, results)
         free()
+    fused_linear_case(args, results)
+    free()
 
 
 def autotune_choices() -> dict:
@@ -487,14 +546,19 @@ def autotune_choices() -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = [f"{'shape':>16}  {'impl':<26}{'ms':>9}{'x floor':>9}{'extra GiB':>11}{'x grad':>8}"]
+    lines = [f"{'shape':>22}  {'impl':<26}{'ms':>9}{'x floor':>9}{'extra GiB':>11}{'x grad':>8}"]
+
+    def num(r, key, spec):
+        return format(r[key], spec) if key in r else format("-", spec.split(".")[0])
+
     for r in results:
         shape = "x".join(map(str, r["shape"]))
         if "ms" in r:
-            lines.append(f"{shape:>16}  {r['impl']:<26}{r['ms']:>9.3f}{r['x_floor']:>9.2f}"
-                         f"{r['peak_extra_gib']:>11.3f}{r['x_grad_size']:>8.2f}")  # fmt: skip
+            floor, size = num(r, "x_floor", ">9.2f"), num(r, "x_grad_size", ">8.2f")
+            lines.append(f"{shape:>22}  {r['impl']:<26}{r['ms']:>9.3f}{floor}"
+                         f"{r['peak_extra_gib']:>11.3f}{size}")  # fmt: skip
         else:
-            lines.append(f"{shape:>16}  {r['impl']:<26}  {r.get('error') or r.get('skipped')}")
+            lines.append(f"{shape:>22}  {r['impl']:<26}  {r.get('error') or r.get('skipped')}")
     return "\n".join(lines)
 
 

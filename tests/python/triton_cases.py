@@ -54,6 +54,7 @@ SUITE = (
     "test_span",
     "test_sparse",
     "test_torch_integration",
+    "test_fused_linear",
 )
 NOT_HERE = {
     "test_two_threads_at_once_give_the_sequential_results": (

@@ -8,15 +8,17 @@ import math
 
 import torch
 
-from .. import _dispatch, _rust, _validate, reference
+from .. import _dispatch, _validate, reference
 from .. import spans as _spans
 from .distillation import _alpha, _check_label_range
 from .fused import DIVERGENCES
 from .kl import beta_value, kernel_divergence
 from .sparse import TAILS, _validate_teacher
 
-#: fp32 bytes of logits (student, teacher, gradient) one chunk may hold.
-CHUNK_BUDGET_BYTES = 64 << 20
+#: fp32 bytes of logits (student, teacher, gradient) one chunk may hold: a
+#: CPU chunk stays in cache-friendly sizes, a GPU chunk must be big enough for
+#: the GEMMs to run at speed.
+CHUNK_BUDGET_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
 MIN_CHUNK_ROWS = 64
 
 
@@ -30,12 +32,33 @@ def _matrix(name: str, x: object, dim: int) -> torch.Tensor:
     return x
 
 
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` with fp32 accumulation and an fp32 result (float64 stays float64).
+
+    On CUDA, 16-bit operands go to cuBLAS as they are with an fp32 output
+    (``out_dtype``), so no fp32 copy of a (V, H) weight is ever made; elsewhere
+    (or on a torch without it) they are widened first.
+    """
+    if a.device.type == "cuda" and a.dtype == b.dtype and a.dtype in _HALF:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    return a.to(dtype) @ b.to(dtype)
+
+
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """hidden @ weight.T + bias with fp32 accumulation and an fp32 result
     (never rounded to bf16 before the loss)."""
-    dtype = torch.promote_types(hidden.dtype, torch.float32)  # float64 stays float64
-    out = hidden.to(dtype) @ weight.to(dtype).t()
-    return out + bias.to(dtype) if bias is not None else out
+    if hidden.dtype != weight.dtype:
+        dtype = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    out = _mm32(hidden, weight.t())
+    return out + bias.to(out.dtype) if bias is not None else out
 
 
 def _pad(logits: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -51,25 +74,29 @@ class _FusedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, b, chunk_loss, vocab, chunk_rows):
-        rows = h.shape[0]
+        rows, device = h.shape[0], h.device
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         want_b = b is not None and ctx.needs_input_grad[2]
         grad_h = torch.empty_like(h) if want_h else None
-        grad_w = torch.zeros(w.shape, dtype=torch.float32) if want_w else None
-        grad_b = torch.zeros(w.shape[0], dtype=torch.float32) if want_b else None
-        w32 = w.float()
-        total = torch.zeros((), dtype=torch.float64)
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=device) if want_w else None
+        grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=device) if want_b else None
+        # CPU: one fp32 copy of W (fp32 GEMMs are the fast ones there). CUDA, 16-bit:
+        # W stays as it is, cuBLAS accumulates in fp32 and returns fp32 logits; the
+        # chunk's logit gradient is rounded to W's dtype for the hidden-state GEMM.
+        w_mm = w if (device.type == "cuda" and w.dtype in _HALF) else w.float()
+        total = torch.zeros((), dtype=torch.float64, device=device)
         for start in range(0, rows, chunk_rows):
             stop = min(rows, start + chunk_rows)
-            h32 = h[start:stop].float()
-            z_s = _pad(h32 @ w32.t() + (b.float() if b is not None else 0.0), vocab)
+            h_c = h[start:stop]
+            z_s = _mm32(h_c.to(w_mm.dtype), w_mm.t())
+            z_s = _pad(z_s + b.float() if b is not None else z_s, vocab)
             loss, g_z = chunk_loss(z_s, start, stop)
             total += loss
             g_z = g_z[:, : w.shape[0]]
             if want_h:
-                grad_h[start:stop] = (g_z @ w32).to(h.dtype)
+                grad_h[start:stop] = _mm32(g_z.to(w_mm.dtype), w_mm).to(h.dtype)
             if want_w:
-                grad_w.addmm_(g_z.t(), h32)
+                grad_w.addmm_(g_z.t(), h_c.float())
             if want_b:
                 grad_b += g_z.sum(0)
         ctx.save_for_backward(
@@ -227,7 +254,9 @@ def fused_linear_distillation_loss(
     h2 = h.reshape(-1, h.shape[-1])
     rows = h2.shape[0]
     valid = (
-        torch.ones(rows, dtype=torch.bool) if labels is None else labels.reshape(-1) != ignore_index
+        torch.ones(rows, dtype=torch.bool, device=h.device)
+        if labels is None
+        else labels.reshape(-1) != ignore_index
     )
     if spans is not None:
         if red != "mean":
@@ -250,32 +279,34 @@ def fused_linear_distillation_loss(
     ce_w = base * a if labels is not None else None
     safe = None if labels is None else torch.where(valid, labels.reshape(-1), 0)
 
-    kernel_ok = _dispatch.select(h, w) == "rust" and h.device.type == "cpu"
-    if not kernel_ok:
+    backend = _dispatch.select(h, w)
+    if backend not in ("rust", "triton"):
         return _unfused(h2, w, student_bias, teacher_rows, topk, safe, div_w, ce_w, t, t0, tail,
                         divergence, beta, vocab)  # fmt: skip
-    chunk = chunk_size or max(MIN_CHUNK_ROWS, CHUNK_BUDGET_BYTES // (vocab * 4 * 3))
+    budget = CHUNK_BUDGET_BYTES.get(h.device.type, CHUNK_BUDGET_BYTES["cpu"])
+    chunk = chunk_size or max(MIN_CHUNK_ROWS, budget // (vocab * 4 * 3))
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     code = kernel_divergence(divergence, beta)
+    kernels = _dispatch.kernels("fused_linear_distillation_loss", h)  # _rust or _triton
 
     def chunk_loss(z_s: torch.Tensor, start: int, stop: int):
         """Loss sum and gradient w.r.t. one chunk's student logits."""
         y = None if safe is None else safe[start:stop]
         ce = None if ce_w is None else ce_w[start:stop]
         if topk is None:
-            div_rows, ce_rows, g_z, _ = _rust.distill(
+            div_rows, ce_rows, g_z, _ = kernels.distill(
                 z_s, _pad(teacher_rows(start, stop), vocab), div_w[start:stop], t, code, beta,
                 y, ce, True, False,
             )  # fmt: skip
             loss = div_rows.double().sum()
             return loss + (ce_rows.double().sum() if ce_rows is not None else 0.0), g_z
-        div_rows, g_z = _rust.sparse_kl(
+        div_rows, g_z = kernels.sparse_kl(
             z_s, topk[0][start:stop], topk[1][start:stop], div_w[start:stop], t, t0, tail, True
         )
         loss = div_rows.double().sum()
         if ce is not None:  # the hard-label term: the distill kernel with a zero divergence weight
-            _, ce_rows, g_ce, _ = _rust.distill(
+            _, ce_rows, g_ce, _ = kernels.distill(
                 z_s, z_s, torch.zeros_like(ce), 1.0, code, beta, y, ce, True, False
             )
             loss, g_z = loss + ce_rows.double().sum(), g_z + g_ce
