@@ -9,16 +9,15 @@ draws as a small box.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-import os
-import secrets
 import struct
 import zlib
 from collections.abc import Mapping
 
 import numpy as np
+
+from ._files import atomic_write
 
 __all__ = ["HEIGHT", "PALETTE", "WIDTH", "render_png", "write_demo_plot"]
 
@@ -596,22 +595,7 @@ def render_png(pixels: np.ndarray) -> bytes:
 
 
 def _write_atomic(path, data: bytes) -> None:
-    path = os.fsdecode(os.fspath(path))
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(
-        directory, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    )
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: f.write(data))
 
 
 def write_demo_plot(

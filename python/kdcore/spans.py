@@ -84,6 +84,31 @@ def check_ids_have_weights(spans: torch.Tensor, weights: dict[int, float]) -> No
         )
 
 
+def prepare(
+    spans: object,
+    span_weights: Mapping[int, float] | None,
+    normalize: str,
+    reduction: str,
+    lead: torch.Size,
+    like: torch.Tensor,
+) -> tuple[torch.Tensor, dict[int, float]]:
+    """Validated ``(spans, weights)`` for a loss that takes span ids next to
+    labels (``distillation_loss``, the fused linear loss): reduction must be
+    "mean", every span id present needs a weight (eager mode only)."""
+    if reduction != "mean":
+        raise ValueError(
+            f"with spans the loss is normalised per span: reduction must be 'mean', "
+            f"got {reduction!r}"
+        )
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize must be 'span' or 'token'; got {normalize!r}")
+    weights = validate_weights(span_weights)
+    spans = validate_spans(spans, lead, like)
+    if not torch.compiler.is_compiling():
+        check_ids_have_weights(spans, weights)
+    return spans, weights
+
+
 def row_weights(
     spans: torch.Tensor,
     weights: dict[int, float],

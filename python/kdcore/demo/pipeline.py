@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import sys
 import time
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 
 from .. import __version__
+from .._files import atomic_write
 from .._plot import write_demo_plot
 from .._threads import get_num_threads, set_num_threads
 from ..train import Distiller
@@ -236,9 +236,8 @@ def run_demo(cfg: DemoConfig, *, threads: int | None = None) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=2, default=str) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def retrain_teacher(steps: int, save_to: str, *, progress: bool = True) -> None:

@@ -82,16 +82,7 @@ def distillation_loss(
         _check_label_range(labels, vocab, ignore_index)
     weights = None
     if spans is not None:
-        if red != "mean":
-            raise ValueError(
-                f"with spans the loss is normalised per span: reduction must be 'mean', got {red!r}"
-            )
-        if normalize not in _spans.NORMALIZE:
-            raise ValueError(f"normalize must be 'span' or 'token'; got {normalize!r}")
-        weights = _spans.validate_weights(span_weights)
-        spans = _spans.validate_spans(spans, lead, student)
-        if not torch.compiler.is_compiling():
-            _spans.check_ids_have_weights(spans, weights)
+        spans, weights = _spans.prepare(spans, span_weights, normalize, red, lead, student)
     scale = t * t if scale_t2 else 1.0
     options = dict(alpha=a, temperature=t, divergence=divergence, beta=beta,
                    ignore_index=ignore_index, spans=spans, span_weights=weights,

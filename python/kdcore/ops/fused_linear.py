@@ -259,15 +259,7 @@ def fused_linear_distillation_loss(
         else labels.reshape(-1) != ignore_index
     )
     if spans is not None:
-        if red != "mean":
-            raise ValueError(
-                f"with spans the loss is normalised per span: reduction must be 'mean', got {red!r}"
-            )
-        if normalize not in _spans.NORMALIZE:
-            raise ValueError(f"normalize must be 'span' or 'token'; got {normalize!r}")
-        weights = _spans.validate_weights(span_weights)
-        spans = _spans.validate_spans(spans, lead, h)
-        _spans.check_ids_have_weights(spans, weights)
+        spans, weights = _spans.prepare(spans, span_weights, normalize, red, lead, h)
         base, _ = _spans.row_weights(spans, weights, normalize, 1.0, torch.float32, valid=valid)
     else:
         base = valid.to(torch.float32)
