@@ -243,3 +243,19 @@ def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path):
 
     with pytest.raises(FileNotFoundError):
         load_teacher(tmp_path / "nope.pt")
+
+
+def test_seed_aggregate_is_mean_and_sample_sd():
+    from kdcore.demo.pipeline import aggregate
+
+    def row(model, seed, rate):
+        return {"model": model, "seed": seed, "success_rate": rate, "objective": "x",
+                "parameters": 10, "action_token_accuracy": 0.5, "mean_actions": 2.0,
+                "train_seconds": None if model == "teacher" else 3.0}  # fmt: skip
+
+    rows = [row("teacher", None, 1.0)] + [row("sft", s, r) for s, r in ((0, 0.2), (1, 0.6))]
+    teacher, sft = aggregate(rows)
+    assert teacher["success_rate"] == 1.0 and teacher["train_seconds"] is None
+    assert sft["success_rate"] == pytest.approx(0.4)
+    assert sft["success_sd"] == pytest.approx(0.2828427, rel=1e-6)  # sqrt(0.08 / 1)
+    assert sft["success_by_seed"] == [0.2, 0.6] and sft["seeds"] == [0, 1]

@@ -57,14 +57,15 @@ STUDENTS = {
 
 @dataclass(frozen=True)
 class DemoConfig:
-    student_problems: int = 1200
+    student_problems: int = 1000
     held_out: int = 200
-    steps: int = 900
+    steps: int = 800
     batch_size: int = 16
     lr: float = 3e-3
     temperature: float = 1.0
     rollout_temperature: float = 1.0  # the teacher samples the students' trajectories
     seed: int = 0
+    seeds: int = 1  # students trained and evaluated for seeds seed, seed+1, ...
     out_dir: str = "kdcore-demo"
     teacher_path: str | None = None  # None: the shipped teacher
     device: str = "auto"
@@ -85,21 +86,24 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _train_student(name: str, cfg: DemoConfig, dataset, out: Path, device) -> tuple[TinyLM, dict]:
-    torch.manual_seed(cfg.seed)  # every student starts from the same weights
+def _train_student(
+    name: str, cfg: DemoConfig, seed: int, dataset, out: Path, device
+) -> tuple[TinyLM, dict]:
+    torch.manual_seed(seed)  # the students of one seed start from the same weights
     student = TinyLM(STUDENT_CONFIG).to(device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.01)
     loss = {"sft": "sft", "token_kd": "token", "span_kd": "span"}[name]
-    log = out / "logs" / f"{name}.jsonl"
+    log = out / "logs" / (f"{name}.jsonl" if cfg.seeds == 1 else f"{name}_seed{seed}.jsonl")
     log.unlink(missing_ok=True)
     distiller = Distiller(
         student, None, optimizer, loss=loss, temperature=cfg.temperature, alpha=0.0,
         max_grad_norm=1.0, scheduler=cosine_schedule(optimizer, cfg.steps, warmup=20),
         log_path=log,
     )  # fmt: skip
-    data = loader(dataset, cfg.batch_size, cfg.seed)
+    data = loader(dataset, cfg.batch_size, seed)
     epochs = -(-cfg.steps // len(data))
-    summary = distiller.fit(data, epochs=epochs, max_steps=cfg.steps, description=name)
+    label = name if cfg.seeds == 1 else f"{name} seed {seed}"
+    summary = distiller.fit(data, epochs=epochs, max_steps=cfg.steps, description=label)
     curve = [(r["step"], r["loss"]) for r in map(json.loads, log.read_text().splitlines())]
     return student.eval(), {**summary, "curve": curve}
 
@@ -140,6 +144,34 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Per model over seeds: mean and spread of success, mean of the rest."""
+    out = []
+    for name in dict.fromkeys(r["model"] for r in rows):
+        runs = [r for r in rows if r["model"] == name]
+        rates = [r["success_rate"] for r in runs]
+        mean = sum(rates) / len(rates)
+        sd = (sum((x - mean) ** 2 for x in rates) / max(1, len(rates) - 1)) ** 0.5
+        secs = [r["train_seconds"] for r in runs if r["train_seconds"] is not None]
+        out.append({
+            "model": name, "objective": runs[0]["objective"],
+            "parameters": runs[0]["parameters"], "seeds": [r.get("seed") for r in runs],
+            "success_rate": mean, "success_sd": sd, "success_by_seed": rates,
+            "action_token_accuracy": sum(r["action_token_accuracy"] for r in runs) / len(runs),
+            "mean_actions": sum(r["mean_actions"] for r in runs) / len(runs),
+            "train_seconds": sum(secs) / len(secs) if secs else None,
+        })  # fmt: skip
+    return out
+
+
+def format_seed_table(agg: list[dict]) -> str:
+    lines = [format_table(agg), "", "success by seed:"]
+    for r in agg:
+        values = " ".join(f"{100 * x:5.1f}%" for x in r["success_by_seed"])
+        lines.append(f"  {r['model']:<9} {values}   (sd {100 * r['success_sd']:.1f})")
+    return "\n".join(lines)
+
+
 def run_demo(cfg: DemoConfig, *, threads: int | None = None) -> dict[str, Any]:
     """Runs the whole demo; returns the summary that is also written as JSON."""
     started = time.perf_counter()
@@ -160,7 +192,7 @@ def run_demo(cfg: DemoConfig, *, threads: int | None = None) -> dict[str, Any]:
     teacher = teacher.to(device)
     problems = student_problems(cfg.student_problems)
     test = held_out_problems(cfg.held_out, exclude=problems)
-    _say(f"[1/5] teacher ({teacher.num_parameters() / 1e3:.0f}k parameters) acts on "
+    _say(f"[teacher] ({teacher.num_parameters() / 1e3:.0f}k parameters) acts on "
          f"{len(problems)} training problems")  # fmt: skip
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     episodes = []
@@ -182,24 +214,26 @@ def run_demo(cfg: DemoConfig, *, threads: int | None = None) -> dict[str, Any]:
         "token_kd": TrajectoryDataset(all_items, logits),
         "span_kd": TrajectoryDataset(default_items, logits),
     }
-    students: dict[str, tuple[TinyLM, dict]] = {}
-    for i, name in enumerate(STUDENTS, start=2):
-        _say(f"[{i}/5] student {name}: {STUDENTS[name]}, {cfg.steps} steps")
-        t0 = time.perf_counter()
-        students[name] = _train_student(name, cfg, datasets[name], out, device)
-        phase(f"train {name}", t0)
-
-    _say(f"[5/5] every model acts on {len(test)} held-out problems")
-    t0 = time.perf_counter()
     references = encode([oracle_trajectory(p) for p in test])
+    t0 = time.perf_counter()
     rows = [_row("teacher", teacher, evaluate(teacher, test, references), None,
                  "SFT on oracle trajectories (shipped)")]  # fmt: skip
-    for name, (model, summary) in students.items():
-        rows.append(_row(name, model, evaluate(model, test, references), summary["seconds"],
-                         STUDENTS[name]))  # fmt: skip
-    phase("evaluation", t0)
+    phase("teacher on held-out problems", t0)
+    seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
+    curves: dict[str, list] = {}
+    for seed in seeds:
+        for i, name in enumerate(STUDENTS, start=1):
+            _say(f"[student {i}/3, seed {seed}] {name}: {STUDENTS[name]}, {cfg.steps} steps")
+            t0 = time.perf_counter()
+            model, trained = _train_student(name, cfg, seed, datasets[name], out, device)
+            curves.setdefault(name, trained["curve"])
+            row = _row(name, model, evaluate(model, test, references), trained["seconds"],
+                       STUDENTS[name])  # fmt: skip
+            rows.append({**row, "seed": seed})
+            phase(f"train + evaluate {name} (seed {seed})", t0)
 
-    print(format_table(rows))
+    agg = aggregate(rows)
+    print(format_table(rows) if cfg.seeds == 1 else format_seed_table(agg))
     summary = {
         "config": asdict(cfg),
         "teacher": {
@@ -208,7 +242,8 @@ def run_demo(cfg: DemoConfig, *, threads: int | None = None) -> dict[str, Any]:
             "training_problems": len(problems),
         },  # fmt: skip
         "rows": rows,
-        "curves": {name: s["curve"] for name, (_, s) in students.items()},
+        "aggregate": agg,
+        "curves": curves,
         "phases_seconds": phases,
         "total_seconds": time.perf_counter() - started,
         "environment": {
@@ -222,12 +257,12 @@ def run_demo(cfg: DemoConfig, *, threads: int | None = None) -> dict[str, Any]:
     _write_json(out / "summary.json", summary)
     write_demo_plot(
         out / "demo.png",
-        curves={name: s["curve"] for name, (_, s) in students.items()},
+        curves=curves,
         # Students first: bar i and curve i share a colour; the teacher comes last.
-        bars={r["model"]: r["success_rate"] for r in rows[1:] + rows[:1]},
+        bars={r["model"]: r["success_rate"] for r in agg[1:] + agg[:1]},
         title="kdcore demo: distilling a calculator agent",
         curve_title="student training loss (own objective)",
-        bar_title="held-out task success",
+        bar_title="held-out task success" + ("" if cfg.seeds == 1 else " (mean of seeds)"),
         y_log=True,
     )
     _say(f"wrote {out / 'summary.json'}, {out / 'demo.png'} and logs/ "
