@@ -94,11 +94,6 @@ def select(*tensors: torch.Tensor) -> str:
     return "torch"
 
 
-def require_kernel(op: str, *tensors: torch.Tensor) -> None:
-    """Raises a clear error when a kernel op is called on tensors it cannot take."""
-    kernel_backend(op, *tensors)
-
-
 def kernel_backend(op: str, *tensors: torch.Tensor) -> str:
     """The kernel backend of a registered op: ``"rust"`` for CPU tensors
     (``"triton"`` when ``KDCORE_BACKEND=triton``), ``"triton"`` for CUDA tensors.

@@ -594,10 +594,6 @@ def render_png(pixels: np.ndarray) -> bytes:
     return _PNG_SIGNATURE + _chunk(b"IHDR", header) + idat + _chunk(b"IEND", b"")
 
 
-def _write_atomic(path, data: bytes) -> None:
-    atomic_write(path, lambda f: f.write(data))
-
-
 def write_demo_plot(
     path,
     *,
@@ -624,4 +620,5 @@ def write_demo_plot(
     panel_top = 10 + _LINE_H * _S_TITLE + 8
     _line_panel(img, (0, panel_top, _SPLIT, HEIGHT), clean_curves, str(curve_title), bool(y_log))
     _bar_panel(img, (_SPLIT, panel_top, WIDTH, HEIGHT), clean_bars, str(bar_title))
-    _write_atomic(path, render_png(img))
+    data = render_png(img)
+    atomic_write(path, lambda f: f.write(data))
