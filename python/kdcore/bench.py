@@ -39,14 +39,29 @@ def torch_kd_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 
 def median_ms(fn: Callable[[], object], repeat: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return interleaved_medians_ms({"fn": (fn, repeat)}, warmup=warmup)["fn"]
+
+
+def interleaved_medians_ms(
+    contenders: dict[str, tuple[Callable[[], object], int]], warmup: int = 2
+) -> dict[str, float]:
+    """Median wall time (ms) of each ``name: (fn, repeat)``, timed in rounds.
+
+    Each round runs every contender that still needs samples once, so that
+    drift in the machine's load (this benchmark runs on shared hosts) falls on
+    all of them alike instead of on whichever was timed last.
+    """
+    for fn, _ in contenders.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for round_ in range(max(repeat for _, repeat in contenders.values())):
+        for name, (fn, repeat) in contenders.items():
+            if round_ < repeat:
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
 
 
 @dataclass
@@ -155,17 +170,23 @@ def _measure(case: Case, repeat: int, compile: bool, gen) -> dict:
     with torch.no_grad():
         ours, theirs = case.ours(student).double(), case.theirs(student).double()
     row["loss_rel_diff_vs_torch"] = abs(ours - theirs).item() / max(abs(theirs).item(), 1e-30)
-    row["kdcore_fwd_bwd_ms"] = median_ms(_fwd_bwd(case.ours, student), repeat)
-    row["kdcore_fwd_ms"] = median_ms(_fwd(case.ours, student), repeat)
-    row["eager_fwd_bwd_ms"] = median_ms(
-        _fwd_bwd(case.theirs, student), max(3, repeat // 2), warmup=1
-    )
-    row["eager_over_kdcore"] = row["eager_fwd_bwd_ms"] / row["kdcore_fwd_bwd_ms"]
-    row["fwd_bwd_over_fwd"] = row["kdcore_fwd_bwd_ms"] / row["kdcore_fwd_ms"]
+    contenders = {
+        "kdcore_fwd_bwd_ms": (_fwd_bwd(case.ours, student), repeat),
+        "kdcore_fwd_ms": (_fwd(case.ours, student), repeat),
+        # The cost of a fresh gradient-sized buffer (allocation and first
+        # touch of its pages): every f+b contender pays it at least once.
+        "grad_alloc_ms": (lambda: torch.empty_like(student).fill_(1.0), repeat),
+        "eager_fwd_bwd_ms": (_fwd_bwd(case.theirs, student), max(3, repeat // 2)),
+    }
     if compile:
         torch._dynamo.reset()
         compiled = torch.compile(case.theirs)
-        row["compile_fwd_bwd_ms"] = median_ms(_fwd_bwd(compiled, student), repeat)
+        contenders["compile_fwd_bwd_ms"] = (_fwd_bwd(compiled, student), repeat)
+    # Warm-up compiles the torch.compile contender; eager is warmed once.
+    row.update(interleaved_medians_ms(contenders, warmup=1))
+    row["eager_over_kdcore"] = row["eager_fwd_bwd_ms"] / row["kdcore_fwd_bwd_ms"]
+    row["fwd_bwd_over_fwd"] = row["kdcore_fwd_bwd_ms"] / row["kdcore_fwd_ms"]
+    if compile:
         row["compile_over_kdcore"] = row["compile_fwd_bwd_ms"] / row["kdcore_fwd_bwd_ms"]
     return row
 
@@ -173,7 +194,8 @@ def _measure(case: Case, repeat: int, compile: bool, gen) -> dict:
 def _table(rows: list[dict]) -> str:
     head = (
         f"{'op':>16} {'shape':>11} {'dtype':>8} | {'kdcore f+b':>10} {'kdcore fwd':>10} "
-        f"{'eager f+b':>10} {'compile f+b':>11} | {'eager/kd':>8} {'compile/kd':>10} {'f+b/fwd':>7}"
+        f"{'eager f+b':>10} {'compile f+b':>11} {'grad alloc':>10} | {'eager/kd':>8} "
+        f"{'compile/kd':>10} {'f+b/fwd':>7}"
     )
     lines = [head, "-" * len(head)]
     nan = float("nan")
@@ -181,7 +203,8 @@ def _table(rows: list[dict]) -> str:
         lines.append(
             f"{r['op']:>16} {r['shape']:>11} {r['dtype']:>8} | {r['kdcore_fwd_bwd_ms']:>10.2f} "
             f"{r['kdcore_fwd_ms']:>10.2f} {r['eager_fwd_bwd_ms']:>10.2f} "
-            f"{r.get('compile_fwd_bwd_ms', nan):>11.2f} | {r['eager_over_kdcore']:>8.1f} "
+            f"{r.get('compile_fwd_bwd_ms', nan):>11.2f} {r['grad_alloc_ms']:>10.2f} | "
+            f"{r['eager_over_kdcore']:>8.1f} "
             f"{r.get('compile_over_kdcore', nan):>10.2f} {r['fwd_bwd_over_fwd']:>7.2f}"
         )
     return "\n".join(lines)
