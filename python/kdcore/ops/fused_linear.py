@@ -5,11 +5,13 @@ fused Rust kernel; elsewhere the unfused reference)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
 
 import torch
 
 from .. import _dispatch, _validate, reference
 from .. import spans as _spans
+from ._grad import scale_rows
 from .distillation import _alpha, _check_label_range
 from .fused import DIVERGENCES
 from .kl import beta_value, kernel_divergence
@@ -69,52 +71,192 @@ def _pad(logits: torch.Tensor, vocab: int) -> torch.Tensor:
     return torch.cat([logits, pad], dim=-1)
 
 
+@dataclass(frozen=True)
+class _Problem:
+    """Everything one fused-linear call needs besides the student's h, W, b.
+
+    Rows are flattened: ``teacher_logits`` (N, V_t) or ``teacher_hidden``
+    (N, H_t) with ``teacher_weight`` (V_t, H_t), or ``topk_ids`` /
+    ``topk_logprobs`` (N, k); ``labels`` (N,) with masked rows set to 0;
+    ``div_weight`` and ``ce_weight`` are per-row weights of the two terms.
+    """
+
+    teacher_logits: torch.Tensor | None
+    teacher_hidden: torch.Tensor | None
+    teacher_weight: torch.Tensor | None
+    teacher_bias: torch.Tensor | None
+    topk_ids: torch.Tensor | None
+    topk_logprobs: torch.Tensor | None
+    labels: torch.Tensor | None
+    div_weight: torch.Tensor
+    ce_weight: torch.Tensor | None
+    temperature: float
+    teacher_temperature: float
+    tail: str
+    divergence: str  # the kernel's name (kernel_divergence)
+    beta: float
+    vocab: int
+    chunk_rows: int
+
+    def teacher_rows(self, start: int, stop: int) -> torch.Tensor:
+        with torch.no_grad():
+            if self.teacher_logits is not None:
+                return self.teacher_logits[start:stop].float()
+            return _logits(self.teacher_hidden[start:stop], self.teacher_weight, self.teacher_bias)
+
+    def chunk_loss(self, kernels, z_s: torch.Tensor, start: int, stop: int):
+        """Loss sum (float64) and gradient w.r.t. one chunk's student logits."""
+        # The CE term needs both labels and their weights.
+        hard = self.labels is not None and self.ce_weight is not None
+        y = self.labels[start:stop] if hard else None
+        ce = self.ce_weight[start:stop] if hard else None
+        div_w, t = self.div_weight[start:stop], self.temperature
+        code, beta = self.divergence, self.beta
+        if self.topk_ids is None:
+            z_t = _pad(self.teacher_rows(start, stop), self.vocab)
+            div_rows, ce_rows, g_z, _ = kernels.distill(
+                z_s, z_t, div_w, t, code, beta, y, ce, True, False
+            )
+            loss = div_rows.double().sum()
+            return loss + (ce_rows.double().sum() if ce_rows is not None else 0.0), g_z
+        div_rows, g_z = kernels.sparse_kl(
+            z_s, self.topk_ids[start:stop], self.topk_logprobs[start:stop], div_w, t,
+            self.teacher_temperature, self.tail, True,
+        )  # fmt: skip
+        loss = div_rows.double().sum()
+        if ce is not None:  # the hard-label term: the distill kernel with a zero divergence weight
+            _, ce_rows, g_ce, _ = kernels.distill(
+                z_s, z_s, torch.zeros_like(ce), 1.0, code, beta, y, ce, True, False
+            )
+            loss, g_z = loss + ce_rows.double().sum(), g_z + g_ce
+        return loss, g_z
+
+
+def _chunked(h, w, b, problem: _Problem, want_h: bool, want_w: bool, want_b: bool):
+    """The loss and every requested gradient, chunk by chunk over rows.
+
+    Returns ``(loss (float32, 0-d), grad_h, grad_w, grad_b)``, each gradient
+    None unless requested; the weight and bias gradients are accumulated in
+    fp32 and cast to their parameter's dtype at the end.
+    """
+    rows, device = h.shape[0], h.device
+    kernels = _dispatch.kernels("fused_linear_distillation_loss", h)  # _rust or _triton
+    grad_h = torch.empty_like(h) if want_h else None
+    grad_w = torch.zeros(w.shape, dtype=torch.float32, device=device) if want_w else None
+    grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=device) if want_b else None
+    # CPU: one fp32 copy of W (fp32 GEMMs are the fast ones there). CUDA, 16-bit:
+    # W stays as it is, cuBLAS accumulates in fp32 and returns fp32 logits; the
+    # chunk's logit gradient is rounded to W's dtype for the hidden-state GEMM.
+    w_mm = w if (device.type == "cuda" and w.dtype in _HALF) else w.float()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for start in range(0, rows, problem.chunk_rows):
+        stop = min(rows, start + problem.chunk_rows)
+        h_c = h[start:stop]
+        z_s = _mm32(h_c.to(w_mm.dtype), w_mm.t())
+        z_s = _pad(z_s + b.float() if b is not None else z_s, problem.vocab)
+        loss, g_z = problem.chunk_loss(kernels, z_s, start, stop)
+        total += loss
+        g_z = g_z[:, : w.shape[0]]
+        if want_h:
+            grad_h[start:stop] = _mm32(g_z.to(w_mm.dtype), w_mm).to(h.dtype)
+        if want_w:
+            grad_w.addmm_(g_z.t(), h_c.float())
+        if want_b:
+            grad_b += g_z.sum(0)
+    return (
+        total.float(),
+        grad_h,
+        None if grad_w is None else grad_w.to(w.dtype),
+        None if grad_b is None else grad_b.to(b.dtype),
+    )
+
+
 class _FusedLinearFunction(torch.autograd.Function):
-    """All gradients are computed chunk by chunk in forward; backward scales them."""
+    """Eager path: all gradients are computed chunk by chunk in forward;
+    backward scales them."""
 
     @staticmethod
-    def forward(ctx, h, w, b, chunk_loss, vocab, chunk_rows):
-        rows, device = h.shape[0], h.device
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(ctx, h, w, b, problem):
         want_b = b is not None and ctx.needs_input_grad[2]
-        grad_h = torch.empty_like(h) if want_h else None
-        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=device) if want_w else None
-        grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=device) if want_b else None
-        # CPU: one fp32 copy of W (fp32 GEMMs are the fast ones there). CUDA, 16-bit:
-        # W stays as it is, cuBLAS accumulates in fp32 and returns fp32 logits; the
-        # chunk's logit gradient is rounded to W's dtype for the hidden-state GEMM.
-        w_mm = w if (device.type == "cuda" and w.dtype in _HALF) else w.float()
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        for start in range(0, rows, chunk_rows):
-            stop = min(rows, start + chunk_rows)
-            h_c = h[start:stop]
-            z_s = _mm32(h_c.to(w_mm.dtype), w_mm.t())
-            z_s = _pad(z_s + b.float() if b is not None else z_s, vocab)
-            loss, g_z = chunk_loss(z_s, start, stop)
-            total += loss
-            g_z = g_z[:, : w.shape[0]]
-            if want_h:
-                grad_h[start:stop] = _mm32(g_z.to(w_mm.dtype), w_mm).to(h.dtype)
-            if want_w:
-                grad_w.addmm_(g_z.t(), h_c.float())
-            if want_b:
-                grad_b += g_z.sum(0)
-        ctx.save_for_backward(
-            grad_h,
-            None if grad_w is None else grad_w.to(w.dtype),
-            None if grad_b is None else grad_b.to(b.dtype),
-        )
-        return total.float()
+        loss, *grads = _chunked(h, w, b, problem, *ctx.needs_input_grad[:2], want_b)
+        ctx.save_for_backward(*grads)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out):
-        grads = []
-        for g in ctx.saved_tensors:
-            if g is None or (grad_out.device.type == "cpu" and grad_out.item() == 1.0):
-                grads.append(g)
-            else:
-                grads.append((g.float() * grad_out.float()).to(g.dtype))
-        return (*grads, None, None, None)
+        grads = [None if g is None else scale_rows(g, grad_out) for g in ctx.saved_tensors]
+        return (*grads, None)
+
+
+@torch.library.custom_op("kdcore::fused_linear_distill", mutates_args=())
+def fused_linear_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    teacher_logits: torch.Tensor | None,
+    teacher_hidden: torch.Tensor | None,
+    teacher_weight: torch.Tensor | None,
+    teacher_bias: torch.Tensor | None,
+    topk_ids: torch.Tensor | None,
+    topk_logprobs: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    div_weight: torch.Tensor,
+    ce_weight: torch.Tensor | None,
+    temperature: float,
+    teacher_temperature: float,
+    tail: str,
+    divergence: str,
+    beta: float,
+    vocab: int,
+    chunk_rows: int,
+    grad_hidden: bool,
+    grad_weight: bool,
+    grad_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The traceable twin of the eager path: (loss, grad_h, grad_w, grad_b),
+    gradients not asked for are empty. Only the loss is differentiable."""
+    problem = _Problem(
+        teacher_logits, teacher_hidden, teacher_weight, teacher_bias, topk_ids, topk_logprobs,
+        labels, div_weight, ce_weight, temperature, teacher_temperature, tail, divergence, beta,
+        vocab, chunk_rows,
+    )  # fmt: skip
+    loss, gh, gw, gb = _chunked(hidden, weight, bias, problem, grad_hidden, grad_weight, grad_bias)
+    return (
+        loss,
+        gh if gh is not None else hidden.new_empty(0),
+        gw if gw is not None else weight.new_empty(0),
+        gb if gb is not None else weight.new_empty(0),
+    )
+
+
+@fused_linear_op.register_fake
+def _(hidden, weight, bias, *args):
+    grad_hidden, grad_weight, grad_bias = args[-3:]
+    return (
+        hidden.new_empty((), dtype=torch.float32),
+        torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0),
+        torch.empty_like(weight) if grad_weight else weight.new_empty(0),
+        weight.new_empty(weight.shape[0], dtype=bias.dtype) if grad_bias else weight.new_empty(0),
+    )
+
+
+def _op_setup(ctx, inputs, output) -> None:
+    ctx.wants = inputs[-3:]
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(*output[1:])
+
+
+def _op_backward(ctx, grad_loss, *_):
+    grads = [scale_rows(g, grad_loss) if want else None
+             for g, want in zip(ctx.saved_tensors, ctx.wants, strict=True)]  # fmt: skip
+    return (*grads, *([None] * 19))
+
+
+fused_linear_op.register_autograd(_op_backward, setup_context=_op_setup)
+
+
+def _needs_grad(x: torch.Tensor | None) -> bool:
+    return x is not None and x.requires_grad and torch.is_grad_enabled()
 
 
 def fused_linear_distillation_loss(
@@ -240,16 +382,10 @@ def fused_linear_distillation_loss(
     vocab = max(vocab_s, vocab_t)
     if labels is not None:
         labels = _validate.labels(labels, lead, h)
-        _check_label_range(labels, vocab_s, ignore_index)
+        if not torch.compiler.is_compiling():
+            _check_label_range(labels, vocab_s, ignore_index)
     elif a > 0:
         raise ValueError(f"alpha={a} weights a hard-label term: pass labels")
-
-    def teacher_rows(start: int, stop: int) -> torch.Tensor:
-        with torch.no_grad():
-            if teacher_logits is not None:
-                return teacher_logits.reshape(-1, vocab_t)[start:stop].float()
-            th2 = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-            return _logits(th2[start:stop], teacher_weight, teacher_bias)
 
     h2 = h.reshape(-1, h.shape[-1])
     rows = h2.shape[0]
@@ -271,55 +407,43 @@ def fused_linear_distillation_loss(
     ce_w = base * a if labels is not None else None
     safe = None if labels is None else torch.where(valid, labels.reshape(-1), 0)
 
-    backend = _dispatch.select(h, w)
-    if backend not in ("rust", "triton"):
-        return _unfused(h2, w, student_bias, teacher_rows, topk, safe, div_w, ce_w, t, t0, tail,
-                        divergence, beta, vocab)  # fmt: skip
     budget = CHUNK_BUDGET_BYTES.get(h.device.type, CHUNK_BUDGET_BYTES["cpu"])
     chunk = chunk_size or max(MIN_CHUNK_ROWS, budget // (vocab * 4 * 3))
-    if not isinstance(chunk, int) or chunk < 1:
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    code = kernel_divergence(divergence, beta)
-    kernels = _dispatch.kernels("fused_linear_distillation_loss", h)  # _rust or _triton
-
-    def chunk_loss(z_s: torch.Tensor, start: int, stop: int):
-        """Loss sum and gradient w.r.t. one chunk's student logits."""
-        y = None if safe is None else safe[start:stop]
-        ce = None if ce_w is None else ce_w[start:stop]
-        if topk is None:
-            div_rows, ce_rows, g_z, _ = kernels.distill(
-                z_s, _pad(teacher_rows(start, stop), vocab), div_w[start:stop], t, code, beta,
-                y, ce, True, False,
-            )  # fmt: skip
-            loss = div_rows.double().sum()
-            return loss + (ce_rows.double().sum() if ce_rows is not None else 0.0), g_z
-        div_rows, g_z = kernels.sparse_kl(
-            z_s, topk[0][start:stop], topk[1][start:stop], div_w[start:stop], t, t0, tail, True
-        )
-        loss = div_rows.double().sum()
-        if ce is not None:  # the hard-label term: the distill kernel with a zero divergence weight
-            _, ce_rows, g_ce, _ = kernels.distill(
-                z_s, z_s, torch.zeros_like(ce), 1.0, code, beta, y, ce, True, False
-            )
-            loss, g_z = loss + ce_rows.double().sum(), g_z + g_ce
-        return loss, g_z
-
-    return _FusedLinearFunction.apply(h2, w, student_bias, chunk_loss, vocab, chunk)
+    problem = _Problem(
+        None if teacher_logits is None else teacher_logits.reshape(-1, vocab_t),
+        None if teacher_hidden is None else teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
+        teacher_weight, teacher_bias,
+        None if topk is None else topk[0], None if topk is None else topk[1],
+        safe, div_w, ce_w, t, t0, tail, kernel_divergence(divergence, beta), beta, vocab, chunk,
+    )  # fmt: skip
+    if _dispatch.select(h, w) not in ("rust", "triton"):
+        return _unfused(h2, w, student_bias, problem, divergence)
+    if not torch.compiler.is_compiling():
+        return _FusedLinearFunction.apply(h2, w, student_bias, problem)
+    loss, *_ = fused_linear_op(
+        h2, w, student_bias, *(getattr(problem, f.name) for f in fields(problem)),
+        _needs_grad(h2), _needs_grad(w), _needs_grad(student_bias),
+    )  # fmt: skip
+    return loss
 
 
-def _unfused(h2, w, bias, teacher_rows, topk, safe, div_w, ce_w, t, t0, tail, divergence, beta,
-             vocab) -> torch.Tensor:  # fmt: skip
+def _unfused(h2, w, bias, problem: _Problem, divergence: str) -> torch.Tensor:
     """The reference path (devices without a kernel, float64): full logits, autograd."""
     out_dtype = torch.float64 if h2.dtype == torch.float64 else torch.float32
-    z_s = _pad(_logits(h2, w, bias).to(_dispatch.reference_dtype(h2.device)), vocab)
-    keep = div_w > 0
-    if topk is None:
-        z_t = _pad(teacher_rows(0, h2.shape[0]).to(z_s.dtype), vocab)
-        div = reference.divergence_rows(z_s, z_t, divergence, beta, t)
+    z_s = _pad(_logits(h2, w, bias).to(_dispatch.reference_dtype(h2.device)), problem.vocab)
+    div_w, ce_w, t = problem.div_weight, problem.ce_weight, problem.temperature
+    if problem.topk_ids is None:
+        z_t = _pad(problem.teacher_rows(0, h2.shape[0]).to(z_s.dtype), problem.vocab)
+        div = reference.divergence_rows(z_s, z_t, divergence, problem.beta, t)
     else:
-        div = reference.sparse_kl_rows(z_s, topk[0], topk[1].to(z_s.dtype), t, t0, tail)
-    total = torch.where(keep, div * div_w.to(z_s.dtype), 0.0).sum()
+        lps = problem.topk_logprobs.to(z_s.dtype)
+        div = reference.sparse_kl_rows(
+            z_s, problem.topk_ids, lps, t, problem.teacher_temperature, problem.tail
+        )
+    total = torch.where(div_w > 0, div * div_w.to(z_s.dtype), 0.0).sum()
     if ce_w is not None:
-        ce = reference.cross_entropy_rows(z_s, safe)
+        ce = reference.cross_entropy_rows(z_s, problem.labels)
         total = total + torch.where(ce_w > 0, ce * ce_w.to(z_s.dtype), 0.0).sum()
     return total.to(out_dtype)
