@@ -416,8 +416,13 @@ fn grad_pass<S: Element, T: Element, G: GradTerm>(
                 for i in 0..LANES {
                     d[i] += e1[i] * z1_inv * w;
                 }
-                if span.contains(&label) {
-                    d[label - j * LANES] -= w;
+                // A constant-index select, not `d[label - j * LANES]`: a
+                // run-time index would keep `d` in memory for every chunk.
+                let at = label.wrapping_sub(j * LANES);
+                for (i, v) in d.iter_mut().enumerate() {
+                    if i == at {
+                        *v -= w;
+                    }
                 }
             }
             store(&mut g[span.clone()], &d);
