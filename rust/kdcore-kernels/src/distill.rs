@@ -29,7 +29,8 @@ use std::cell::RefCell;
 use crate::element::Element;
 use crate::error::{check_len, inverse_temperature, KernelError};
 use crate::rows::{
-    load_shifted, row_max, run_blocks, split_rows, store, wide_sum, widen_into, Blocking, Wide, RUN,
+    row_max, run_blocks, runs, shift, split_rows, store, wide_sum, widen_into, Blocking, PaddedRow,
+    Wide, RUN,
 };
 use crate::simd::{exp_nonpos_lanes, log_add_exp, Arch, SimdLevel, LANES};
 use crate::simd_dispatch;
@@ -144,55 +145,18 @@ fn distill_row<A: Arch, S: Element, T: Element>(
 ) -> (f32, f32) {
     let inv_t = plan.inv_t;
     let (max_s, max_t) = (row_max(s), row_max(t));
-    let forward_kl = plan.divergence == Divergence::Kl;
-    let reverse_kl = plan.divergence == Divergence::ReverseKl;
-    let (mut zs, mut zt, mut z1, mut cross): (Wide, Wide, Wide, Wide) = Default::default();
-    for (r, (run_s, run_t)) in s.chunks(RUN).zip(t.chunks(RUN)).enumerate() {
-        let (mut zs_run, mut zt_run) = ([0.0; LANES], [0.0; LANES]);
-        let (mut z1_run, mut cross_run) = ([0.0; LANES], [0.0; LANES]);
-        for (k, (cs, ct)) in run_s.chunks(LANES).zip(run_t.chunks(LANES)).enumerate() {
-            let k = r * (RUN / LANES) + k;
-            let a = load_shifted(cs, max_s, inv_t);
-            let b = load_shifted(ct, max_t, inv_t);
-            let (es, et) = (exp_nonpos_lanes::<A>(&a), exp_nonpos_lanes::<A>(&b));
-            for i in 0..LANES {
-                zs_run[i] += es[i];
-                zt_run[i] += et[i];
-            }
-            if forward_kl {
-                for i in 0..LANES {
-                    cross_run[i] += if et[i] > 0.0 {
-                        et[i] * (b[i] - a[i])
-                    } else {
-                        0.0
-                    };
-                }
-            } else if reverse_kl {
-                for i in 0..LANES {
-                    cross_run[i] += if es[i] > 0.0 {
-                        es[i] * (a[i] - b[i])
-                    } else {
-                        0.0
-                    };
-                }
-            }
-            if plan.ce_t1 {
-                let e1 = exp_nonpos_lanes::<A>(&load_shifted(cs, max_s, 1.0));
-                for i in 0..LANES {
-                    z1_run[i] += e1[i];
-                }
-                copy_lanes(lanes_mut(sc.e1, k), &e1);
-            }
-            if plan.keep {
-                copy_lanes(lanes_mut(sc.es, k), &es);
-                copy_lanes(lanes_mut(sc.et, k), &et);
-            }
+    let (ps, pt) = (PaddedRow::new(s), PaddedRow::new(t));
+    // One instance per cross term: with a run-time choice inside the loop the
+    // compiler merges the two forms through pointers to stack copies.
+    let (zs, zt, z1, cross) = match plan.divergence {
+        Divergence::Kl => {
+            partition_pass::<A, S, T, CROSS_FORWARD>(&ps, &pt, max_s, max_t, plan, sc)
         }
-        widen_into(&mut zs, &zs_run);
-        widen_into(&mut zt, &zt_run);
-        widen_into(&mut z1, &z1_run);
-        widen_into(&mut cross, &cross_run);
-    }
+        Divergence::ReverseKl => {
+            partition_pass::<A, S, T, CROSS_REVERSE>(&ps, &pt, max_s, max_t, plan, sc)
+        }
+        _ => partition_pass::<A, S, T, CROSS_NONE>(&ps, &pt, max_s, max_t, plan, sc),
+    };
     let (zs, zt) = (wide_sum(&zs), wide_sum(&zt));
     let (log_zs, log_zt) = (zs.ln(), zt.ln());
     let stats = RowStats {
@@ -256,6 +220,75 @@ fn distill_row<A: Arch, S: Element, T: Element>(
         }
     }
     (loss, ce_loss)
+}
+
+/// Which cross term the partition pass sums (forward KL: Σ e^b (b − a);
+/// reverse KL: Σ e^a (a − b)).
+const CROSS_NONE: u8 = 0;
+const CROSS_FORWARD: u8 = 1;
+const CROSS_REVERSE: u8 = 2;
+
+/// The exponentials pass of a row: lane sums of e^a, e^b, e^{s − max s} (CE
+/// at T = 1) and the cross term, widened per run; e^a, e^b (and e^{s − max s})
+/// kept in scratch when later passes read them.
+#[inline(always)]
+fn partition_pass<A: Arch, S: Element, T: Element, const CROSS: u8>(
+    ps: &PaddedRow<'_, S>,
+    pt: &PaddedRow<'_, T>,
+    max_s: f32,
+    max_t: f32,
+    plan: Plan,
+    sc: &mut Scratch<'_>,
+) -> (Wide, Wide, Wide, Wide) {
+    let inv_t = plan.inv_t;
+    let (mut zs, mut zt, mut z1, mut cross): (Wide, Wide, Wide, Wide) = Default::default();
+    for run in runs(ps.chunks()) {
+        let (mut zs_run, mut zt_run) = ([0.0; LANES], [0.0; LANES]);
+        let (mut z1_run, mut cross_run) = ([0.0; LANES], [0.0; LANES]);
+        for k in run {
+            let (cs, ct) = (ps.chunk(k), pt.chunk(k));
+            let a = shift(cs, max_s, inv_t);
+            let b = shift(ct, max_t, inv_t);
+            let (es, et) = (exp_nonpos_lanes::<A>(&a), exp_nonpos_lanes::<A>(&b));
+            for i in 0..LANES {
+                zs_run[i] += es[i];
+                zt_run[i] += et[i];
+            }
+            if CROSS == CROSS_FORWARD {
+                for i in 0..LANES {
+                    cross_run[i] += if et[i] > 0.0 {
+                        et[i] * (b[i] - a[i])
+                    } else {
+                        0.0
+                    };
+                }
+            } else if CROSS == CROSS_REVERSE {
+                for i in 0..LANES {
+                    cross_run[i] += if es[i] > 0.0 {
+                        es[i] * (a[i] - b[i])
+                    } else {
+                        0.0
+                    };
+                }
+            }
+            if plan.ce_t1 {
+                let e1 = exp_nonpos_lanes::<A>(&shift(cs, max_s, 1.0));
+                for i in 0..LANES {
+                    z1_run[i] += e1[i];
+                }
+                copy_lanes(lanes_mut(sc.e1, k), &e1);
+            }
+            if plan.keep {
+                copy_lanes(lanes_mut(sc.es, k), &es);
+                copy_lanes(lanes_mut(sc.et, k), &et);
+            }
+        }
+        widen_into(&mut zs, &zs_run);
+        widen_into(&mut zt, &zt_run);
+        widen_into(&mut z1, &z1_run);
+        widen_into(&mut cross, &cross_run);
+    }
+    (zs, zt, z1, cross)
 }
 
 /// Per-row constants of the gradient pass.
@@ -384,10 +417,11 @@ fn grad_pass<S: Element, T: Element, G: GradTerm>(
 ) {
     let (stats, inv_t) = (k.stats, plan.inv_t);
     let need_s = (G::LOGITS_S && grad_s.is_some()) || (G::LOGITS_T && grad_t.is_some());
-    for (j, (cs, ct)) in s.chunks(LANES).zip(t.chunks(LANES)).enumerate() {
+    let (ps, pt) = (PaddedRow::new(s), PaddedRow::new(t));
+    for j in 0..ps.chunks() {
         let (a, b) = if need_s {
-            let a = load_shifted(cs, stats.max_s, inv_t);
-            (a, load_shifted(ct, stats.max_t, inv_t))
+            let a = shift(ps.chunk(j), stats.max_s, inv_t);
+            (a, shift(pt.chunk(j), stats.max_t, inv_t))
         } else {
             ([0.0; LANES], [0.0; LANES])
         };
@@ -405,7 +439,7 @@ fn grad_pass<S: Element, T: Element, G: GradTerm>(
             q_m: lanes(sc.q_m, j),
             p_m: lanes(sc.p_m, j),
         };
-        let span = j * LANES..j * LANES + cs.len();
+        let span = ps.span(j);
         if let Some(g) = grad_s.as_deref_mut() {
             let mut d = [0.0; LANES];
             for (i, v) in d.iter_mut().enumerate() {
@@ -490,12 +524,12 @@ fn jsd_sums<A: Arch, S: Element, T: Element>(
 ) -> (f64, f64, f64) {
     let (log_beta, log_rest) = (beta.ln(), (1.0 - beta).ln());
     let (mut klq, mut klp): (Wide, Wide) = Default::default();
-    for (r, (run_s, run_t)) in s.chunks(RUN).zip(t.chunks(RUN)).enumerate() {
+    let (ps, pt) = (PaddedRow::new(s), PaddedRow::new(t));
+    for run in runs(ps.chunks()) {
         let (mut klq_run, mut klp_run) = ([0.0; LANES], [0.0; LANES]);
-        for (k, (cs, ct)) in run_s.chunks(LANES).zip(run_t.chunks(LANES)).enumerate() {
-            let k = r * (RUN / LANES) + k;
-            let a = load_shifted(cs, stats.max_s, inv_t);
-            let b = load_shifted(ct, stats.max_t, inv_t);
+        for k in run {
+            let a = shift(ps.chunk(k), stats.max_s, inv_t);
+            let b = shift(pt.chunk(k), stats.max_t, inv_t);
             let (es, et) = (lanes(sc.es, k), lanes(sc.et, k));
             let (mut q_m, mut p_m) = ([0.0; LANES], [0.0; LANES]);
             for i in 0..LANES {

@@ -1,5 +1,6 @@
-//! Helpers shared by the row kernels: widening loads and narrowing stores of
-//! lane chunks, lane reductions, and the parallel loop over blocks of rows.
+//! Helpers shared by the row kernels: rows as padded lane chunks, widening
+//! loads and narrowing stores, lane reductions, and the parallel loop over
+//! blocks of rows.
 
 use rayon::prelude::*;
 
@@ -11,51 +12,84 @@ use crate::simd::{Lanes, LANES};
 /// pool costs more than the work (a 1 x 8 call must take microseconds).
 const PARALLEL_MIN_ELEMENTS: usize = 1 << 15;
 
-// The partial-chunk paths below index their lane arrays with constants only
-// (a fixed-length loop over the lanes with a bounds test on the slice): an array indexed by
-// a run-time length must live in memory, and the hot full-chunk path would
-// then go through the stack too (store-forwarding stalls measured at ~25% of
-// the KL kernel's time).
-
-/// Widens `src` (at most `LANES` long) to f32, padding with `fill`.
+/// One full chunk, widened to f32.
 #[inline(always)]
-pub(crate) fn load<E: Element>(src: &[E], fill: f32) -> Lanes {
-    let mut v = [fill; LANES];
-    if let Ok(full) = <&[E; LANES]>::try_from(src) {
-        for i in 0..LANES {
-            v[i] = full[i].to_f32();
-        }
-    } else {
-        for (i, lane) in v.iter_mut().enumerate() {
-            if let Some(x) = src.get(i) {
-                *lane = x.to_f32();
-            }
-        }
-    }
-    v
+pub(crate) fn widen<E: Element>(src: &[E; LANES]) -> Lanes {
+    std::array::from_fn(|i| src[i].to_f32())
 }
 
-/// (x − max) / T for one chunk of at most `LANES`, widened; padding lanes are
-/// −inf. (One loop for load and shift: a bare widening load of f32 compiles
-/// to a memcpy through the stack.)
+/// (x − max) / T for one full chunk, widened.
 #[inline(always)]
-pub(crate) fn load_shifted<E: Element>(src: &[E], max: f32, inv_t: f32) -> Lanes {
-    let mut v = [f32::NEG_INFINITY; LANES];
-    if let Ok(full) = <&[E; LANES]>::try_from(src) {
-        for i in 0..LANES {
-            v[i] = (full[i].to_f32() - max) * inv_t;
-        }
-    } else {
-        for (i, lane) in v.iter_mut().enumerate() {
-            if let Some(x) = src.get(i) {
-                *lane = (x.to_f32() - max) * inv_t;
-            }
+pub(crate) fn shift<E: Element>(src: &[E; LANES], max: f32, inv_t: f32) -> Lanes {
+    std::array::from_fn(|i| (src[i].to_f32() - max) * inv_t)
+}
+
+/// The chunk indices `0..chunks` in runs of `RUN` elements: lane sums are
+/// kept in f32 within a run and widened to f64 after it.
+#[inline(always)]
+pub(crate) fn runs(chunks: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    const PER_RUN: usize = RUN / LANES;
+    (0..chunks)
+        .step_by(PER_RUN)
+        .map(move |start| start..(start + PER_RUN).min(chunks))
+}
+
+/// A row seen as full lane chunks: chunk k is the row's own memory, except a
+/// partial last chunk, which is a copy padded with −inf (probability 0 after
+/// the shift). Loop bodies so never handle a short chunk, whose run-time
+/// length would push their lane arrays through the stack.
+pub(crate) struct PaddedRow<'a, E> {
+    row: &'a [E],
+    full: usize,
+    tail: [E; LANES],
+}
+
+impl<'a, E: Element> PaddedRow<'a, E> {
+    #[inline(always)]
+    pub fn new(row: &'a [E]) -> Self {
+        Self::filled(row, f32::NEG_INFINITY)
+    }
+
+    /// Padding with `fill` instead of −inf.
+    #[inline(always)]
+    pub fn filled(row: &'a [E], fill: f32) -> Self {
+        let full = row.len() / LANES;
+        let mut tail = [E::from_f32(fill); LANES];
+        let rest = &row[full * LANES..];
+        tail[..rest.len()].copy_from_slice(rest);
+        PaddedRow { row, full, tail }
+    }
+
+    /// Number of chunks, the padded one included.
+    #[inline(always)]
+    pub fn chunks(&self) -> usize {
+        self.row.len().div_ceil(LANES)
+    }
+
+    /// The element range of chunk k within the row (shorter for the last).
+    #[inline(always)]
+    pub fn span(&self, k: usize) -> std::ops::Range<usize> {
+        k * LANES..((k + 1) * LANES).min(self.row.len())
+    }
+
+    #[inline(always)]
+    pub fn chunk(&self, k: usize) -> &[E; LANES] {
+        if k < self.full {
+            self.row[k * LANES..(k + 1) * LANES]
+                .try_into()
+                .expect("LANES long")
+        } else {
+            &self.tail
         }
     }
-    v
 }
 
 /// Narrows the first `dst.len()` (at most `LANES`) lanes into `dst`.
+///
+/// The partial path indexes `v` with constants only (a fixed-length loop with
+/// a bounds test on `dst`): a lane array indexed by a run-time length must
+/// live in memory, and the full-chunk path would then go through the stack
+/// too.
 #[inline(always)]
 pub(crate) fn store<E: Element>(dst: &mut [E], v: &Lanes) {
     if let Ok(full) = <&mut [E; LANES]>::try_from(&mut *dst) {

@@ -6,8 +6,8 @@
 use crate::element::Element;
 use crate::error::{check_len, inverse_temperature, KernelError};
 use crate::rows::{
-    add_into, load, load_shifted, row_max, run_blocks, store, wide_sum, widen_into, Blocking, Wide,
-    RUN,
+    add_into, row_max, run_blocks, runs, shift, store, wide_sum, widen, widen_into, Blocking,
+    PaddedRow, Wide,
 };
 use crate::simd::{exp_lanes, exp_nonpos_lanes, madd, Arch, SimdLevel, LANES};
 use crate::simd_dispatch;
@@ -26,10 +26,11 @@ pub enum SoftmaxKind {
 pub(crate) fn row_log_partition<A: Arch, E: Element>(row: &[E], inv_t: f32) -> (f32, f64) {
     let max = row_max(row);
     let mut z = Wide::default();
-    for run in row.chunks(RUN) {
+    let padded = PaddedRow::new(row);
+    for run in runs(padded.chunks()) {
         let mut z_run = [0.0; LANES];
-        for chunk in run.chunks(LANES) {
-            let s = load_shifted(chunk, max, inv_t);
+        for k in run {
+            let s = shift(padded.chunk(k), max, inv_t);
             add_into(&mut z_run, &exp_nonpos_lanes::<A>(&s));
         }
         widen_into(&mut z, &z_run);
@@ -43,8 +44,9 @@ fn softmax_block<A: Arch, E: Element>(x: &[E], out: &mut [E], cols: usize, inv_t
         let (max, log_z) = row_log_partition::<A, E>(row, inv_t);
         let log_z = log_z as f32;
         let inv_z = (-log_z).exp();
-        for (chunk, dst) in row.chunks(LANES).zip(out_row.chunks_mut(LANES)) {
-            let s = load_shifted(chunk, max, inv_t);
+        let padded = PaddedRow::new(row);
+        for k in 0..padded.chunks() {
+            let s = shift(padded.chunk(k), max, inv_t);
             let mut y = [0.0; LANES];
             if log {
                 for i in 0..LANES {
@@ -56,7 +58,7 @@ fn softmax_block<A: Arch, E: Element>(x: &[E], out: &mut [E], cols: usize, inv_t
                     y[i] = e[i] * inv_z;
                 }
             }
-            store(dst, &y);
+            store(&mut out_row[padded.span(k)], &y);
         }
     }
 }
@@ -74,10 +76,11 @@ fn softmax_backward_block<A: Arch, E: Element>(
     for ((y_row, g_row), dx_row) in rows.zip(grad_x.chunks_mut(cols)) {
         // softmax: dx = y (g - Σ g y) / T;  log_softmax: dx = (g - e^y Σ g) / T
         let mut acc = Wide::default();
-        for (run_y, run_g) in y_row.chunks(RUN).zip(g_row.chunks(RUN)) {
+        let (py, pg) = (PaddedRow::filled(y_row, 0.0), PaddedRow::filled(g_row, 0.0));
+        for run in runs(py.chunks()) {
             let mut acc_run = [0.0; LANES];
-            for (yc, gc) in run_y.chunks(LANES).zip(run_g.chunks(LANES)) {
-                let (yv, gv) = (load(yc, 0.0), load(gc, 0.0));
+            for k in run {
+                let (yv, gv) = (widen(py.chunk(k)), widen(pg.chunk(k)));
                 for i in 0..LANES {
                     acc_run[i] = if log {
                         acc_run[i] + gv[i]
@@ -89,9 +92,8 @@ fn softmax_backward_block<A: Arch, E: Element>(
             widen_into(&mut acc, &acc_run);
         }
         let total = wide_sum(&acc) as f32;
-        let chunks = y_row.chunks(LANES).zip(g_row.chunks(LANES));
-        for ((yc, gc), dst) in chunks.zip(dx_row.chunks_mut(LANES)) {
-            let (yv, gv) = (load(yc, 0.0), load(gc, 0.0));
+        for k in 0..py.chunks() {
+            let (yv, gv) = (widen(py.chunk(k)), widen(pg.chunk(k)));
             let mut dx = [0.0; LANES];
             if log {
                 // y is whatever the caller saved: use the general exp.
@@ -104,7 +106,7 @@ fn softmax_backward_block<A: Arch, E: Element>(
                     dx[i] = yv[i] * (gv[i] - total) * inv_t;
                 }
             }
-            store(dst, &dx);
+            store(&mut dx_row[py.span(k)], &dx);
         }
     }
 }

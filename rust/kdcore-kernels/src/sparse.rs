@@ -25,7 +25,8 @@ use std::cell::RefCell;
 use crate::element::Element;
 use crate::error::{check_len, inverse_temperature, KernelError};
 use crate::rows::{
-    load_shifted, row_max, run_blocks, split_rows, store, wide_sum, widen_into, Blocking, Wide, RUN,
+    row_max, run_blocks, runs, shift, split_rows, store, wide_sum, widen_into, Blocking, PaddedRow,
+    Wide,
 };
 use crate::simd::{exp_nonpos_lanes, Arch, SimdLevel, LANES};
 use crate::simd_dispatch;
@@ -122,11 +123,12 @@ fn sparse_row<A: Arch, S: Element>(
     }
     let max = row_max(s);
     let (mut z, mut z_tail): (Wide, Wide) = Default::default();
-    for (r, run) in s.chunks(RUN).enumerate() {
+    let padded = PaddedRow::new(s);
+    for run in runs(padded.chunks()) {
         let (mut z_run, mut tail_run) = ([0.0; LANES], [0.0; LANES]);
-        for (k, chunk) in run.chunks(LANES).enumerate() {
-            let at = (r * (RUN / LANES) + k) * LANES;
-            let e = exp_nonpos_lanes::<A>(&load_shifted(chunk, max, inv_t));
+        for k in run {
+            let at = k * LANES;
+            let e = exp_nonpos_lanes::<A>(&shift(padded.chunk(k), max, inv_t));
             let out = &outside[at..at + LANES];
             for i in 0..LANES {
                 z_run[i] += e[i];
