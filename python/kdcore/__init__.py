@@ -9,6 +9,7 @@ op, so autograd and ``torch.compile(fullgraph=True)`` work through it.
 from __future__ import annotations
 
 from . import nn, reference
+from ._memory import empty_cache
 from ._native import simd_level
 from ._threads import get_num_threads, set_num_threads
 from .ops.distillation import distillation_loss
@@ -25,6 +26,7 @@ __all__ = [
     "DEFAULT_SPAN_WEIGHTS",
     "Span",
     "distillation_loss",
+    "empty_cache",
     "fused_linear_distillation_loss",
     "get_num_threads",
     "jsd_loss",
