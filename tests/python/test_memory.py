@@ -120,3 +120,33 @@ def test_the_limit_is_respected():
     assert cache.take(2 << 20) is None  # a third would pass the limit: plain allocation
     del held[0]
     assert cache.take(2 << 20) is not None  # the idle one is reused
+
+
+def test_two_threads_with_recycled_buffers_match_sequential_results():
+    """Threads taking buffers from the cache at once never share one."""
+    import threading
+
+    t = make_logits(BIG, torch.float32, seed=5)
+    students = [make_logits(BIG, torch.float32, seed=20 + i) for i in range(8)]
+
+    def grad(s):
+        s = s.clone().requires_grad_()
+        (g,) = torch.autograd.grad(kdcore.kl_loss(s, t, temperature=2.0), s)
+        return g
+
+    expected = [grad(s).clone() for s in students]
+    got: dict[int, torch.Tensor] = {}
+
+    def worker(indices):
+        for _ in range(3):  # repeated calls recycle buffers while the other thread runs
+            for i in indices:
+                got[i] = grad(students[i])
+
+    threads = [threading.Thread(target=worker, args=(range(k, 8, 2),)) for k in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len({g.data_ptr() for g in got.values()}) == len(got)  # all held at once: distinct
+    for i, g in got.items():
+        assert torch.equal(g, expected[i]), i
