@@ -3,9 +3,10 @@
 Runs each variant in its own process (peak RSS is per process) at the issue's
 shape, 2048 rows x H 512 x V 32000 fp32, alpha 0.5, T 2:
 
-    python benches/cpu_fused_linear_memory.py          # all three variants
+    python benches/cpu_fused_linear_memory.py          # all four variants
 
-fused: kdcore.fused_linear_distillation_loss; unfused_kdcore: logits, then
+fused: kdcore.fused_linear_distillation_loss (row chunks); fused_vocab: the same
+with chunk_over="vocab"; unfused_kdcore: logits, then
 kdcore.distillation_loss; unfused_eager: logits, then the plain PyTorch formula.
 """
 
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("fused", "unfused_kdcore", "unfused_eager")
+VARIANTS = ("fused", "fused_vocab", "unfused_kdcore", "unfused_eager")
 
 
 def measure(variant: str) -> None:
@@ -40,6 +41,12 @@ def measure(variant: str) -> None:
             h, w, teacher_hidden=th, teacher_weight=tw, labels=labels, alpha=0.5, temperature=temp
         )
 
+    def fused_vocab():
+        return kdcore.fused_linear_distillation_loss(
+            h, w, teacher_hidden=th, teacher_weight=tw, labels=labels, alpha=0.5, temperature=temp,
+            chunk_over="vocab",
+        )  # fmt: skip
+
     def unfused_kdcore():
         with torch.no_grad():
             zt = th @ tw.t()
@@ -53,7 +60,8 @@ def measure(variant: str) -> None:
         kd = F.kl_div(ls, lt, log_target=True, reduction="batchmean") * temp**2
         return 0.5 * F.cross_entropy(zs, labels) + 0.5 * kd
 
-    fn = {"fused": fused, "unfused_kdcore": unfused_kdcore, "unfused_eager": unfused_eager}
+    fn = {"fused": fused, "fused_vocab": fused_vocab, "unfused_kdcore": unfused_kdcore,
+          "unfused_eager": unfused_eager}  # fmt: skip
     step = fn[variant]
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step().backward()

@@ -466,8 +466,9 @@ def tuned_config() -> dict:
 
 def fused_linear_case(args, results: list[dict], rows=8192, vocab=128256, hs=2048, ht=4096):
     """Fused linear + KL at the ANCHORS shape: gradients for the student's hidden
-    states and lm_head; kdcore (row chunks, fp32 logits, Triton loss kernel) vs
-    torch eager on the full logits. Checked first against float64 on 256 rows."""
+    states and lm_head; kdcore (row chunks: fp32 logits, Triton loss kernel;
+    vocab chunks: two passes, no fp32 weight-gradient accumulator) vs torch
+    eager on the full logits. Checked first against float64 on 256 rows."""
     import kdcore
 
     gen = torch.Generator(device="cuda").manual_seed(3)
@@ -479,17 +480,20 @@ def fused_linear_case(args, results: list[dict], rows=8192, vocab=128256, hs=204
         tw = (torch.randn(vocab, ht, generator=gen, device="cuda") / ht**0.5).to(torch.bfloat16)
         return h.requires_grad_(), w.requires_grad_(), th, tw
 
-    def fused(h, w, th, tw):
+    def fused(h, w, th, tw, chunk_over="rows"):
         return kdcore.fused_linear_distillation_loss(
-            h, w, teacher_hidden=th, teacher_weight=tw, temperature=T
+            h, w, teacher_hidden=th, teacher_weight=tw, temperature=T, chunk_over=chunk_over
         )
+
+    def fused_vocab(h, w, th, tw):
+        return fused(h, w, th, tw, chunk_over="vocab")
 
     def eager(h, w, th, tw):
         return kd_eager(h @ w.t(), th @ tw.t())
 
-    def small_check():
+    def small_check(chunk_over):
         h, w, th, tw = make(256)
-        loss = fused(h, w, th, tw)
+        loss = fused(h, w, th, tw, chunk_over)
         gh, gw = torch.autograd.grad(loss, (h, w))
         h64, w64 = h.double().detach().requires_grad_(), w.double().detach().requires_grad_()
         ref = kdcore.reference.kl_loss(h64 @ w64.t(), th.double() @ tw.double().t(),
@@ -504,10 +508,15 @@ def fused_linear_case(args, results: list[dict], rows=8192, vocab=128256, hs=204
                 problems.append(f"grad {name} error {err:.3e} vs max {exp.abs().max().item():.3e}")
         return problems
 
-    check("fused linear + KL (256 rows, V=128256) vs float64", small_check)
+    for mode in ("rows", "vocab"):
+        check(f"fused linear + KL, {mode} chunks (256 rows, V=128256) vs float64", small_check,
+              mode)  # fmt: skip
     free()
     h, w, th, tw = make(rows)
-    for name, fn in (("kdcore fused linear kl", fused), ("torch eager linear+kl", eager)):
+    variants = (("kdcore fused linear kl (row chunks)", fused),
+                ("kdcore fused linear kl (vocab chunks)", fused_vocab),
+                ("torch eager linear+kl", eager))  # fmt: skip
+    for name, fn in variants:
         row = {"shape": [rows, hs, ht, vocab], "impl": name}
         try:
             ms, gib = measure(lambda fn=fn: torch.autograd.grad(fn(h, w, th, tw), (h, w)),

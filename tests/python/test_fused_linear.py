@@ -260,8 +260,12 @@ def _compile_case(teacher_as: str):
     return h, w, b, labels, spans, teacher
 
 
-@pytest.mark.parametrize("teacher_as", ["logits", "linear", "topk"])
-def test_compile_fullgraph_one_op_matches_eager(teacher_as):
+@pytest.mark.parametrize(
+    ("teacher_as", "chunk_over"),
+    [("logits", "rows"), ("linear", "rows"), ("topk", "rows"), ("logits", "vocab"),
+     ("linear", "vocab")],
+)  # fmt: skip
+def test_compile_fullgraph_one_op_matches_eager(teacher_as, chunk_over):
     """torch.compile(fullgraph=True) traces the fused linear loss as one op
     (kdcore::fused_linear_distill) and gives eager's loss and gradients."""
     torch._dynamo.reset()
@@ -270,7 +274,8 @@ def test_compile_fullgraph_one_op_matches_eager(teacher_as):
     def step(h, w, b):
         loss = kdcore.fused_linear_distillation_loss(
             h, w, student_bias=b, labels=labels, alpha=0.3, temperature=2.0, spans=spans,
-            span_weights={0: 0.5, 1: 1.0, 2: 2.0}, chunk_size=3, **teacher,
+            span_weights={0: 0.5, 1: 1.0, 2: 2.0}, chunk_size=3, chunk_over=chunk_over,
+            **teacher,
         )  # fmt: skip
         return 2.0 * loss  # a non-unit upstream gradient
 
@@ -296,7 +301,8 @@ def test_compile_fullgraph_one_op_matches_eager(teacher_as):
         assert torch.allclose(a.grad.double(), r.grad, rtol=1e-4, atol=1e-6), name
 
 
-def test_fused_linear_op_opcheck():
+@pytest.mark.parametrize("chunk_over", ["rows", "vocab"])
+def test_fused_linear_op_opcheck(chunk_over):
     h, w, b, labels, _, teacher = _compile_case("logits")
     rows = h.shape[0] * h.shape[1]
     args = (
@@ -304,6 +310,84 @@ def test_fused_linear_op_opcheck():
         teacher["teacher_logits"].reshape(rows, -1), None, None, None, None, None,
         torch.where(labels == -100, 0, labels).reshape(-1), torch.full((rows,), 0.1),
         torch.full((rows,), 0.05),
-        2.0, 1.0, "bucket", "kl", 0.5, 40, 4, True, True, True,
+        2.0, 1.0, "bucket", "kl", 0.5, 40, 4, chunk_over, True, True, True,
     )  # fmt: skip
     torch.library.opcheck(torch.ops.kdcore.fused_linear_distill.default, args)
+
+
+@given(
+    rows=st.sampled_from([1, 7, 16]),
+    vocab_s=st.sampled_from([5, 64, 130]),
+    pad=st.sampled_from([0, 3, -2]),  # teacher vocabulary = student's + pad
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    teacher_as=st.sampled_from(["logits", "linear"]),
+    divergence=st.sampled_from(["kl", "reverse_kl"]),
+    alpha=st.sampled_from([0.0, 0.4]),
+    use_bias=st.booleans(),
+    use_spans=st.booleans(),
+    width=st.sampled_from([None, 1, 7, 64]),
+    temperature=st.sampled_from([1.0, 2.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_vocab_chunks_match_the_unfused_reference(
+    rows, vocab_s, pad, dtype, teacher_as, divergence, alpha, use_bias, use_spans, width,
+    temperature, seed,
+):  # fmt: skip
+    """chunk_over="vocab": two passes over vocabulary slices of ``width``
+    columns give the float64 reference's loss and gradients, also with padded
+    vocabularies (teacher larger or smaller), spans and a masked NaN row."""
+    vocab_t = max(1, vocab_s + pad)
+    if divergence == "reverse_kl" and vocab_t < vocab_s:
+        vocab_t = vocab_s  # student mass where the teacher has none: reverse KL = inf
+    if divergence == "kl" and vocab_t > vocab_s:
+        vocab_t = vocab_s  # teacher mass where the student has none: KL = inf
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(rows, 6, generator=g).to(dtype)
+    w = (torch.randn(vocab_s, 6, generator=g) / math.sqrt(6)).to(dtype)
+    b = torch.randn(vocab_s, generator=g).to(dtype) if use_bias else None
+    labels = torch.randint(0, vocab_s, (rows,), generator=g)
+    labels[torch.rand(rows, generator=g) < 0.25] = -100
+    if teacher_as == "logits":
+        z_t = torch.randn(rows, vocab_t, generator=g) * 2
+        z_t[labels == -100] = float("nan")  # masked rows are never read
+        teacher = {"teacher_logits": z_t}
+        teacher64 = {"teacher_logits": z_t.double()}
+    else:
+        th, tw = torch.randn(rows, 4, generator=g), torch.randn(vocab_t, 4, generator=g)
+        teacher = {"teacher_hidden": th, "teacher_weight": tw}
+        teacher64 = {"teacher_hidden": th.double(), "teacher_weight": tw.double()}
+    kw = dict(labels=labels, alpha=alpha, divergence=divergence, temperature=temperature,
+              pad_vocab=vocab_t != vocab_s)  # fmt: skip
+    if use_spans:
+        kw.update(spans=torch.randint(0, 3, (rows,), generator=g),
+                  span_weights={0: 0.5, 1: 1.0, 2: 2.0})  # fmt: skip
+    hk, wk = h.clone().requires_grad_(), w.clone().requires_grad_()
+    bk = b.clone().requires_grad_() if b is not None else None
+    loss = kdcore.fused_linear_distillation_loss(
+        hk, wk, student_bias=bk, chunk_over="vocab", chunk_size=width, **teacher, **kw
+    )
+    h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
+    b64 = b.double().requires_grad_() if b is not None else None
+    ref = kdcore.fused_linear_distillation_loss(h64, w64, student_bias=b64, **teacher64, **kw)
+    assert torch.isfinite(loss) == torch.isfinite(ref)
+    if not bool(torch.isfinite(ref)):
+        return
+    assert abs(loss.item() - ref.item()) <= 1e-4 * abs(ref.item()) + 1e-5
+    wrt = [hk, wk] + ([bk] if bk is not None else [])
+    wrt64 = [h64, w64] + ([b64] if b64 is not None else [])
+    _grads_close(loss, ref, wrt, wrt64, dtype)
+
+
+def test_vocab_chunks_need_a_dense_kl_teacher():
+    h, w = torch.randn(3, 4), torch.randn(10, 4)
+    z_t = torch.randn(3, 10)
+    for div in ("jsd", "tvd"):
+        with pytest.raises(ValueError, match="chunk_over='vocab'"):
+            kdcore.fused_linear_distillation_loss(
+                h, w, teacher_logits=z_t, divergence=div, chunk_over="vocab"
+            )
+    lps, ids = torch.log_softmax(z_t, -1).topk(3, dim=-1)
+    with pytest.raises(ValueError, match="top-k"):
+        kdcore.fused_linear_distillation_loss(h, w, teacher_topk=(ids, lps), chunk_over="vocab")
+    with pytest.raises(ValueError, match="chunk_over"):
+        kdcore.fused_linear_distillation_loss(h, w, teacher_logits=z_t, chunk_over="columns")

@@ -1,6 +1,7 @@
 """Linear layer + distillation loss without materialising the logits:
-``kdcore.fused_linear_distillation_loss`` (CPU: chunked matmuls around the
-fused Rust kernel; elsewhere the unfused reference)."""
+``kdcore.fused_linear_distillation_loss`` (row chunks around the fused Rust or
+Triton kernel, or vocabulary slices in ``fused_linear_vocab``; float64 and
+other devices: the unfused reference)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from .. import spans as _spans
 from ._grad import scale_rows
 from .distillation import _alpha, _check_label_range
 from .fused import DIVERGENCES
+from .fused_linear_vocab import default_slice, vocab_chunked
 from .kl import beta_value, kernel_divergence
 from .sparse import TAILS, _validate_teacher
 
@@ -96,7 +98,8 @@ class _Problem:
     divergence: str  # the kernel's name (kernel_divergence)
     beta: float
     vocab: int
-    chunk_rows: int
+    chunk_rows: int  # rows per chunk, or vocabulary columns per slice (chunk_over="vocab")
+    chunk_over: str = "rows"
 
     def teacher_rows(self, start: int, stop: int) -> torch.Tensor:
         with torch.no_grad():
@@ -139,6 +142,8 @@ def _chunked(h, w, b, problem: _Problem, want_h: bool, want_w: bool, want_b: boo
     None unless requested; the weight and bias gradients are accumulated in
     fp32 and cast to their parameter's dtype at the end.
     """
+    if problem.chunk_over == "vocab":
+        return vocab_chunked(h, w, b, problem, want_h, want_w, want_b, _mm32)
     rows, device = h.shape[0], h.device
     kernels = _dispatch.kernels("fused_linear_distillation_loss", h)  # _rust or _triton
     grad_h = torch.empty_like(h) if want_h else None
@@ -209,6 +214,7 @@ def fused_linear_op(
     beta: float,
     vocab: int,
     chunk_rows: int,
+    chunk_over: str,
     grad_hidden: bool,
     grad_weight: bool,
     grad_bias: bool,
@@ -218,7 +224,7 @@ def fused_linear_op(
     problem = _Problem(
         teacher_logits, teacher_hidden, teacher_weight, teacher_bias, topk_ids, topk_logprobs,
         labels, div_weight, ce_weight, temperature, teacher_temperature, tail, divergence, beta,
-        vocab, chunk_rows,
+        vocab, chunk_rows, chunk_over,
     )  # fmt: skip
     loss, gh, gw, gb = _chunked(hidden, weight, bias, problem, grad_hidden, grad_weight, grad_bias)
     return (
@@ -249,7 +255,7 @@ def _op_setup(ctx, inputs, output) -> None:
 def _op_backward(ctx, grad_loss, *_):
     grads = [scale_rows(g, grad_loss) if want else None
              for g, want in zip(ctx.saved_tensors, ctx.wants, strict=True)]  # fmt: skip
-    return (*grads, *([None] * 19))
+    return (*grads, *([None] * 20))
 
 
 fused_linear_op.register_autograd(_op_backward, setup_context=_op_setup)
@@ -284,6 +290,7 @@ def fused_linear_distillation_loss(
     scale_t2: bool = True,
     pad_vocab: bool = False,
     chunk_size: int | None = None,
+    chunk_over: str = "rows",
 ) -> torch.Tensor:
     r"""``distillation_loss`` on ``student_hidden @ student_weight.T (+ bias)``
     without ever holding the full (tokens × vocab) logits.
@@ -306,6 +313,15 @@ def fused_linear_distillation_loss(
     loss), go through the fused kernel, and give their share of the gradients
     w.r.t. ``student_hidden``, ``student_weight`` (accumulated in fp32, cast
     at the end) and ``student_bias``.
+
+    ``chunk_over="vocab"`` trades time for memory: all rows at once, two
+    passes over vocabulary slices of ``chunk_size`` columns (default: what
+    fits 64 MiB of fp32 temporaries, 256 MiB on CUDA), the first for each
+    row's log-partitions, the second for the gradients; each slice's weight
+    gradient is written once, so neither an fp32 weight-gradient accumulator
+    nor an fp32 copy of the weight exists. The logit GEMMs (the teacher's too)
+    run twice. Dense teachers with ``divergence`` ``"kl"`` or ``"reverse_kl"``
+    only (and hard labels, spans, biases, padding).
 
     Student and teacher vocabularies must match; with ``pad_vocab=True`` the
     smaller one is padded with -inf logits (probability 0), never 0.
@@ -407,8 +423,21 @@ def fused_linear_distillation_loss(
     ce_w = base * a if labels is not None else None
     safe = None if labels is None else torch.where(valid, labels.reshape(-1), 0)
 
-    budget = CHUNK_BUDGET_BYTES.get(h.device.type, CHUNK_BUDGET_BYTES["cpu"])
-    chunk = chunk_size or max(MIN_CHUNK_ROWS, budget // (vocab * 4 * 3))
+    code = kernel_divergence(divergence, beta)
+    if chunk_over not in ("rows", "vocab"):
+        raise ValueError(f"chunk_over must be 'rows' or 'vocab'; got {chunk_over!r}")
+    if chunk_over == "vocab" and (teacher_topk is not None or code not in ("kl", "reverse_kl")):
+        raise ValueError(
+            "chunk_over='vocab' supports a dense teacher (logits or hidden states) with "
+            f"divergence 'kl' or 'reverse_kl'; got divergence={divergence!r}"
+            + (" and a top-k teacher" if teacher_topk is not None else "")
+            + ": use chunk_over='rows'"
+        )
+    if chunk_over == "vocab":
+        chunk = chunk_size or default_slice(h2.shape[0], h.device)
+    else:
+        budget = CHUNK_BUDGET_BYTES.get(h.device.type, CHUNK_BUDGET_BYTES["cpu"])
+        chunk = chunk_size or max(MIN_CHUNK_ROWS, budget // (vocab * 4 * 3))
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     problem = _Problem(
@@ -416,7 +445,7 @@ def fused_linear_distillation_loss(
         None if teacher_hidden is None else teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
         teacher_weight, teacher_bias,
         None if topk is None else topk[0], None if topk is None else topk[1],
-        safe, div_w, ce_w, t, t0, tail, kernel_divergence(divergence, beta), beta, vocab, chunk,
+        safe, div_w, ce_w, t, t0, tail, code, beta, vocab, chunk, chunk_over,
     )  # fmt: skip
     if _dispatch.select(h, w) not in ("rust", "triton"):
         return _unfused(h2, w, student_bias, problem, divergence)
@@ -434,8 +463,13 @@ def _unfused(h2, w, bias, problem: _Problem, divergence: str) -> torch.Tensor:
     out_dtype = torch.float64 if h2.dtype == torch.float64 else torch.float32
     z_s = _pad(_logits(h2, w, bias).to(_dispatch.reference_dtype(h2.device)), problem.vocab)
     div_w, ce_w, t = problem.div_weight, problem.ce_weight, problem.temperature
+    # Rows no term reads are never read (NaN there must not reach a gradient
+    # through torch.where's backward): their logits become 0 first.
+    read = (div_w > 0) | (ce_w > 0) if ce_w is not None else div_w > 0
+    z_s = torch.where(read[:, None], z_s, 0.0)
     if problem.topk_ids is None:
         z_t = _pad(problem.teacher_rows(0, h2.shape[0]).to(z_s.dtype), problem.vocab)
+        z_t = torch.where(read[:, None], z_t, 0.0)
         div = reference.divergence_rows(z_s, z_t, divergence, problem.beta, t)
     else:
         lps = problem.topk_logprobs.to(z_s.dtype)
