@@ -112,8 +112,9 @@ def test_bad_arguments():
         kdcore.fused_linear_distillation_loss(h, w)
     with pytest.raises(ValueError, match=r"student_weight must have shape \(V, 6\)"):
         kdcore.fused_linear_distillation_loss(h, torch.randn(10, 5), teacher_logits=t)
-    with pytest.raises(ValueError, match=r"chunk_size must be a positive int"):
-        kdcore.fused_linear_distillation_loss(h, w, teacher_logits=t, chunk_size=-1)
+    for bad in (-1, 0, 2.5, True):
+        with pytest.raises(ValueError, match=r"chunk_size must be a positive int"):
+            kdcore.fused_linear_distillation_loss(h, w, teacher_logits=t, chunk_size=bad)
 
 
 def test_gradcheck_float64_reference_path():

@@ -98,7 +98,7 @@ class _Problem:
     divergence: str  # the kernel's name (kernel_divergence)
     beta: float
     vocab: int
-    chunk_rows: int  # rows per chunk, or vocabulary columns per slice (chunk_over="vocab")
+    chunk_size: int  # rows per chunk, or vocabulary columns per slice (chunk_over="vocab")
     chunk_over: str = "rows"
 
     def teacher_rows(self, start: int, stop: int) -> torch.Tensor:
@@ -154,8 +154,8 @@ def _chunked(h, w, b, problem: _Problem, want_h: bool, want_w: bool, want_b: boo
     # chunk's logit gradient is rounded to W's dtype for the hidden-state GEMM.
     w_mm = w if (device.type == "cuda" and w.dtype in _HALF) else w.float()
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for start in range(0, rows, problem.chunk_rows):
-        stop = min(rows, start + problem.chunk_rows)
+    for start in range(0, rows, problem.chunk_size):
+        stop = min(rows, start + problem.chunk_size)
         h_c = h[start:stop]
         z_s = _mm32(h_c.to(w_mm.dtype), w_mm.t())
         z_s = _pad(z_s + b.float() if b is not None else z_s, problem.vocab)
@@ -213,7 +213,7 @@ def fused_linear_op(
     divergence: str,
     beta: float,
     vocab: int,
-    chunk_rows: int,
+    chunk_size: int,
     chunk_over: str,
     grad_hidden: bool,
     grad_weight: bool,
@@ -224,7 +224,7 @@ def fused_linear_op(
     problem = _Problem(
         teacher_logits, teacher_hidden, teacher_weight, teacher_bias, topk_ids, topk_logprobs,
         labels, div_weight, ce_weight, temperature, teacher_temperature, tail, divergence, beta,
-        vocab, chunk_rows, chunk_over,
+        vocab, chunk_size, chunk_over,
     )  # fmt: skip
     loss, gh, gw, gb = _chunked(hidden, weight, bias, problem, grad_hidden, grad_weight, grad_bias)
     return (
@@ -433,11 +433,13 @@ def fused_linear_distillation_loss(
             + (" and a top-k teacher" if teacher_topk is not None else "")
             + ": use chunk_over='rows'"
         )
-    if chunk_over == "vocab":
-        chunk = chunk_size or default_slice(h2.shape[0], h.device)
+    if chunk_size is not None:
+        chunk = chunk_size
+    elif chunk_over == "vocab":
+        chunk = default_slice(h2.shape[0], h.device)
     else:
         budget = CHUNK_BUDGET_BYTES.get(h.device.type, CHUNK_BUDGET_BYTES["cpu"])
-        chunk = chunk_size or max(MIN_CHUNK_ROWS, budget // (vocab * 4 * 3))
+        chunk = max(MIN_CHUNK_ROWS, budget // (vocab * 4 * 3))
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     problem = _Problem(

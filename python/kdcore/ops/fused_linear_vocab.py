@@ -80,10 +80,10 @@ def vocab_chunked(h, w, b, problem, want_h: bool, want_w: bool, want_b: bool, mm
     """Loss and requested gradients, two passes over vocabulary slices.
 
     ``problem`` is the fused linear ``_Problem`` (dense teacher; divergence
-    ``"kl"`` or ``"reverse_kl"``); ``problem.chunk_rows`` is the slice width.
+    ``"kl"`` or ``"reverse_kl"``); ``problem.chunk_size`` is the slice width.
     Returns ``(loss (float32, 0-d), grad_h, grad_w, grad_b)`` like the row path.
     """
-    rows, vocab, width = h.shape[0], problem.vocab, problem.chunk_rows
+    rows, vocab, width = h.shape[0], problem.vocab, problem.chunk_size
     inv_t = 1.0 / problem.temperature
     reverse = problem.divergence == "reverse_kl"
     div_w = problem.div_weight.to(torch.float64)
