@@ -137,6 +137,14 @@ def _grads_close(loss, ref, wrt, wrt64, dtype):
         _close(got, exp, dtype, name)
 
 
+def _loss_and_grads_close(loss, ref, ours, refs, dtype):
+    """Loss within 1e-4 relative of the float64 reference, and the gradients
+    w.r.t. every given input (None entries skipped) as ``_grads_close``."""
+    assert abs(loss.item() - ref.item()) <= 1e-4 * abs(ref.item()) + 1e-5
+    given_ = [i for i, x in enumerate(ours) if x is not None]
+    _grads_close(loss, ref, [ours[i] for i in given_], [refs[i] for i in given_], dtype)
+
+
 @given(
     lead=st.sampled_from([(9,), (2, 7)]),
     vocab=st.sampled_from([11, 100]),
@@ -214,10 +222,7 @@ def test_topk_teacher_matches_the_unfused_reference(
     )  # fmt: skip
     if alpha > 0 and bool((labels != -100).any()):
         ref = ref + alpha * torch.nn.functional.cross_entropy(z, labels, ignore_index=-100)
-    assert abs(loss.item() - ref.item()) <= 1e-4 * abs(ref.item()) + 1e-5
-    wrt = [hk, wk] + ([bk] if bk is not None else [])
-    wrt64 = [h64, w64] + ([b64] if b64 is not None else [])
-    _grads_close(loss, ref, wrt, wrt64, dtype)
+    _loss_and_grads_close(loss, ref, (hk, wk, bk), (h64, w64, b64), dtype)
 
 
 def test_topk_teacher_errors():
@@ -373,10 +378,7 @@ def test_vocab_chunks_match_the_unfused_reference(
     assert torch.isfinite(loss) == torch.isfinite(ref)
     if not bool(torch.isfinite(ref)):
         return
-    assert abs(loss.item() - ref.item()) <= 1e-4 * abs(ref.item()) + 1e-5
-    wrt = [hk, wk] + ([bk] if bk is not None else [])
-    wrt64 = [h64, w64] + ([b64] if b64 is not None else [])
-    _grads_close(loss, ref, wrt, wrt64, dtype)
+    _loss_and_grads_close(loss, ref, (hk, wk, bk), (h64, w64, b64), dtype)
 
 
 def test_vocab_chunks_need_a_dense_kl_teacher():
