@@ -378,7 +378,7 @@ fn exp_nonpos_matches_exp_contract_on_nonpositive_inputs() {
     }
 }
 
-/// The vectorised `ln` (used by the JSD kernel through `log_add_exp`): within
+/// The vectorised `ln` (used by the JSD kernel through `softplus_shared`): within
 /// 2 ULP of the correctly rounded result over a dense sample of the normal
 /// floats, exact specials.
 #[test]

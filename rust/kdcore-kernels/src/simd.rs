@@ -246,16 +246,12 @@ pub fn ln<A: Arch>(x: f32) -> f32 {
     }
 }
 
-/// ln(e^x + e^y) without overflow; -inf when both are -inf.
+/// ln(1 + e^{−|x|}), the part softplus(x) = ln(1 + e^x) and softplus(−x)
+/// share: softplus(±x) = max(±x, 0) + this. One exp and one ln give both,
+/// with no cancellation for large |x|; 0 for x = ±inf, NaN for NaN.
 #[inline(always)]
-pub fn log_add_exp<A: Arch>(x: f32, y: f32) -> f32 {
-    let (hi, lo) = if x > y { (x, y) } else { (y, x) };
-    let sum = hi + ln::<A>(1.0 + exp_nonpos::<A>(lo - hi));
-    if hi == f32::NEG_INFINITY {
-        f32::NEG_INFINITY
-    } else {
-        sum
-    }
+pub fn softplus_shared<A: Arch>(x: f32) -> f32 {
+    ln::<A>(1.0 + exp_nonpos::<A>(-x.abs()))
 }
 
 /// Lane-wise [`exp`].
