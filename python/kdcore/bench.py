@@ -173,8 +173,9 @@ def _measure(case: Case, repeat: int, compile: bool, gen) -> dict:
     contenders = {
         "kdcore_fwd_bwd_ms": (_fwd_bwd(case.ours, student), repeat),
         "kdcore_fwd_ms": (_fwd(case.ours, student), repeat),
-        # The cost of a fresh gradient-sized buffer (allocation and first
-        # touch of its pages): every f+b contender pays it at least once.
+        # The cost of a fresh gradient-sized buffer from torch's allocator
+        # (allocation and first touch of its pages): what eager and compiled
+        # code pay for every large tensor; kdcore recycles its own (_memory).
         "grad_alloc_ms": (lambda: torch.empty_like(student).fill_(1.0), repeat),
         "eager_fwd_bwd_ms": (_fwd_bwd(case.theirs, student), max(3, repeat // 2)),
     }
@@ -182,7 +183,7 @@ def _measure(case: Case, repeat: int, compile: bool, gen) -> dict:
         torch._dynamo.reset()
         compiled = torch.compile(case.theirs)
         contenders["compile_fwd_bwd_ms"] = (_fwd_bwd(compiled, student), repeat)
-    # Warm-up compiles the torch.compile contender; eager is warmed once.
+    # One warm-up call each (it compiles the torch.compile contender).
     row.update(interleaved_medians_ms(contenders, warmup=1))
     row["eager_over_kdcore"] = row["eager_fwd_bwd_ms"] / row["kdcore_fwd_bwd_ms"]
     row["fwd_bwd_over_fwd"] = row["kdcore_fwd_bwd_ms"] / row["kdcore_fwd_ms"]
