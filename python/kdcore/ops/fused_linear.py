@@ -5,7 +5,6 @@ other devices: the unfused reference)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -13,6 +12,7 @@ import torch
 from .. import _dispatch, _validate, reference
 from .. import spans as _spans
 from ._grad import scale_rows
+from ._linear import HALF, logits_fp32, mm32, pad_vocab
 from .distillation import _alpha, _check_label_range
 from .fused import DIVERGENCES
 from .fused_linear_vocab import default_slice, vocab_chunked
@@ -34,43 +34,6 @@ def _matrix(name: str, x: object, dim: int) -> torch.Tensor:
     if x.dim() != dim:
         raise ValueError(f"{name} must have {dim} dimensions, got shape {tuple(x.shape)}")
     return x
-
-
-_HALF = (torch.bfloat16, torch.float16)
-
-
-def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` with fp32 accumulation and an fp32 result (float64 stays float64).
-
-    On CUDA, 16-bit operands go to cuBLAS as they are with an fp32 output
-    (``out_dtype``), so no fp32 copy of a (V, H) weight is ever made; elsewhere
-    (or on a torch without it) they are widened first.
-    """
-    if a.device.type == "cuda" and a.dtype == b.dtype and a.dtype in _HALF:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):
-            pass
-    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
-    return a.to(dtype) @ b.to(dtype)
-
-
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """hidden @ weight.T + bias with fp32 accumulation and an fp32 result
-    (never rounded to bf16 before the loss)."""
-    if hidden.dtype != weight.dtype:
-        dtype = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-    out = _mm32(hidden, weight.t())
-    return out + bias.to(out.dtype) if bias is not None else out
-
-
-def _pad(logits: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Extra vocabulary entries get probability 0 (-inf logits), never logit 0."""
-    if logits.shape[-1] == vocab:
-        return logits
-    pad = logits.new_full((*logits.shape[:-1], vocab - logits.shape[-1]), -math.inf)
-    return torch.cat([logits, pad], dim=-1)
 
 
 @dataclass(frozen=True)
@@ -105,7 +68,8 @@ class _Problem:
         with torch.no_grad():
             if self.teacher_logits is not None:
                 return self.teacher_logits[start:stop].float()
-            return _logits(self.teacher_hidden[start:stop], self.teacher_weight, self.teacher_bias)
+            hidden = self.teacher_hidden[start:stop]
+            return logits_fp32(hidden, self.teacher_weight, self.teacher_bias)
 
     def chunk_loss(self, kernels, z_s: torch.Tensor, start: int, stop: int):
         """Loss sum (float64) and gradient w.r.t. one chunk's student logits."""
@@ -116,7 +80,7 @@ class _Problem:
         div_w, t = self.div_weight[start:stop], self.temperature
         code, beta = self.divergence, self.beta
         if self.topk_ids is None:
-            z_t = _pad(self.teacher_rows(start, stop), self.vocab)
+            z_t = pad_vocab(self.teacher_rows(start, stop), self.vocab)
             div_rows, ce_rows, g_z, _ = kernels.distill(
                 z_s, z_t, div_w, t, code, beta, y, ce, True, False
             )
@@ -143,7 +107,7 @@ def _chunked(h, w, b, problem: _Problem, want_h: bool, want_w: bool, want_b: boo
     fp32 and cast to their parameter's dtype at the end.
     """
     if problem.chunk_over == "vocab":
-        return vocab_chunked(h, w, b, problem, want_h, want_w, want_b, _mm32)
+        return vocab_chunked(h, w, b, problem, want_h, want_w, want_b)
     rows, device = h.shape[0], h.device
     kernels = _dispatch.kernels("fused_linear_distillation_loss", h)  # _rust or _triton
     grad_h = torch.empty_like(h) if want_h else None
@@ -152,18 +116,18 @@ def _chunked(h, w, b, problem: _Problem, want_h: bool, want_w: bool, want_b: boo
     # CPU: one fp32 copy of W (fp32 GEMMs are the fast ones there). CUDA, 16-bit:
     # W stays as it is, cuBLAS accumulates in fp32 and returns fp32 logits; the
     # chunk's logit gradient is rounded to W's dtype for the hidden-state GEMM.
-    w_mm = w if (device.type == "cuda" and w.dtype in _HALF) else w.float()
+    w_mm = w if (device.type == "cuda" and w.dtype in HALF) else w.float()
     total = torch.zeros((), dtype=torch.float64, device=device)
     for start in range(0, rows, problem.chunk_size):
         stop = min(rows, start + problem.chunk_size)
         h_c = h[start:stop]
-        z_s = _mm32(h_c.to(w_mm.dtype), w_mm.t())
-        z_s = _pad(z_s + b.float() if b is not None else z_s, problem.vocab)
+        z_s = mm32(h_c.to(w_mm.dtype), w_mm.t())
+        z_s = pad_vocab(z_s + b.float() if b is not None else z_s, problem.vocab)
         loss, g_z = problem.chunk_loss(kernels, z_s, start, stop)
         total += loss
         g_z = g_z[:, : w.shape[0]]
         if want_h:
-            grad_h[start:stop] = _mm32(g_z.to(w_mm.dtype), w_mm).to(h.dtype)
+            grad_h[start:stop] = mm32(g_z.to(w_mm.dtype), w_mm).to(h.dtype)
         if want_w:
             grad_w.addmm_(g_z.t(), h_c.float())
         if want_b:
@@ -463,14 +427,15 @@ def fused_linear_distillation_loss(
 def _unfused(h2, w, bias, problem: _Problem, divergence: str) -> torch.Tensor:
     """The reference path (devices without a kernel, float64): full logits, autograd."""
     out_dtype = torch.float64 if h2.dtype == torch.float64 else torch.float32
-    z_s = _pad(_logits(h2, w, bias).to(_dispatch.reference_dtype(h2.device)), problem.vocab)
+    z_s = logits_fp32(h2, w, bias).to(_dispatch.reference_dtype(h2.device))
+    z_s = pad_vocab(z_s, problem.vocab)
     div_w, ce_w, t = problem.div_weight, problem.ce_weight, problem.temperature
     # Rows no term reads are never read (NaN there must not reach a gradient
     # through torch.where's backward): their logits become 0 first.
     read = (div_w > 0) | (ce_w > 0) if ce_w is not None else div_w > 0
     z_s = torch.where(read[:, None], z_s, 0.0)
     if problem.topk_ids is None:
-        z_t = _pad(problem.teacher_rows(0, h2.shape[0]).to(z_s.dtype), problem.vocab)
+        z_t = pad_vocab(problem.teacher_rows(0, h2.shape[0]).to(z_s.dtype), problem.vocab)
         z_t = torch.where(read[:, None], z_t, 0.0)
         div = reference.divergence_rows(z_s, z_t, divergence, problem.beta, t)
     else:

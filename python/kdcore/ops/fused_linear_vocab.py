@@ -27,7 +27,8 @@ import math
 
 import torch
 
-_HALF = (torch.bfloat16, torch.float16)
+from ._linear import HALF, logits_fp32, mm32, pad_vocab
+
 #: fp32 bytes of (rows, slice) temporaries one slice may hold (about five of them).
 SLICE_BUDGET_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
 MIN_SLICE = 128
@@ -38,36 +39,28 @@ def default_slice(rows: int, device: torch.device) -> int:
     return max(MIN_SLICE, budget // (max(rows, 1) * 4 * 5) // MIN_SLICE * MIN_SLICE)
 
 
-def _slice_logits(problem, h, w, b, v0: int, v1: int, mm32) -> tuple[torch.Tensor, torch.Tensor]:
+def _slice_logits(problem, h, w, b, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(student, teacher) fp32 logits of vocabulary columns [v0, v1), not yet
     divided by T, in fresh buffers; columns beyond a model's vocabulary are -inf."""
-    rows = h.shape[0]
+    rows, width = h.shape[0], v1 - v0
 
-    def linear(hidden, weight, bias, vocab):
-        hi = min(v1, vocab)
+    def linear(hidden, weight, bias):
+        hi = min(v1, weight.shape[0])
         if hi <= v0:
-            return h.new_full((rows, v1 - v0), -math.inf, dtype=torch.float32)
-        z = mm32(hidden, weight[v0:hi].t())
-        if bias is not None:
-            z = z + bias[v0:hi].float()
-        if hi < v1:
-            z = torch.cat([z, z.new_full((rows, v1 - hi), -math.inf)], dim=1)
-        return z
+            return h.new_full((rows, width), -math.inf, dtype=torch.float32)
+        z = logits_fp32(hidden, weight[v0:hi], None if bias is None else bias[v0:hi])
+        return pad_vocab(z, width)
 
-    z_s = linear(h, w, b, w.shape[0])
+    z_s = linear(h, w, b)
     with torch.no_grad():
-        if problem.teacher_logits is not None:
-            t = problem.teacher_logits
-            hi = min(v1, t.shape[1])
-            # A copy: the caller's teacher logits are never written (the passes work in place).
-            z_t = t[:, v0:hi].to(torch.float32, copy=True) if hi > v0 else z_s.new_empty((rows, 0))
-            if z_t.shape[1] < v1 - v0:
-                z_t = torch.cat([z_t, z_t.new_full((rows, v1 - v0 - z_t.shape[1]), -math.inf)], 1)
+        t = problem.teacher_logits
+        if t is None:
+            z_t = linear(problem.teacher_hidden, problem.teacher_weight, problem.teacher_bias)
+        elif min(v1, t.shape[1]) <= v0:
+            z_t = h.new_full((rows, width), -math.inf, dtype=torch.float32)
         else:
-            z_t = linear(
-                problem.teacher_hidden, problem.teacher_weight, problem.teacher_bias,
-                problem.teacher_weight.shape[0],
-            )  # fmt: skip
+            # A copy: the caller's teacher logits are never written (the passes work in place).
+            z_t = pad_vocab(t[:, v0:v1].to(torch.float32, copy=True), width)
     return z_s, z_t
 
 
@@ -76,7 +69,7 @@ def _weighted(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p * x, 0.0).sum(dim=1, dtype=torch.float64)
 
 
-def vocab_chunked(h, w, b, problem, want_h: bool, want_w: bool, want_b: bool, mm32):
+def vocab_chunked(h, w, b, problem, want_h: bool, want_w: bool, want_b: bool):
     """Loss and requested gradients, two passes over vocabulary slices.
 
     ``problem`` is the fused linear ``_Problem`` (dense teacher; divergence
@@ -102,7 +95,7 @@ def vocab_chunked(h, w, b, problem, want_h: bool, want_w: bool, want_b: bool, mm
     label_logit = torch.zeros(rows, dtype=torch.float64, device=h.device)
     with torch.no_grad():
         for v0, v1 in slices:
-            z_s, z_t = _slice_logits(problem, h, w, b, v0, v1, mm32)
+            z_s, z_t = _slice_logits(problem, h, w, b, v0, v1)
             if hard:  # at T = 1, before z_s is scaled in place
                 l1.append(torch.logsumexp(z_s, dim=1).double())
                 inside = (labels >= v0) & (labels < v1)
@@ -147,14 +140,14 @@ def vocab_chunked(h, w, b, problem, want_h: bool, want_w: bool, want_b: bool, mm
         log_zs32, log_zt32, div32 = log_zs.float()[:, None], log_zt.float()[:, None], div.float()
         # GEMM operands: fp32 on the CPU; on CUDA a 16-bit W keeps its dtype
         # (cuBLAS accumulates in fp32) and the slice gradient is rounded to it.
-        gemm = w.dtype if (h.device.type == "cuda" and w.dtype in _HALF) else torch.float32
+        gemm = w.dtype if (h.device.type == "cuda" and w.dtype in HALF) else torch.float32
         h_g = h.to(gemm) if want_w else None
         for v0, v1 in slices:
             hi = min(v1, w.shape[0])
             if hi <= v0:
                 continue  # a teacher-only tail of a padded vocabulary: no student weights
             with torch.no_grad():
-                z_s, z_t = _slice_logits(problem, h, w, b, v0, v1, mm32)
+                z_s, z_t = _slice_logits(problem, h, w, b, v0, v1)
                 if hard:  # softmax at T = 1 minus the one-hot, times the CE weights
                     g_ce = z_s.sub(log_z1.float()[:, None]).exp_().mul_(ce_w.float()[:, None])
                     inside = (labels >= v0) & (labels < v1)

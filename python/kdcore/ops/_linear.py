@@ -1,0 +1,46 @@
+"""Logit GEMMs of the fused linear loss: fp32 accumulation and fp32 results,
+and -inf padding of a vocabulary (shared by the row and vocabulary paths)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+def mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` with fp32 accumulation and an fp32 result (float64 stays float64).
+
+    On CUDA, 16-bit operands go to cuBLAS as they are with an fp32 output
+    (``out_dtype``), so no fp32 copy of a (V, H) weight is ever made; elsewhere
+    (or on a torch without it) they are widened first.
+    """
+    if a.device.type == "cuda" and a.dtype == b.dtype and a.dtype in HALF:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    return a.to(dtype) @ b.to(dtype)
+
+
+def logits_fp32(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """hidden @ weight.T + bias with fp32 accumulation and an fp32 result
+    (never rounded to bf16 before the loss)."""
+    if hidden.dtype != weight.dtype:
+        dtype = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    out = mm32(hidden, weight.t())
+    return out + bias.to(out.dtype) if bias is not None else out
+
+
+def pad_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Extra vocabulary entries get probability 0 (-inf logits), never logit 0."""
+    if logits.shape[-1] == vocab:
+        return logits
+    pad = logits.new_full((*logits.shape[:-1], vocab - logits.shape[-1]), -math.inf)
+    return torch.cat([logits, pad], dim=-1)
