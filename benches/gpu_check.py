@@ -488,6 +488,14 @@ def fused_linear_case(args, results: list[dict], rows=8192, vocab=128256, hs=204
     def fused_vocab(h, w, th, tw):
         return fused(h, w, th, tw, chunk_over="vocab")
 
+    def fused_rows(chunk):
+        def run(h, w, th, tw):
+            return kdcore.fused_linear_distillation_loss(
+                h, w, teacher_hidden=th, teacher_weight=tw, temperature=T, chunk_size=chunk
+            )
+
+        return run
+
     def eager(h, w, th, tw):
         return kd_eager(h @ w.t(), th @ tw.t())
 
@@ -511,9 +519,16 @@ def fused_linear_case(args, results: list[dict], rows=8192, vocab=128256, hs=204
     for mode in ("rows", "vocab"):
         check(f"fused linear + KL, {mode} chunks (256 rows, V=128256) vs float64", small_check,
               mode)  # fmt: skip
+    paths = gemm_paths()
+    results.append({"shape": [], "impl": "16-bit GEMMs, fp32 out", "note": str(paths), **paths})
+    log(results[-1])
     free()
     h, w, th, tw = make(rows)
+    # Row chunks: every chunk reads and writes the fp32 weight-gradient
+    # accumulator (1 GiB here), so bigger chunks trade memory for traffic.
     variants = (("kdcore fused linear kl (row chunks)", fused),
+                ("kdcore fused linear kl (row chunks of 512)", fused_rows(512)),
+                ("kdcore fused linear kl (row chunks of 1024)", fused_rows(1024)),
                 ("kdcore fused linear kl (vocab chunks)", fused_vocab),
                 ("torch eager linear+kl", eager))  # fmt: skip
     for name, fn in variants:
@@ -528,6 +543,33 @@ def fused_linear_case(args, results: list[dict], rows=8192, vocab=128256, hs=204
         results.append(row)
         log(row)
         free()
+
+
+def gemm_paths() -> dict:
+    """Whether this torch runs the 16-bit x 16-bit -> fp32 GEMMs the fused
+    linear loss asks for (else it widens the operands: slower, more memory)."""
+    a = torch.randn(64, 32, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(32, 16, device="cuda", dtype=torch.bfloat16)
+    acc = torch.randn(64, 16, device="cuda")
+    expected = acc.double() + a.double() @ b.double()
+    found = {}
+    calls = {
+        "mm out_dtype": lambda: torch.mm(a, b, out_dtype=torch.float32),
+        "addmm out_dtype in place": lambda: torch.addmm(
+            acc, a, b, out_dtype=torch.float32, out=acc
+        ),
+    }
+    for name, call in calls.items():
+        try:
+            out = call()
+            ok = out.dtype == torch.float32
+            if name.startswith("addmm"):
+                ok = ok and out.data_ptr() == acc.data_ptr()
+                ok = ok and torch.allclose(acc.double(), expected, rtol=1e-5, atol=1e-4)
+            found[name] = "ok" if ok else f"wrong result ({out.dtype})"
+        except Exception as exc:
+            found[name] = f"unsupported: {exc!r}"[:200]
+    return found
 
 
 def benchmarks(args, tbps: float, results: list[dict]) -> None:
@@ -567,7 +609,8 @@ def table(results: list[dict]) -> str:
             lines.append(f"{shape:>22}  {r['impl']:<26}{r['ms']:>9.3f}{floor}"
                          f"{r['peak_extra_gib']:>11.3f}{size}")  # fmt: skip
         else:
-            lines.append(f"{shape:>22}  {r['impl']:<26}  {r.get('error') or r.get('skipped')}")
+            why = r.get("error") or r.get("skipped") or r.get("note")
+            lines.append(f"{shape:>22}  {r['impl']:<26}  {why}")
     return "\n".join(lines)
 
 

@@ -48,10 +48,14 @@ def distill(
     ce_weight: torch.Tensor | None,
     grad_student: bool,
     grad_teacher: bool,
+    *,
+    grad_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Per-row weighted divergence (and CE), plus gradients of their sum.
 
-    Returns ``(div_rows, ce_rows or None, grad_student or None, grad_teacher or None)``.
+    Returns ``(div_rows, ce_rows or None, grad_student or None, grad_teacher or None)``;
+    ``grad_dtype`` (default: the student's) is the student gradient's dtype
+    (the kernel writes the student's dtype; another one is a rounded copy).
     """
     student, teacher = student.contiguous(), teacher.contiguous()
     rows = student.shape[0]
@@ -83,6 +87,8 @@ def distill(
         grad_teacher=None if gt is None else _view(gt),
         **hard,
     )
+    if gs is not None and grad_dtype is not None and grad_dtype != gs.dtype:
+        gs = gs.to(grad_dtype)
     return loss, ce_loss, gs, gt
 
 

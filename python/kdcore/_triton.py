@@ -212,12 +212,16 @@ def distill(
     ce_weight: torch.Tensor | None,
     grad_student: bool,
     grad_teacher: bool,
+    *,
+    grad_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Per-row weighted divergence (and CE), plus gradients of their sum.
 
     Returns ``(div_rows, ce_rows or None, grad_student or None, grad_teacher or None)``
-    exactly as ``_rust.distill``. (A label outside [0, V) with a non-zero CE
-    weight gives a NaN CE instead of an error: checking would need a sync.)
+    exactly as ``_rust.distill``; ``grad_dtype`` (default: the student's) is
+    the dtype the student gradient is stored in, rounded once in the kernel.
+    (A label outside [0, V) with a non-zero CE weight gives a NaN CE instead
+    of an error: checking would need a sync.)
     """
     _check(student, teacher)
     inv_t = _inverse_temperature(temperature)
@@ -239,7 +243,8 @@ def distill(
         labels = labels.detach().to(device=dev, dtype=torch.int64).contiguous()
         ce_weight = ce_weight.detach().to(device=dev, dtype=torch.float32).contiguous()
         ce_loss = torch.empty(rows, dtype=torch.float32, device=dev)
-    gs = torch.empty((rows, vocab), dtype=s.dtype, device=dev) if grad_student else None
+    gs_dtype = s.dtype if grad_dtype is None else grad_dtype
+    gs = torch.empty((rows, vocab), dtype=gs_dtype, device=dev) if grad_student else None
     gt = torch.empty((rows, vocab), dtype=t.dtype, device=dev) if grad_teacher else None
     if rows == 0:
         return loss, ce_loss, gs, gt

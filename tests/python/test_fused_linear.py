@@ -10,7 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import kdcore
-from kdcore import reference
+from conftest import assert_grad_close
+from kdcore import _dispatch, reference
+from kdcore.ops import _linear
 
 
 def _unfused(h, w, b, z_t, labels, *, alpha, divergence, beta, temperature, reduction, scale_t2):
@@ -394,3 +396,104 @@ def test_vocab_chunks_need_a_dense_kl_teacher():
         kdcore.fused_linear_distillation_loss(h, w, teacher_topk=(ids, lps), chunk_over="vocab")
     with pytest.raises(ValueError, match="chunk_over"):
         kdcore.fused_linear_distillation_loss(h, w, teacher_logits=z_t, chunk_over="columns")
+
+
+@given(
+    vocab=st.sampled_from([7, 300]),
+    divergence=st.sampled_from(["kl", "reverse_kl", "jsd", "tvd"]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_kernel_stores_the_gradient_in_the_requested_dtype(vocab, divergence, seed):
+    # The CUDA row chunks ask the loss kernel for a bf16 logit gradient (the
+    # GEMM operand): fp32 logits in, the gradient rounded once, within an ulp
+    # of the float64 gradient.
+    g = torch.Generator().manual_seed(seed)
+    s, t = torch.randn(6, vocab, generator=g) * 3, torch.randn(6, vocab, generator=g) * 3
+    w = torch.rand(6, generator=g)
+    kernels = _dispatch.kernels("distill", s)  # _rust here, _triton in the interpreter shard
+    loss, _, grad, _ = kernels.distill(
+        s, t, w, 2.0, divergence, 0.3, None, None, True, False, grad_dtype=torch.bfloat16
+    )
+    s64 = s.double().requires_grad_()
+    rows = reference.divergence_rows(s64, t.double(), divergence, 0.3, 2.0) * w.double()
+    (ref_grad,) = torch.autograd.grad(rows.sum(), s64)
+    assert torch.allclose(loss.double(), rows.detach(), rtol=1e-5, atol=1e-7)
+    assert_grad_close(grad, ref_grad, torch.bfloat16)
+
+
+def test_weight_gradient_accumulates_on_tensor_cores(monkeypatch):
+    # On CUDA, acc += a @ b with 16-bit operands is one cuBLAS call with an fp32
+    # output (aten::addmm.dtype_out, in place): checked on meta tensors, which
+    # run the same dispatch as CUDA ones without a GPU.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(_linear, "tensor_cores", lambda a, b: True)
+    acc = torch.empty(9, 4, device="meta")
+    a = torch.empty(9, 5, device="meta", dtype=torch.bfloat16)
+    b = torch.empty(5, 4, device="meta", dtype=torch.bfloat16)
+    with Calls() as calls:
+        out = _linear.addmm32_(acc, a, b)
+    assert calls.seen == ["aten.addmm.dtype_out"], calls.seen
+    assert out.dtype == torch.float32 and out.shape == acc.shape
+
+
+def test_weight_gradient_accumulator_elsewhere_widens_the_operands():
+    g = torch.Generator().manual_seed(0)
+    acc = torch.randn(9, 4, generator=g)
+    a = torch.randn(9, 5, generator=g).to(torch.bfloat16)
+    b = torch.randn(5, 4, generator=g).to(torch.bfloat16)
+    expected = acc.double() + a.double() @ b.double()
+    out = _linear.addmm32_(acc, a, b)
+    assert out is acc and acc.dtype == torch.float32
+    assert torch.allclose(acc.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+@given(
+    teacher_as=st.sampled_from(["logits", "linear"]),
+    pad=st.sampled_from([0, -3]),  # teacher vocabulary = student's + pad (finite KL)
+    alpha=st.sampled_from([0.0, 0.4]),
+    chunk=st.sampled_from([None, 4]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_row_chunks_with_16bit_gemm_operands(monkeypatch, teacher_as, pad, alpha, chunk, seed):
+    # The CUDA row path (W kept in bf16, the logit gradient stored in bf16 by
+    # the kernel, weight gradient accumulated in fp32), run on the CPU: only
+    # the cuBLAS calls differ (they widen here). Gradients within bf16 GEMM
+    # accuracy of float64: 2^-7 of their largest entry.
+    from kdcore.ops import fused_linear
+
+    monkeypatch.setattr(fused_linear, "tensor_cores", lambda a, b: a.dtype in _linear.HALF)
+    g = torch.Generator().manual_seed(seed)
+    rows, hidden, vocab = 9, 16, 50
+    h = torch.randn(rows, hidden, generator=g).to(torch.bfloat16)
+    w = (torch.randn(vocab, hidden, generator=g) / 4).to(torch.bfloat16)
+    b = torch.randn(vocab, generator=g).to(torch.bfloat16)
+    th, tw = torch.randn(rows, 8, generator=g), torch.randn(vocab + pad, 8, generator=g) / 3
+    teacher = (
+        {"teacher_logits": th @ tw.t()}
+        if teacher_as == "logits"
+        else {"teacher_hidden": th, "teacher_weight": tw}
+    )
+    labels = torch.randint(0, vocab, (rows,), generator=g)
+    kw = dict(labels=labels, alpha=alpha, temperature=2.0, pad_vocab=True, **teacher)
+    ours = [x.clone().requires_grad_() for x in (h, w, b)]
+    loss = kdcore.fused_linear_distillation_loss(
+        ours[0], ours[1], student_bias=ours[2], chunk_size=chunk, **kw
+    )
+    refs = [x.double().requires_grad_() for x in (h, w, b)]
+    ref = kdcore.fused_linear_distillation_loss(refs[0], refs[1], student_bias=refs[2], **kw)
+    assert abs(loss.item() - ref.item()) <= 1e-4 * abs(ref.item()) + 1e-5
+    grads, ref_grads = torch.autograd.grad(loss, ours), torch.autograd.grad(ref, refs)
+    for name, got, exp in zip(("hidden", "weight", "bias"), grads, ref_grads, strict=True):
+        assert got.dtype == torch.bfloat16, name
+        err = (got.double() - exp).abs().max().item()
+        assert err <= 2**-7 * exp.abs().max().item(), f"{name}: {err:.3e}"

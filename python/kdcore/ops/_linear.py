@@ -10,6 +10,11 @@ import torch
 HALF = (torch.bfloat16, torch.float16)
 
 
+def tensor_cores(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a @ b`` may go to cuBLAS as 16-bit operands with an fp32 result."""
+    return a.device.type == "cuda" and a.dtype == b.dtype and a.dtype in HALF
+
+
 def mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` with fp32 accumulation and an fp32 result (float64 stays float64).
 
@@ -17,13 +22,29 @@ def mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     (``out_dtype``), so no fp32 copy of a (V, H) weight is ever made; elsewhere
     (or on a torch without it) they are widened first.
     """
-    if a.device.type == "cuda" and a.dtype == b.dtype and a.dtype in HALF:
+    if tensor_cores(a, b):
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
         except (TypeError, RuntimeError, NotImplementedError):
             pass
     dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
     return a.to(dtype) @ b.to(dtype)
+
+
+def addmm32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``acc += a @ b`` in place for an fp32 (or float64) ``acc``.
+
+    On CUDA, 16-bit operands stay 16-bit: one cuBLAS call reads ``acc``,
+    accumulates in fp32 and writes it back (``out_dtype``), so the weight
+    gradient's GEMM runs on tensor cores and no fp32 copy of an operand is
+    made; elsewhere (or on a torch without it) the operands are widened.
+    """
+    if acc.dtype == torch.float32 and tensor_cores(a, b):
+        try:
+            return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    return acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 def logits_fp32(

@@ -12,7 +12,7 @@ import torch
 from .. import _dispatch, _validate, reference
 from .. import spans as _spans
 from ._grad import scale_rows
-from ._linear import HALF, logits_fp32, mm32, pad_vocab
+from ._linear import addmm32_, logits_fp32, mm32, pad_vocab, tensor_cores
 from .distillation import _alpha, _check_label_range
 from .fused import DIVERGENCES
 from .fused_linear_vocab import default_slice, vocab_chunked
@@ -71,8 +71,9 @@ class _Problem:
             hidden = self.teacher_hidden[start:stop]
             return logits_fp32(hidden, self.teacher_weight, self.teacher_bias)
 
-    def chunk_loss(self, kernels, z_s: torch.Tensor, start: int, stop: int):
-        """Loss sum (float64) and gradient w.r.t. one chunk's student logits."""
+    def chunk_loss(self, kernels, z_s: torch.Tensor, start: int, stop: int, grad_dtype):
+        """Loss sum (float64) and gradient w.r.t. one chunk's student logits,
+        stored in ``grad_dtype``."""
         # The CE term needs both labels and their weights.
         hard = self.labels is not None and self.ce_weight is not None
         y = self.labels[start:stop] if hard else None
@@ -82,7 +83,7 @@ class _Problem:
         if self.topk_ids is None:
             z_t = pad_vocab(self.teacher_rows(start, stop), self.vocab)
             div_rows, ce_rows, g_z, _ = kernels.distill(
-                z_s, z_t, div_w, t, code, beta, y, ce, True, False
+                z_s, z_t, div_w, t, code, beta, y, ce, True, False, grad_dtype=grad_dtype
             )
             loss = div_rows.double().sum()
             return loss + (ce_rows.double().sum() if ce_rows is not None else 0.0), g_z
@@ -96,7 +97,7 @@ class _Problem:
                 z_s, z_s, torch.zeros_like(ce), 1.0, code, beta, y, ce, True, False
             )
             loss, g_z = loss + ce_rows.double().sum(), g_z + g_ce
-        return loss, g_z
+        return loss, g_z.to(grad_dtype)
 
 
 def _chunked(h, w, b, problem: _Problem, want_h: bool, want_w: bool, want_b: bool):
@@ -114,24 +115,26 @@ def _chunked(h, w, b, problem: _Problem, want_h: bool, want_w: bool, want_b: boo
     grad_w = torch.zeros(w.shape, dtype=torch.float32, device=device) if want_w else None
     grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=device) if want_b else None
     # CPU: one fp32 copy of W (fp32 GEMMs are the fast ones there). CUDA, 16-bit:
-    # W stays as it is, cuBLAS accumulates in fp32 and returns fp32 logits; the
-    # chunk's logit gradient is rounded to W's dtype for the hidden-state GEMM.
-    w_mm = w if (device.type == "cuda" and w.dtype in HALF) else w.float()
+    # W stays as it is; the kernel stores the chunk's logit gradient in W's
+    # dtype (rounded once), the GEMM operand of all three gradients, and
+    # cuBLAS accumulates in fp32 (fp32 logits, fp32 weight-gradient accumulator).
+    w_mm = w if tensor_cores(w, w) else w.float()
     total = torch.zeros((), dtype=torch.float64, device=device)
     for start in range(0, rows, problem.chunk_size):
         stop = min(rows, start + problem.chunk_size)
-        h_c = h[start:stop]
-        z_s = mm32(h_c.to(w_mm.dtype), w_mm.t())
+        h_c = h[start:stop].to(w_mm.dtype)
+        z_s = mm32(h_c, w_mm.t())
         z_s = pad_vocab(z_s + b.float() if b is not None else z_s, problem.vocab)
-        loss, g_z = problem.chunk_loss(kernels, z_s, start, stop)
+        loss, g_z = problem.chunk_loss(kernels, z_s, start, stop, w_mm.dtype)
+        del z_s
         total += loss
         g_z = g_z[:, : w.shape[0]]
         if want_h:
-            grad_h[start:stop] = mm32(g_z.to(w_mm.dtype), w_mm).to(h.dtype)
+            grad_h[start:stop] = mm32(g_z, w_mm).to(h.dtype)
         if want_w:
-            grad_w.addmm_(g_z.t(), h_c.float())
+            addmm32_(grad_w, g_z.t(), h_c)
         if want_b:
-            grad_b += g_z.sum(0)
+            grad_b += g_z.sum(0, dtype=torch.float32)
     return (
         total.float(),
         grad_h,

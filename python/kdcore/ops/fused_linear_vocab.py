@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from ._linear import HALF, logits_fp32, mm32, pad_vocab
+from ._linear import logits_fp32, mm32, pad_vocab, tensor_cores
 
 #: fp32 bytes of (rows, slice) temporaries one slice may hold (about five of them).
 SLICE_BUDGET_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
@@ -140,7 +140,7 @@ def vocab_chunked(h, w, b, problem, want_h: bool, want_w: bool, want_b: bool):
         log_zs32, log_zt32, div32 = log_zs.float()[:, None], log_zt.float()[:, None], div.float()
         # GEMM operands: fp32 on the CPU; on CUDA a 16-bit W keeps its dtype
         # (cuBLAS accumulates in fp32) and the slice gradient is rounded to it.
-        gemm = w.dtype if (h.device.type == "cuda" and w.dtype in HALF) else torch.float32
+        gemm = w.dtype if tensor_cores(w, w) else torch.float32
         h_g = h.to(gemm) if want_w else None
         for v0, v1 in slices:
             hi = min(v1, w.shape[0])
