@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -241,6 +242,10 @@ REACT_ERRORS = [
     ("Thought: a\n  Action: search[x\nObservation: o\n", 2, 17, "unclosed '['"),
     ("Q\nThought: a\nAction: search[x] then\n", 3, 19, "unexpected text after"),
     ("Thought: a\nAction: search[x]\noops, no prefix\n", 3, 1, "unexpected text after"),
+    # an unprefixed observation line ending in ']' is not swallowed into the action
+    ("Q\nThought: a\nAction: search[kdcore]\nResults: [1, 2, 3]\nAction: finish[1]\n", 4, 1, "unexpected text after"),
+    ("Thought: a\nAction: python[f(\n)]\n> [1]\n", 4, 1, "unexpected text after"),
+    ("Thought: a\nAction: python[print('[')\nprint(2)]\n", 2, 15, "unclosed '['"),
     ("Thought: a\nAction: finish[1]\nObservation: ok\nThought: more\n", 4, 1, "after the final action (line 2)"),
     ("Thought: a\nFinal Answer: 1\nAction: calc[1]\n", 3, 1, "after the final action (line 2)"),
 ]  # fmt: skip
@@ -283,6 +288,21 @@ def test_parse_action():
     assert parse_action("Action 3: Finish[yes]") == ("Finish", "yes")
     with pytest.raises(TrajectoryError, match="column 13"):
         parse_action("Action: calc(1+2)")
+    # arguments over several lines run while a bracket is open
+    assert parse_action("python[f([1,\n2])]\n") == ("python", "f([1,\n2])")
+    # on one line, unbalanced brackets still run to the line's last ']'
+    assert parse_action("search[a]b]") == ("search", "a]b")
+    assert parse_action("search[ [ ]") == ("search", " [ ")
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["Action: calc[1+1]\nObservation: [2]", "search[ [ ]\nResults: [1]", "f[(\n)]\n[x]"],
+)
+def test_parse_action_rejects_a_following_line_ending_in_a_bracket(text):
+    with pytest.raises(TrajectoryError, match="unexpected text after the action's closing") as info:
+        parse_action(text)
+    assert info.value.column == 1 and info.value.line == text.count("\n") + 1
 
 
 # ---------------------------------------------------------------- truncation
@@ -318,6 +338,24 @@ def test_truncation_that_drops_all_reasoning_or_actions():
     enc = encode_react(REACT, max_length=10, allow_missing=True)
     assert len(enc) == 10 and (enc.labels == -100).all()
     assert encode_react(REACT, max_length=10_000).truncated == 0
+
+
+def test_a_span_kept_only_at_position_zero_is_missing():
+    # After the shift by one nothing predicts position 0: keeping the action line
+    # and one more byte (the newline ending the Thought line) keeps no REASON target.
+    text = "Question: what\nThought: t\nAction: finish[1]\n"
+    n = len("Action: finish[1]\n") + 1
+    with pytest.raises(TrajectoryError, match="no REASON tokens after truncation.*no position"):
+        encode_react(text, max_length=n, truncation="left", add_eos=False)
+    enc = encode_react(text, max_length=n, truncation="left", add_eos=False, allow_missing=True)
+    assert enc.spans[0] == R and enc.span_counts() == {R: 1, A: n - 1}
+    assert f"labelled={n - 1}," in repr(enc)  # the n - 1 ACT targets; position 0 is not one
+    kept = encode_react(text, max_length=n + 1, truncation="left", add_eos=False)
+    assert kept.spans[:2].tolist() == [R, R] and f"labelled={n}," in repr(kept)
+    # the same without truncation: no BOS, so the one REASON token is at position 0
+    with pytest.raises(TrajectoryError, match="no REASON tokens"):
+        encode_segments([("x", R), ("do", A)])
+    assert len(encode_segments([("x", R), ("do", A)], add_bos=True)) == 4
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
@@ -640,6 +678,14 @@ CHAT_ERRORS = [
     ([{"role": "assistant", "content": 'Hi <tool_call>\n{"arguments": {}}\n</tool_call>'}], 0, 15, "<tool_call> has no function name"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], 0, None, "only text parts"),
     ([{"role": "assistant", "content": "a", "reasoning_content": 3}], 0, None, "reasoning_content must be a string"),
+    # text UTF-8 cannot encode, arguments JSON cannot represent
+    ([{"role": "user", "content": "hi \ud83d"}], 0, 3, "lone surrogate U+D83D"),
+    ([{"role": "assistant", "content": "a", "reasoning_content": "r\udc80"}], 0, 1, "lone surrogate U+DC80"),
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": {"x": float("nan")}}}]}], 1, None, "tool_calls[0] cannot be rendered as valid JSON"),
+    ([{"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": '{"x": NaN}'}}]}], 0, 0, "holds NaN, which is not valid JSON"),
+    ([{"role": "assistant", "content": '<tool_call>{"name": "f", "arguments": {"x": -Infinity}}</tool_call>'}], 0, 11, "holds -Infinity"),
+    ([{"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": {"x": {1}}}}]}], 0, None, "tool_calls[0] arguments are not JSON-serialisable"),
+    ([{"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": {"x": "\ud83d"}}}]}], 0, None, "tool_calls[0]: lone surrogate"),
 ]  # fmt: skip
 
 
@@ -655,6 +701,22 @@ def test_chat_malformed_messages_name_the_position(messages, index, position, fr
     if position is not None:
         assert f"character {position}" in str(err)
         assert err.excerpt  # a short quote of the offending text
+
+
+def test_lone_surrogates_are_trajectory_errors_with_the_position():
+    text = "Q\nThought: a \ud83d\nAction: finish[1]\n"
+    with pytest.raises(TrajectoryError) as info:
+        encode_react(text)
+    assert (info.value.line, info.value.column) == (2, len("Thought: a ") + 1)
+    assert "lone surrogate U+D83D" in str(info.value)
+    str(info.value).encode("utf-8")  # the quoted line is printable
+    with pytest.raises(TrajectoryError, match="prompt, character 1: lone surrogate"):
+        encode_react(REACT, prompt="P\ud800")
+    with pytest.raises(TrajectoryError, match=r"segments\[1\], character 2: lone surrogate"):
+        encode_segments([("a", P), ("bc\udfff", R)])
+    header = "<|im_start|>system\nS"  # a surrogate in the template: the rendered text's position
+    with pytest.raises(TrajectoryError, match=f"character {len(header)} of the rendered text"):
+        encode_chat(QWEN_MESSAGES, format=ChatFormat(default_system="S\ud800"))
 
 
 def test_chat_empty_and_not_a_list():
@@ -776,6 +838,25 @@ def test_collate_pads_right():
         collate([])
     with pytest.raises(TypeError, match="Encoded"):
         collate([{"input_ids": a.input_ids}])
+
+
+def test_collate_takes_one_sequence_per_item():
+    ids = torch.arange(5)
+    row = {"input_ids": ids[None], "labels": ids[None], "spans": torch.zeros(1, 5, dtype=int)}
+    batch = collate([row, {k: v[0, :3] for k, v in row.items()}], pad_id=np.int64(9))
+    assert batch["input_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 9, 9]]
+    assert batch["attention_mask"].sum(1).tolist() == [5, 3]
+    two_rows = torch.arange(10).reshape(2, 5)
+    item = {"input_ids": two_rows, "labels": two_rows, "spans": two_rows}
+    with pytest.raises(ValueError, match=r"batch\[1\]\['input_ids'\].*shape \(2, 5\)"):
+        collate([row, item])
+    with pytest.raises(ValueError, match=r"batch\[0\]\['spans'\].*shape \(\)"):
+        collate([{**row, "spans": torch.tensor(0)}])
+    with pytest.raises(TypeError, match=r"batch\[0\]\['labels'\] must hold integers"):
+        collate([{**row, "labels": ids.float()}])
+    for bad in (True, 1.0, None):
+        with pytest.raises(TypeError, match="pad_id must be an int"):
+            collate([row], pad_id=bad)
 
 
 def test_import_is_light():

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..spans import Span
 from .encoding import Encoded, encode_text
-from .errors import TrajectoryError, excerpt
+from .errors import TrajectoryError, excerpt, lone_surrogate, printable, surrogate_reason
 from .segments import SegmentBuilder
 
 _REASON, _ACT, _PROMPT, _OBS = (
@@ -135,7 +135,7 @@ class _Message:
         where = f"message {self.index} ({self.role})"
         if content is None or position is None:
             return TrajectoryError(f"{where}: {reason}", message_index=self.index)
-        quote = excerpt(content, position)
+        quote = printable(excerpt(content, position))
         return TrajectoryError(
             f"{where}, character {position} of {source}: {reason}: {quote!r}",
             message_index=self.index,
@@ -157,6 +157,13 @@ def _role(message: object, index: int) -> str:
     return role
 
 
+def _encodable(text: str, where: _Message, source: str = "its content") -> str:
+    """``text``, checked for surrogates, which no tokenizer can encode."""
+    if (at := lone_surrogate(text)) is not None:
+        raise where.error(surrogate_reason(text[at]), text, at, source)
+    return text
+
+
 def _content(message: Mapping, where: _Message, *, required: bool) -> str | None:
     """The content as one string: a string, or the concatenated texts of a list of
     ``{"type": "text", "text": ...}`` parts (positions in errors count in that)."""
@@ -166,7 +173,7 @@ def _content(message: Mapping, where: _Message, *, required: bool) -> str | None
             raise where.error("the message has no content")
         return None
     if isinstance(value, str):
-        return value
+        return _encodable(value, where)
     if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
         texts = []
         for k, part in enumerate(value):
@@ -183,7 +190,7 @@ def _content(message: Mapping, where: _Message, *, required: bool) -> str | None
                 )
             else:
                 raise where.error(f"content part {k} must be a dict, got {type(part).__name__}")
-        return "".join(texts)
+        return _encodable("".join(texts), where)
     raise where.error(
         f"content must be a string or a list of text parts, got {type(value).__name__}"
     )
@@ -223,19 +230,30 @@ def _scan(
     return out
 
 
+class _NonFinite(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> float:
+    raise _NonFinite(name)
+
+
 def _json_object(text: str, where: _Message, what: str, content: str | None, base: int) -> dict:
     """``json.loads(text)``, a dict; ``text`` starts at ``base`` in ``content``
     (None: ``text`` is a field of its own, positions count in it)."""
     source = "its content" if content is not None else what
     quoted = content if content is not None else text
+    at = base + len(text) - len(text.lstrip())
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise where.error(
             f"{what} is not valid JSON ({exc.msg})", quoted, base + exc.pos, source
         ) from None
+    except _NonFinite as exc:  # Python's json reads them; JSON has no such values
+        reason = f"{what} holds {exc}, which is not valid JSON"
+        raise where.error(reason, quoted, at, source) from None
     if not isinstance(value, dict):
-        at = base + len(text) - len(text.lstrip())
         raise where.error(
             f"{what} must be a JSON object, got {type(value).__name__}", quoted, at, source
         )
@@ -263,6 +281,22 @@ def _tool_call(call: object, k: int, where: _Message) -> tuple[str, dict]:
             f"{what}.function.arguments must be a JSON string or a dict, got {type(args).__name__}"
         )
     return name, dict(args)
+
+
+def _call_json(name: str, args: dict, k: int, where: _Message) -> str:
+    """The JSON of a ``tool_calls`` entry as rendered; it must be valid JSON (no
+    NaN or infinity) and encodable text."""
+    what = f"tool_calls[{k}]"
+    try:
+        call = json.dumps({"name": name, "arguments": args}, ensure_ascii=False, allow_nan=False)
+    except ValueError as exc:  # NaN/infinity, or a circular reference
+        hint = " (NaN or infinity)" if "float" in str(exc) else ""
+        raise where.error(f"{what} cannot be rendered as valid JSON: {exc}{hint}") from None
+    except TypeError as exc:  # a value json cannot serialise (a set, a datetime, ...)
+        raise where.error(f"{what} arguments are not JSON-serialisable: {exc}") from None
+    if (at := lone_surrogate(call)) is not None:
+        raise where.error(f"{what}: {surrogate_reason(call[at])}")
+    return call
 
 
 def _check_inline_call(content: str, start: int, end: int, fmt: ChatFormat, where: _Message):
@@ -319,7 +353,9 @@ def _render_assistant(b: SegmentBuilder, message: Mapping, where: _Message, fmt:
     reasoning = message.get(fmt.reasoning_key)
     if reasoning is not None and not isinstance(reasoning, str):
         raise where.error(f"{fmt.reasoning_key} must be a string, got {type(reasoning).__name__}")
-    parsed = [_tool_call(call, k, where) for k, call in enumerate(calls)]
+    if reasoning is not None:
+        _encodable(reasoning, where, fmt.reasoning_key)
+    rendered = [_call_json(*_tool_call(call, k, where), k, where) for k, call in enumerate(calls)]
 
     b.add(fmt.render_header(where.role), fmt.assistant_header_span)
     last = _ACT  # the footer's span: that of the message's last segment (ACT if empty)
@@ -348,8 +384,7 @@ def _render_assistant(b: SegmentBuilder, message: Mapping, where: _Message, fmt:
             _check_inline_call(text, s, e, fmt, where)
         emit(text[s:e], _REASON if kind == "think" else _ACT)
         visible = True
-    for k, (name, args) in enumerate(parsed):
-        call = json.dumps({"name": name, "arguments": args}, ensure_ascii=False)
+    for k, call in enumerate(rendered):
         sep = "\n" if visible or k > 0 else ""
         emit(f"{sep}{fmt.tool_call_open}\n{call}\n{fmt.tool_call_close}", _ACT)
     b.add(fmt.footer, last)

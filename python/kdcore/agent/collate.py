@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -23,19 +24,20 @@ def collate(
 
     Returns ``input_ids`` (padded with ``pad_id``), ``labels`` (padded with
     -100), ``spans`` (padded with ``Span.PROMPT``), each ``(B, L)`` int64, and
-    ``attention_mask`` ``(B, L)`` bool, True on real tokens. Usable as a
-    DataLoader ``collate_fn`` through ``functools.partial(collate, pad_id=...)``.
+    ``attention_mask`` ``(B, L)`` bool, True on real tokens. Each item's tensors
+    must be 1-D integer sequences (a ``(1, L)`` row, as ``return_tensors="pt"``
+    gives, is taken as its one sequence). Usable as a DataLoader ``collate_fn``
+    through ``functools.partial(collate, pad_id=...)``.
     """
     if isinstance(batch, (Encoded, Mapping)) or not isinstance(batch, Sequence) or not batch:
         raise ValueError("collate needs a non-empty list of Encoded items")
-    if isinstance(pad_id, bool) or not isinstance(pad_id, int):
-        raise TypeError(f"pad_id must be an int, got {type(pad_id).__name__}")
+    pad_id = _pad_id(pad_id)
     rows = []
     for k, item in enumerate(batch):
         data = item.to_dict() if isinstance(item, Encoded) else item
         if not isinstance(data, Mapping) or any(key not in data for key in _KEYS):
             raise TypeError(f"batch[{k}] must be an Encoded or a dict with keys {_KEYS}")
-        tensors = [torch.as_tensor(data[key]).reshape(-1) for key in _KEYS]
+        tensors = [_sequence(data[key], f"batch[{k}][{key!r}]") for key in _KEYS]
         if len({t.shape[0] for t in tensors}) != 1:
             raise ValueError(f"batch[{k}]: input_ids, labels and spans differ in length")
         rows.append(tensors)
@@ -59,3 +61,28 @@ def collate(
             out[key][b, :n] = t
         out["attention_mask"][b, :n] = True
     return out
+
+
+def _pad_id(value: object) -> int:
+    """An int from any integer (``int``, ``np.int64``, a 0-d integer tensor); not a bool."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"pad_id must be an int, got {type(value).__name__}")
+
+
+def _sequence(value: object, where: str) -> torch.Tensor:
+    """``value`` as one 1-D integer sequence; flattening a 2-D item would silently
+    join its rows into one sequence, so only a single ``(1, L)`` row is accepted."""
+    t = torch.as_tensor(value)
+    if t.dim() == 2 and t.shape[0] == 1:
+        t = t[0]
+    if t.dim() != 1:
+        raise ValueError(
+            f"{where} must be one sequence: a 1-D tensor (L,) or (1, L); got shape {tuple(t.shape)}"
+        )
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise TypeError(f"{where} must hold integers, got dtype {t.dtype}")
+    return t

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..spans import Span, span_name, validate_weights
-from .errors import TrajectoryError
+from .errors import TrajectoryError, excerpt, lone_surrogate, printable, surrogate_reason
 from .segments import CharSpans, SegmentBuilder, span_of_token
 from .tokenizer import ByteTokenizer, special_id, token_offsets
 
@@ -45,7 +45,8 @@ class Encoded:
 
     def __repr__(self) -> str:
         counts = {getattr(k, "name", k): n for k, n in self.span_counts().items()}
-        learned = int((self.labels != IGNORE_INDEX).sum())
+        # Position 0 is never a target once the loss shifts by one.
+        learned = int((self.labels[1:] != IGNORE_INDEX).sum())
         return (
             f"Encoded(tokens={len(self)}, labelled={learned}, spans={counts}, "
             f"chars={len(self.text)}, truncated={self.truncated})"
@@ -89,6 +90,13 @@ def encode_segments(
             raise TypeError(f"segments[{k}] must be a (text, span id) pair") from exc
         if not isinstance(piece, str):
             raise TypeError(f"segments[{k}] text must be a str, got {type(piece).__name__}")
+        if (at := lone_surrogate(piece)) is not None:
+            quote = printable(excerpt(piece, at))
+            raise TrajectoryError(
+                f"segments[{k}], character {at}: {surrogate_reason(piece[at])}: {quote!r}",
+                position=at,
+                excerpt=quote,
+            )
         builder.add(piece, _span_id(span, f"segments[{k}]"))
     text, char_spans = builder.build()
     if not text.strip():
@@ -136,6 +144,13 @@ def encode_text(
     """The shared back end: tokenize ``text`` once, give every token the span of
     its first non-whitespace character, label, add BOS/EOS, truncate, check."""
     check_options(max_length, truncation)
+    if (at := lone_surrogate(text)) is not None:  # callers name the source; this is the net
+        quote = printable(excerpt(text, at))
+        raise TrajectoryError(
+            f"character {at} of the rendered text: {surrogate_reason(text[at])}: {quote!r}",
+            position=at,
+            excerpt=quote,
+        )
     weights = validate_weights(span_weights)
     tok = _DEFAULT_TOKENIZER if tokenizer is None else tokenizer
     ids, offsets = token_offsets(tok, text)
@@ -171,17 +186,24 @@ def encode_text(
 
 
 def _check_present(spans: list[int], max_length: int | None, truncation: str) -> None:
-    present = set(spans)
-    missing = [s.name for s in (Span.REASON, Span.ACT) if s not in present]
+    # Only positions 1.. are predicted after the loss's shift by one, so a span
+    # kept only at position 0 (left truncation) teaches nothing.
+    targets = set(spans[1:])
+    missing = [s for s in (Span.REASON, Span.ACT) if s not in targets]
     if not missing:
         return
-    what = " and ".join(missing)
+    what = " and ".join(s.name for s in missing)
     after = (
         f" after truncation to max_length={max_length} (truncation={truncation!r})"
         if max_length is not None
         else ""
     )
+    first = (
+        f" (the first token is {Span(spans[0]).name}, but no position predicts it)"
+        if spans and spans[0] in missing
+        else ""
+    )
     raise TrajectoryError(
-        f"the trajectory has no {what} tokens{after}; a span-level distillation example "
-        "needs reasoning and actions. Pass allow_missing=True to accept it"
+        f"the trajectory has no {what} tokens{after}{first}; a span-level distillation "
+        "example needs reasoning and actions. Pass allow_missing=True to accept it"
     )

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")  # UTF-8 cannot encode these
+
 
 class TrajectoryError(ValueError):
     """A malformed or unusable trajectory.
@@ -41,3 +45,19 @@ def excerpt(text: str, position: int, before: int = 20, after: int = 30) -> str:
     head = "…" if start > 0 else ""
     tail = "…" if end < len(text) else ""
     return head + text[start:end] + tail
+
+
+def lone_surrogate(text: str) -> int | None:
+    """Index of the first surrogate code point in ``text``, or None: no
+    tokenizer can take it (a lone half of a UTF-16 pair from a broken decode)."""
+    m = _SURROGATE.search(text)
+    return None if m is None else m.start()
+
+
+def surrogate_reason(char: str) -> str:
+    return f"lone surrogate U+{ord(char):04X}, which UTF-8 cannot encode"
+
+
+def printable(text: str) -> str:
+    """``text`` with surrogates replaced by U+FFFD (same length), for error messages."""
+    return _SURROGATE.sub("\ufffd", text)

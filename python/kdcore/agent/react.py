@@ -10,7 +10,7 @@ from typing import Any
 
 from ..spans import Span
 from .encoding import Encoded, encode_text
-from .errors import TrajectoryError
+from .errors import TrajectoryError, excerpt, lone_surrogate, printable, surrogate_reason
 from .segments import SegmentBuilder
 
 _THOUGHT, _ACTION, _OBSERVATION, _ANSWER = "thought", "action", "observation", "answer"
@@ -102,7 +102,8 @@ def _where(text: str, index: int) -> tuple[int, int, str]:
     line = text.count("\n", 0, index) + 1
     start = text.rfind("\n", 0, index) + 1
     end = text.find("\n", index)
-    return line, index - start + 1, text[start : end if end >= 0 else len(text)].rstrip("\r")
+    line_text = text[start : end if end >= 0 else len(text)].rstrip("\r")
+    return line, index - start + 1, printable(line_text)
 
 
 def _error(text: str, index: int, reason: str) -> TrajectoryError:
@@ -125,7 +126,9 @@ class _ActionError(Exception):
 
 def _split_action(s: str) -> tuple[str, str]:
     """``tool[args]`` -> (tool, args); ``s`` starts right after the prefix and may
-    span several lines. Arguments may hold brackets: they run to the last ``]``."""
+    span several lines. The arguments end at the last ``]`` of the line on which
+    the action's brackets balance (see :func:`_closing_bracket`); only whitespace
+    may follow it."""
     i = len(s) - len(s.lstrip(" \t"))
     m = _TOOL.match(s, i)
     if m is None:
@@ -139,14 +142,49 @@ def _split_action(s: str) -> tuple[str, str]:
         raise _ActionError(
             f"expected '[' right after the tool name {tool!r} (actions are tool[args])", j
         )
-    close = s.rfind("]")
-    if close < j:
-        raise _ActionError(f"unclosed '[' in the action {tool}[...]: no closing ']'", j)
+    close = _closing_bracket(s, j)
+    if close is None:
+        raise _ActionError(
+            f"unclosed '[' in the action {tool}[...]: no closing ']' (arguments over "
+            "several lines need balanced brackets)",
+            j,
+        )
     tail = s[close + 1 :]
     k = len(tail) - len(tail.lstrip())
     if k < len(tail):
         raise _ActionError("unexpected text after the action's closing ']'", close + 1 + k)
     return tool, s[j + 1 : close]
+
+
+def _closing_bracket(s: str, open_at: int) -> int | None:
+    """Index of the ``]`` closing the ``[`` at ``open_at``, or None if there is none.
+
+    It is the last ``]`` of the line on which the brackets balance, or of the
+    first line if they never do. Balancing lets arguments run over several
+    lines (``python[f(\\n[1])]``) without swallowing a following line that ends
+    in ``]`` (an observation without its prefix: ``Results: [1, 2]``); taking
+    that line's last ``]`` keeps one-line arguments with unbalanced brackets
+    (``search[a]b]``) working.
+    """
+    depth = 0
+    line_end = None
+    for k in range(open_at, len(s)):
+        if s[k] == "[":
+            depth += 1
+        elif s[k] == "]":
+            depth -= 1
+            if depth == 0:
+                line_end = _line_end(s, k)
+                break
+    if line_end is None:  # never balanced: the action is its first line
+        line_end = _line_end(s, open_at)
+    close = s.rfind("]", open_at, line_end)
+    return close if close >= 0 else None
+
+
+def _line_end(s: str, index: int) -> int:
+    end = s.find("\n", index)
+    return len(s) if end < 0 else end
 
 
 def parse_action(text: str, format: ReactFormat | None = None) -> tuple[str, str]:
@@ -180,6 +218,8 @@ def react_segments(
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     if not text.strip():
         raise TrajectoryError("empty trajectory: the text has no characters besides whitespace")
+    if (at := lone_surrogate(text)) is not None:
+        raise _error(text, at, surrogate_reason(text[at]))
     matchers = _matchers(fmt)
     builder = SegmentBuilder()
     actions: list[tuple[str, str]] = []
@@ -267,6 +307,13 @@ def encode_react(
     if prompt is not None:
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str or None, got {type(prompt).__name__}")
+        if (at := lone_surrogate(prompt)) is not None:
+            quote = printable(excerpt(prompt, at))
+            raise TrajectoryError(
+                f"prompt, character {at}: {surrogate_reason(prompt[at])}: {quote!r}",
+                position=at,
+                excerpt=quote,
+            )
         builder = SegmentBuilder()
         builder.add(prompt, int(Span.PROMPT))
         for s, e, k in char_spans:
