@@ -1,7 +1,8 @@
 """``kdcore bench``: kdcore vs torch eager vs torch.compile, in one process.
 
 Every contender runs with the same thread count, is warmed up, and is timed
-as the median of ``repeat`` runs; ratios are computed inside this run only.
+as the median of ``repeat`` runs (torch eager f+b, the slowest, of
+``eager_repeat(repeat)``); ratios are computed inside this run only.
 For the KL table the torch contenders compute the formula a user writes
 today, ``F.kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True) * T²``;
 for the other losses they run kdcore's own pure-PyTorch reference (float32
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 import kdcore
 from kdcore import reference
+from kdcore._files import atomic_write
 
 TEMPERATURE = 2.0
 KL_SHAPES = [(512, 32000), (256, 128256)]
@@ -29,6 +31,12 @@ FAMILY_SHAPE = (512, 32000)
 SPARSE_SHAPE, SPARSE_K = (4096, 32000), 64
 DTYPES = [torch.float32, torch.bfloat16]
 OPS = ("kl", "family", "sparse")
+REPEAT, QUICK_REPEAT = 7, 3
+
+
+def eager_repeat(repeat: int) -> int:
+    """Timed runs of torch eager f+b: fewer than the others (it is the slowest), at least 3."""
+    return max(3, repeat // 2)
 
 
 def torch_kd_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -177,7 +185,7 @@ def _measure(case: Case, repeat: int, compile: bool, gen) -> dict:
         # (allocation and first touch of its pages): what eager and compiled
         # code pay for every large tensor; kdcore recycles its own (_memory).
         "grad_alloc_ms": (lambda: torch.empty_like(student).fill_(1.0), repeat),
-        "eager_fwd_bwd_ms": (_fwd_bwd(case.theirs, student), max(3, repeat // 2)),
+        "eager_fwd_bwd_ms": (_fwd_bwd(case.theirs, student), eager_repeat(repeat)),
     }
     if compile:
         torch._dynamo.reset()
@@ -230,19 +238,29 @@ def _summary(rows: list[dict]) -> list[str]:
     return out
 
 
+def _check_positive(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1; got {value!r}")
+
+
 def run(
     *,
     threads: int | None = None,
-    repeat: int = 7,
+    repeat: int | None = None,
     quick: bool = False,
     compile: bool = True,
     json_path: str | None = None,
     ops: tuple[str, ...] = OPS,
 ) -> int:
-    threads = threads or kdcore.get_num_threads()
+    """Runs the benchmark and prints its tables; ``repeat`` defaults to 7 (3 if ``quick``)."""
+    if repeat is None:
+        repeat = QUICK_REPEAT if quick else REPEAT
+    _check_positive("repeat", repeat)
+    if threads is None:
+        threads = kdcore.get_num_threads()
+    _check_positive("threads", threads)
     kdcore.set_num_threads(threads)
     torch.set_num_threads(threads)
-    repeat = min(repeat, 3) if quick else repeat
     meta = {
         "threads": threads,
         "torch": torch.__version__,
@@ -251,10 +269,12 @@ def run(
         "cpu": platform.processor() or platform.machine(),
         "temperature": TEMPERATURE,
         "repeat": repeat,
+        "eager_repeat": eager_repeat(repeat),
     }
     print(
         f"kdcore bench: {threads} threads (kdcore and torch), SIMD {meta['simd']}, "
-        f"torch {meta['torch']}, T={TEMPERATURE}, median of {repeat}, ops {', '.join(ops)}",
+        f"torch {meta['torch']}, T={TEMPERATURE}, median of {repeat} runs "
+        f"({meta['eager_repeat']} for torch eager), ops {', '.join(ops)}",
         flush=True,
     )
     gen = torch.Generator().manual_seed(0)
@@ -299,7 +319,7 @@ def run(
         f"fwd {small['kdcore_1x8_fwd_us']:.1f} us; eager f+b {small['eager_1x8_fwd_bwd_us']:.1f} us"
     )
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"meta": meta, "rows": rows, "small": small}, f, indent=2)
+        text = json.dumps({"meta": meta, "rows": rows, "small": small}, indent=2)
+        atomic_write(json_path, lambda f: f.write(text.encode("utf-8")))
         print(f"wrote {json_path}")
     return 0

@@ -3,12 +3,98 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+
+# torch.Generator.manual_seed takes seeds in [0, 2**64).
+_SEED_LIMIT = 2**64
+_TEACHER_STEPS = 1500
+# Options of the demo run itself; --train-teacher does not use them.
+_DEMO_ONLY = ("quick", "out", "steps", "problems", "held_out", "temperature", "seed", "seeds",
+              "device", "teacher")  # fmt: skip
+_TEACHER_ONLY = ("teacher_steps", "save_teacher")
+
+
+# Argument types: argparse turns their ArgumentTypeError into
+# "argument --name: message" and exit status 2, before any work starts.
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer; got {text!r}") from None
+    if not 0 <= value < _SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**64); got {value}")
+    return value
+
+
+def _positive_finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number; got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be finite and > 0; got {text!r}")
+    return value
+
+
+def _device(text: str) -> str:
+    if text == "auto":
+        return text
+    import torch
+
+    try:
+        kind = torch.device(text).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"takes auto, cpu, cuda or cuda:N; got {text!r}")
+    return text
+
+
+def _existing_file(text: str) -> str:
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"no such file: {text!r}")
+    return text
+
+
+def _new_file(text: str) -> str:
+    """A file path whose directory exists, so that writing it at the end cannot fail on that."""
+    directory = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(directory):
+        raise argparse.ArgumentTypeError(f"directory {directory!r} does not exist")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory")
+    return text
+
+
+def _out_dir(text: str) -> str:
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a directory")
+    return text
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdcore", description="kdcore command line")
     sub = parser.add_subparsers(dest="command", required=True)
+    _bench_parser(sub)
+    _demo_parser(sub)
+    return parser
+
+
+def _bench_parser(sub) -> None:
     bench = sub.add_parser(
         "bench",
         help="time kdcore against torch eager and torch.compile in one process",
@@ -18,26 +104,33 @@ def _parser() -> argparse.ArgumentParser:
             "count for all, medians after warm-up, ratios printed side by side."
         ),
     )
+    bench.set_defaults(command_parser=bench)
     bench.add_argument(
         "--threads",
-        type=int,
+        type=_positive_int,
         default=None,
         help="threads for kdcore and torch alike (default: kdcore's pool size)",
     )
-    bench.add_argument("--repeat", type=int, default=7, help="timed runs per cell (median)")
     bench.add_argument(
-        "--quick", action="store_true", help="small shapes, few repeats (smoke test)"
+        "--repeat",
+        type=_positive_int,
+        default=None,
+        help="timed runs per cell, of which the median is reported (default: 7, or 3 with "
+        "--quick); torch eager f+b gets max(3, repeat // 2)",
+    )
+    bench.add_argument(
+        "--quick", action="store_true", help="small shapes, 3 repeats unless --repeat (smoke test)"
     )
     bench.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    bench.add_argument(
+        "--json", metavar="PATH", type=_new_file, help="also write the results as JSON"
+    )
     bench.add_argument(
         "--ops",
         default="kl,family,sparse",
         help="tables to run, comma-separated: kl (the KL anchor shapes), family "
         "(kl/jsd/tvd/distillation/span at 512x32000), sparse (top-k teacher vs dense)",
     )
-    _demo_parser(sub)
-    return parser
 
 
 def _demo_parser(sub) -> None:
@@ -51,82 +144,153 @@ def _demo_parser(sub) -> None:
             "executed, and prints a table; writes summary.json, demo.png and JSONL logs."
         ),
     )
+    demo.set_defaults(command_parser=demo)
     demo.add_argument("--quick", action="store_true", help="smoke-test size (under a minute)")
-    demo.add_argument("--out", default="kdcore-demo", help="output directory")
-    demo.add_argument("--steps", type=int, help="optimizer steps per student")
-    demo.add_argument("--problems", type=int, help="training problems the teacher acts on")
-    demo.add_argument("--held-out", type=int, help="held-out problems to evaluate on")
-    demo.add_argument("--temperature", type=float, help="distillation temperature T")
-    demo.add_argument("--seed", type=int, help="seed of the students' data order and weights")
+    demo.add_argument("--out", type=_out_dir, help="output directory (default: kdcore-demo)")
+    demo.add_argument("--steps", type=_positive_int, help="optimizer steps per student")
+    demo.add_argument(
+        "--problems",
+        type=_positive_int,
+        help="training problems the teacher acts on (at least one batch, 16)",
+    )
+    demo.add_argument("--held-out", type=_positive_int, help="held-out problems to evaluate on")
+    demo.add_argument(
+        "--temperature", type=_positive_finite_float, help="distillation temperature T (> 0)"
+    )
+    demo.add_argument("--seed", type=_seed, help="seed of the students' data order and weights")
     demo.add_argument(
         "--seeds",
-        type=int,
+        type=_positive_int,
         help="train and evaluate the students for this many seeds (--seed, --seed+1, ...) "
         "and report mean and spread (each seed adds about 4 minutes on 2 cores)",
     )
-    demo.add_argument("--threads", type=int, help="CPU threads for torch and kdcore")
-    demo.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
-    demo.add_argument("--teacher", metavar="PATH", help="teacher checkpoint (default: shipped)")
+    demo.add_argument("--threads", type=_positive_int, help="CPU threads for torch and kdcore")
+    demo.add_argument(
+        "--device", type=_device, help="auto (cuda if available; the default), cpu, cuda"
+    )
+    demo.add_argument(
+        "--teacher",
+        metavar="PATH",
+        type=_existing_file,
+        help="teacher checkpoint (default: shipped)",
+    )
     demo.add_argument(
         "--train-teacher",
         action="store_true",
-        help="instead of the demo: retrain the teacher and write it to --save-teacher",
+        help="instead of the demo: retrain the teacher and write it to --save-teacher "
+        "(takes only --teacher-steps, --save-teacher and --threads)",
     )
-    demo.add_argument("--teacher-steps", type=int, default=1500, help="with --train-teacher")
     demo.add_argument(
-        "--save-teacher", metavar="PATH", default="teacher.pt", help="with --train-teacher"
+        "--teacher-steps",
+        type=_positive_int,
+        help=f"with --train-teacher: optimizer steps (default: {_TEACHER_STEPS})",
     )
+    demo.add_argument(
+        "--save-teacher",
+        metavar="PATH",
+        type=_new_file,
+        help="with --train-teacher: where to write it (default: teacher.pt)",
+    )
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _given(args, dests) -> list[str]:
+    """The options among ``dests`` set on the command line (their defaults are None/False)."""
+    return [_flag(d) for d in dests if getattr(args, d) not in (None, False)]
+
+
+def _check_demo_args(args) -> None:
+    """Checks that span several options, so that nothing fails after minutes of work."""
+    from .demo.pipeline import DemoConfig
+
+    error = args.command_parser.error
+    if args.train_teacher:
+        if extra := _given(args, _DEMO_ONLY):
+            error(f"--train-teacher does not take {', '.join(extra)}")
+        return
+    if extra := _given(args, _TEACHER_ONLY):
+        error(f"{', '.join(extra)}: used only with --train-teacher")
+    batch = DemoConfig.batch_size
+    if args.problems is not None and args.problems < batch:
+        error(f"--problems must be >= {batch} (one training batch); got {args.problems}")
+    if args.seed is not None and args.seeds is not None and args.seed + args.seeds > _SEED_LIMIT:
+        error(f"--seed + --seeds - 1 must be < 2**64; got {args.seed} + {args.seeds} - 1")
+    if args.device is not None and args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            error(f"--device {args.device}: CUDA is not available")
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    import torch
+
+    from ._threads import set_num_threads
+
+    set_num_threads(threads)
+    torch.set_num_threads(threads)
 
 
 def _run_demo(args) -> int:
+    _check_demo_args(args)
     from .demo.pipeline import DemoConfig, retrain_teacher, run_demo
 
-    if args.threads is not None and args.threads < 1:
-        raise SystemExit(f"kdcore demo: --threads must be >= 1; got {args.threads}")
     if args.train_teacher:
-        retrain_teacher(args.teacher_steps, args.save_teacher)
+        _set_threads(args.threads)
+        steps = _TEACHER_STEPS if args.teacher_steps is None else args.teacher_steps
+        retrain_teacher(steps, args.save_teacher or "teacher.pt")
         return 0
-    overrides = {
+    options = {
         "steps": args.steps,
         "student_problems": args.problems,
         "held_out": args.held_out,
         "temperature": args.temperature,
         "seed": args.seed,
         "seeds": args.seeds,
+        "out_dir": args.out,
+        "teacher_path": args.teacher,
+        "device": args.device,
     }
-    for key, value in overrides.items():
-        if value is not None and key != "temperature" and key != "seed" and value < 1:
-            raise SystemExit(f"kdcore demo: --{key.replace('_', '-')} must be >= 1; got {value}")
-    chosen = {k: v for k, v in overrides.items() if v is not None}
-    chosen.update(out_dir=args.out, teacher_path=args.teacher, device=args.device)
+    chosen = {k: v for k, v in options.items() if v is not None}
     cfg = DemoConfig.quick(**chosen) if args.quick else DemoConfig(**chosen)
     run_demo(cfg, threads=args.threads)
     return 0
 
 
-def _ops(value: str) -> tuple[str, ...]:
+def _ops(args) -> tuple[str, ...]:
     from .bench import OPS
 
-    ops = tuple(v.strip() for v in value.split(",") if v.strip())
+    value = args.ops
+    # dict.fromkeys: each table once, in the order given.
+    ops = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
     unknown = [o for o in ops if o not in OPS]
     if unknown or not ops:
-        raise SystemExit(f"kdcore bench: --ops takes {', '.join(OPS)}; got {value!r}")
+        args.command_parser.error(f"--ops takes {', '.join(OPS)}; got {value!r}")
     return ops
+
+
+def _run_bench(args) -> int:
+    from .bench import run
+
+    return run(
+        threads=args.threads,
+        repeat=args.repeat,
+        quick=args.quick,
+        compile=not args.no_compile,
+        json_path=args.json,
+        ops=_ops(args),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "bench":
-        from .bench import run
-
-        return run(
-            threads=args.threads,
-            repeat=args.repeat,
-            quick=args.quick,
-            compile=not args.no_compile,
-            json_path=args.json,
-            ops=_ops(args.ops),
-        )
+        return _run_bench(args)
     if args.command == "demo":
         return _run_demo(args)
     return 2

@@ -114,6 +114,7 @@ class SpanLoss(torch.nn.Module):
         *,
         span_weights: Mapping[int, float] | None = None,
         divergence: str = "kl",
+        beta: float = 0.5,
         temperature: float = 1.0,
         normalize: str = "span",
         scale_t2: bool = True,
@@ -122,6 +123,7 @@ class SpanLoss(torch.nn.Module):
         super().__init__()
         self.span_weights = None if span_weights is None else dict(span_weights)
         self.divergence = divergence
+        self.beta = beta
         self.temperature = temperature
         self.normalize = normalize
         self.scale_t2 = scale_t2
@@ -134,6 +136,7 @@ class SpanLoss(torch.nn.Module):
             spans,
             span_weights=self.span_weights,
             divergence=self.divergence,
+            beta=self.beta,
             temperature=self.temperature,
             normalize=self.normalize,
             scale_t2=self.scale_t2,
@@ -143,7 +146,7 @@ class SpanLoss(torch.nn.Module):
     def extra_repr(self) -> str:
         return (
             f"span_weights={self.span_weights}, divergence={self.divergence!r}, "
-            f"temperature={self.temperature}, normalize={self.normalize!r}"
+            f"beta={self.beta}, temperature={self.temperature}, normalize={self.normalize!r}"
         )
 
 

@@ -226,16 +226,17 @@ def test_demo_quick_end_to_end(tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--steps", "0"], "--steps must be >= 1"),
-        (["--held-out", "-3"], "--held-out must be >= 1"),
-        (["--threads", "0"], "--threads must be >= 1"),
+        (["--steps", "0"], "argument --steps: must be >= 1; got 0"),
+        (["--held-out", "-3"], "argument --held-out: must be >= 1; got -3"),
+        (["--threads", "0"], "argument --threads: must be >= 1; got 0"),
     ],
 )
-def test_demo_rejects_bad_arguments(argv, message):
+def test_demo_rejects_bad_arguments(argv, message, capsys):
     from kdcore.cli import main
 
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(SystemExit) as exc:
         main(["demo", *argv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path):

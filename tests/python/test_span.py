@@ -3,6 +3,7 @@ and a hand computation of per-span means."""
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -180,3 +181,62 @@ def test_gradcheck_float64(normalize, divergence):
                                 normalize=normalize)  # fmt: skip
 
     assert torch.autograd.gradcheck(fn, (s, t))
+
+
+def test_span_module_passes_beta():
+    s = make_logits((6, 12), torch.float32, seed=21)
+    t = make_logits((6, 12), torch.float32, seed=22)
+    spans = torch.tensor([0, 1, 1, 2, 2, 3])
+    module = kdcore.nn.SpanLoss(divergence="jsd", beta=0.1, temperature=2.0)
+    got = module(s, t, spans)
+    expected = kdcore.span_loss(s, t, spans, divergence="jsd", beta=0.1, temperature=2.0)
+    assert torch.equal(got, expected)
+    ref = reference.span_loss(s.double(), t.double(), spans, divergence="jsd", beta=0.1,
+                              temperature=2.0, span_weights=kdcore.DEFAULT_SPAN_WEIGHTS)  # fmt: skip
+    assert_loss_close(got, ref, (torch.float32, torch.float32))
+    # beta really reaches the kernel: the default beta=0.5 gives another value.
+    default = kdcore.span_loss(s, t, spans, divergence="jsd", temperature=2.0)
+    assert not torch.allclose(got, default)
+
+
+# Each kdcore.nn module and the functional loss it wraps.
+MODULE_TWINS = [
+    ("KLLoss", "kl_loss"),
+    ("JSDLoss", "jsd_loss"),
+    ("TVDLoss", "tvd_loss"),
+    ("SpanLoss", "span_loss"),
+    ("DistillationLoss", "distillation_loss"),
+    ("SparseKLLoss", "sparse_kl_loss"),
+]
+
+
+@pytest.mark.parametrize(("module_name", "fn_name"), MODULE_TWINS)
+def test_module_constructor_matches_functional_keywords(module_name, fn_name):
+    """A module takes every keyword option of its function, with the same default;
+    tensors that forward() takes (labels, mask, spans) are the only exceptions."""
+    module = getattr(kdcore.nn, module_name)
+    fn = getattr(kdcore, fn_name)
+    forward_args = set(inspect.signature(module.forward).parameters) - {"self"}
+    fn_options = {
+        name: p.default
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in forward_args
+    }
+    ctor_options = {
+        name: p.default
+        for name, p in inspect.signature(module.__init__).parameters.items()
+        if name != "self"
+    }
+    assert ctor_options == fn_options
+
+
+def test_every_nn_module_is_checked_against_its_function():
+    modules = {
+        name
+        for name, obj in vars(kdcore.nn).items()
+        if isinstance(obj, type)
+        and issubclass(obj, torch.nn.Module)
+        and obj.__module__ == kdcore.nn.__name__
+        and not name.startswith("_")
+    }
+    assert modules == {m for m, _ in MODULE_TWINS}
