@@ -6,6 +6,7 @@ atomic checkpoints, the JSONL log, the offline (top-k) teacher and errors."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -145,9 +146,13 @@ class ListDataset(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def shuffled_loader(n: int = 10, batch_size: int = 2):
-    # No generator: its order comes from torch's global random state.
-    return torch.utils.data.DataLoader(ListDataset(n), batch_size=batch_size, shuffle=True)
+def shuffled_loader(n: int = 10, batch_size: int = 2, seed: int | None = None):
+    # seed=None: no generator, the order comes from torch's global random state;
+    # else the DataLoader's own generator (a fresh one, as a new process makes).
+    g = None if seed is None else torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        ListDataset(n), batch_size=batch_size, shuffle=True, generator=g
+    )
 
 
 # --- independent float64 losses ---------------------------------------------------------
@@ -545,9 +550,11 @@ def assert_same_training(a: Distiller, b: Distiller) -> None:
         assert torch.equal(x, y), f"parameter {name} differs"
     assert_same_state(a.optimizer.state_dict(), b.optimizer.state_dict(), "optimizer")
     assert_same_state(a.scheduler.state_dict(), b.scheduler.state_dict(), "scheduler")
-    assert a.state == b.state
+    # Everything but the wall-clock seconds trained.
+    assert dataclasses.replace(a.state, seconds=0.0) == dataclasses.replace(b.state, seconds=0.0)
 
 
+@pytest.mark.parametrize("loader_seed", [None, 7], ids=["global-rng", "own-generator"])
 @pytest.mark.parametrize(
     ("accum", "m", "n", "every"),
     [
@@ -557,26 +564,28 @@ def assert_same_training(a: Distiller, b: Distiller) -> None:
         (2, 3, 7, 3),  # accumulation; step 3 spans the epoch boundary
     ],
 )
-def test_resume_equals_straight_run(tmp_path, accum, m, n, every):
-    loader = shuffled_loader()  # 5 micro-batches per epoch
+def test_resume_equals_straight_run(tmp_path, accum, m, n, every, loader_seed):
+    def loader():  # 5 micro-batches per epoch; each run builds its own, like a new process
+        return shuffled_loader(seed=loader_seed)
+
     teacher = TinyLM(99)
     with torch.random.fork_rng():
         torch.manual_seed(1234)
         straight = resumable(tmp_path / "a", 1, accum=accum, every=every, teacher=teacher)
-        straight.fit(loader, epochs=10, max_steps=n, progress=False)
+        straight.fit(loader(), epochs=10, max_steps=n, progress=False)
 
         torch.manual_seed(1234)
         first = resumable(tmp_path / "b", 1, accum=accum, every=every, teacher=teacher)
-        first.fit(loader, epochs=10, max_steps=m, progress=False)
+        first.fit(loader(), epochs=10, max_steps=m, progress=False)
         assert first.state.step == m
         torch.rand(17)  # the process goes on: the global random state moves
         second = resumable(tmp_path / "b", 7, accum=accum, every=every, teacher=teacher)
         assert max_change(second.student, first.student) > 0.1  # a different init
-        second.fit(loader, epochs=10, max_steps=n, resume=True, progress=False)
+        second.fit(loader(), epochs=10, max_steps=n, resume=True, progress=False)
 
-        torch.manual_seed(4321)  # control: the order and dropout do depend on the RNG
+        torch.manual_seed(4321)  # control: dropout (and a global-RNG order) depend on the RNG
         other = resumable(tmp_path / "c", 1, accum=accum, every=every, teacher=teacher)
-        other.fit(loader, epochs=10, max_steps=n, progress=False)
+        other.fit(loader(), epochs=10, max_steps=n, progress=False)
 
     assert straight.state.step == n and second.state.step == n
     assert_same_training(straight, second)
@@ -626,6 +635,18 @@ def test_resume_after_a_crash_loses_no_finished_step(tmp_path):
         resumed.fit(loader, epochs=3, resume=tmp_path / "b" / "last.pt", progress=False)
     assert straight.state.step == math.ceil(15 / 2)
     assert_same_training(straight, resumed)
+    # The log is the straight run's: step 5, written before the crash, is
+    # written again after the resume and its first record is set aside.
+    straight_log, log = (
+        read_log(tmp_path / "a" / "log.jsonl"),
+        read_log(tmp_path / "b" / "log.jsonl"),
+    )
+    assert [r["step"] for r in log] == list(range(1, 9))
+    for a, b in zip(straight_log, log, strict=True):
+        assert a["loss"] == b["loss"] and a["lr"] == b["lr"], a["step"]
+    assert [r["step"] for r in read_log(tmp_path / "b" / "log.jsonl.discarded")] == [5]
+    elapsed = [r["elapsed_s"] for r in log]
+    assert elapsed == sorted(elapsed)  # training time goes on across the resume
 
 
 def test_checkpoints_only_at_optimizer_step_boundaries(tmp_path, monkeypatch):
@@ -650,6 +671,38 @@ def test_checkpoints_only_at_optimizer_step_boundaries(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="boundary"):
         d2.save()
     assert not (tmp_path / "x" / "last.pt").exists()
+
+
+def test_fit_totals_count_from_the_start_of_training(tmp_path):
+    batches = [make_batch(s) for s in range(3)]
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        twice = resumable(tmp_path / "a", 1, every=0)
+        twice.fit(batches, epochs=1, progress=False)
+        with pytest.raises(ValueError, match="nothing to train"):
+            twice.fit(batches, epochs=1, progress=False)
+        twice.fit(batches, epochs=2, progress=False)  # one more epoch
+        torch.manual_seed(3)
+        once = resumable(tmp_path / "b", 1, every=0)
+        once.fit(batches, epochs=2, progress=False)
+    assert twice.state.step == 6
+    assert_same_training(once, twice)
+    assert [r["step"] for r in read_log(tmp_path / "a" / "log.jsonl")] == list(range(1, 7))
+    # A finished run resumed again has nothing to do, and says so by doing nothing.
+    again = resumable(tmp_path / "a", 2, every=0)
+    assert again.fit(batches, epochs=2, resume=True, progress=False)["steps"] == 6
+    assert [r["step"] for r in read_log(tmp_path / "a" / "log.jsonl")] == list(range(1, 7))
+
+
+def test_a_fresh_run_sets_an_old_log_aside(tmp_path):
+    d = resumable(tmp_path, 1, every=0)
+    d.fit([make_batch(s) for s in range(3)], progress=False)
+    old = (tmp_path / "log.jsonl").read_text()
+    (tmp_path / "last.pt").unlink()
+    fresh = resumable(tmp_path, 2, every=0)
+    fresh.fit([make_batch(s) for s in range(2)], progress=False)
+    assert [r["step"] for r in read_log(tmp_path / "log.jsonl")] == [1, 2]
+    assert (tmp_path / "log.jsonl.discarded").read_text() == old
 
 
 def test_resume_true_without_a_checkpoint_starts_fresh(tmp_path):
@@ -757,6 +810,26 @@ def test_jsonl_log_records_every_step_with_per_span_divergences(tmp_path):
     assert result["steps"] == 3
     assert result["loss"] == pytest.approx(log["loss"][-1], rel=1e-5, abs=1e-6)
     assert result["tokens"] == sum(n_tokens(b) for b in batches)
+
+
+def test_jsonl_log_span_components_with_accumulation(tmp_path):
+    # Micro-batch 1 has only ACT targets, micro-batch 2 only REASON ones: the
+    # step's record has each span's value from the micro-batch that has it.
+    student, teacher = TinyLM(1), TinyLM(2)
+    batches = []
+    for seed, span in ((0, Span.ACT), (1, Span.REASON)):
+        b = make_batch(seed)
+        b["spans"] = torch.full_like(b["spans"], int(span))
+        batches.append(b)
+    hand = dense_loss(teacher, "span", 0.0)
+    expected = [hand(copy.deepcopy(student)(b["input_ids"]), b)[1] for b in batches]
+    d = Distiller(student, teacher, sgd(student), loss="span", temperature=T,
+                  span_weights=SPAN_WEIGHTS, grad_accum_steps=2,
+                  log_path=tmp_path / "log.jsonl")  # fmt: skip
+    d.fit(batches, progress=False)
+    (rec,) = read_log(tmp_path / "log.jsonl")
+    assert rec["span_act"] == pytest.approx(expected[0][Span.ACT], rel=1e-5, abs=1e-6)
+    assert rec["span_reason"] == pytest.approx(expected[1][Span.REASON], rel=1e-5, abs=1e-6)
 
 
 def test_jsonl_log_lr_is_the_rate_the_step_used(tmp_path):
@@ -954,6 +1027,10 @@ def test_constructor_errors(tmp_path):
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="alpha"):
             Distiller(s, TinyLM(2), sgd(s), alpha=bad)
+    for name in ("temperature", "teacher_temperature"):
+        for bad in (0.0, -1.0, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=f"^{name}: "):
+                Distiller(s, TinyLM(2), sgd(s), **{name: bad})
 
 
 def test_batch_errors():
@@ -1111,3 +1188,14 @@ def test_plain_modules_are_called_without_the_attention_mask():
     seq = nn.Sequential(nn.Embedding(V, D), nn.Linear(D, V))
     d = Distiller(seq, None, sgd(seq), loss="sft")
     assert math.isfinite(d.step(batch)["loss"])
+
+
+def test_bad_batches_are_clear_errors():
+    d = Distiller(TinyLM(1), TinyLM(2), sgd(TinyLM(1)), loss="span")
+    b = make_batch(0)
+    with pytest.raises(TypeError, match="mapping"):
+        d.step((b["input_ids"], b["labels"]))
+    with pytest.raises(ValueError, match=r"\(batch, sequence\)"):
+        d.step({k: v[0] for k, v in b.items()})  # one sequence without a batch dimension
+    with pytest.raises(ValueError, match=r"spans \(3, 11\) must match input_ids \(3, 12\)"):
+        d.step({**b, "spans": b["spans"][:, 1:]})

@@ -32,13 +32,15 @@ CHECKPOINT_NAME = "last.pt"
 
 @dataclass
 class TrainState:
-    """Where training is: optimizer steps, micro-batches, epoch position, tokens."""
+    """Where training is: optimizer steps, micro-batches, epoch position, tokens,
+    and the seconds ``fit`` has trained (across resumes)."""
 
     step: int = 0
     micro: int = 0
     epoch: int = 0
     micro_in_epoch: int = 0
     tokens: int = 0
+    seconds: float = 0.0
 
 
 def _takes_attention_mask(model: nn.Module) -> bool:
@@ -61,6 +63,41 @@ def model_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.T
     else:
         out = model(ids, attention_mask=mask)
     return out.logits if hasattr(out, "logits") else out
+
+
+def _loader_generators(loader: Any) -> list[torch.Generator]:
+    """The random generators a DataLoader draws its order from, besides torch's
+    global one (``DataLoader(generator=...)``, a sampler's own ``generator``)."""
+    found: list[torch.Generator] = []
+    for owner in (loader, getattr(loader, "sampler", None)):
+        g = getattr(owner, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not f for f in found):
+            found.append(g)
+    return found
+
+
+def _check_batch(batch: Any) -> None:
+    if not isinstance(batch, Mapping):
+        raise TypeError(
+            "a batch is a mapping with 'input_ids' and 'labels' (and optionally 'spans', "
+            f"'attention_mask', ...); got {type(batch).__name__}"
+        )
+    if "input_ids" not in batch or "labels" not in batch:
+        raise KeyError(f"a batch needs 'input_ids' and 'labels'; got keys {sorted(batch)}")
+    ids = batch["input_ids"]
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(
+            f"input_ids must be a (batch, sequence) tensor; got {shape} "
+            "(one sequence: add a batch dimension, or use kdcore.agent.collate)"
+        )
+    for key in ("labels", "spans", "attention_mask"):
+        value = batch.get(key)
+        if isinstance(value, torch.Tensor) and value.shape != ids.shape:
+            raise ValueError(
+                f"{key} {tuple(value.shape)} must match input_ids {tuple(ids.shape)} "
+                "(aligned; the shift happens inside)"
+            )
 
 
 def _component_name(key: Any) -> str:
@@ -136,7 +173,13 @@ class Distiller:
         self.checkpoint_every = checkpoint_every
         self.state = TrainState()
         self._pending = 0  # micro-batches accumulated since the last optimizer step
-        self._epoch_rng: torch.Tensor | None = None
+        # Random states at the start of the current epoch: torch's global one
+        # ("torch") and the loader's own generators ("loaders").
+        self._epoch_rng: dict[str, Any] | None = None
+        # The loader's generators while fit runs (their states go into checkpoints),
+        # and states from a loaded checkpoint, applied at the next epoch start.
+        self._loader_gens: list[torch.Generator] = []
+        self._resumed_loader_rng: list[torch.Tensor] | None = None
         self._last_lr = float("nan")
         if teacher is not None:
             teacher.eval()
@@ -165,14 +208,8 @@ class Distiller:
 
     def compute_loss(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict]:
         """The loss and its detached components on one batch (no backward)."""
+        _check_batch(batch)
         batch = self._to_device(batch)
-        if "input_ids" not in batch or "labels" not in batch:
-            raise KeyError(f"a batch needs 'input_ids' and 'labels'; got keys {sorted(batch)}")
-        if batch["labels"].shape != batch["input_ids"].shape:
-            raise ValueError(
-                f"labels {tuple(batch['labels'].shape)} must match input_ids "
-                f"{tuple(batch['input_ids'].shape)} (aligned; the shift happens inside)"
-            )
         teacher = self._teacher_logits(batch)
         with self._autocast():
             logits = model_logits(self.student, batch)
@@ -242,6 +279,7 @@ class Distiller:
             "state": asdict(self.state),
             "rng": torch.get_rng_state(),
             "epoch_rng": self._epoch_rng,
+            "loader_rng": [g.get_state() for g in self._loader_gens],
         }
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler.state_dict()
@@ -255,7 +293,11 @@ class Distiller:
         if self.scheduler is not None and "scheduler" in state:
             self.scheduler.load_state_dict(state["scheduler"])
         self.state = TrainState(**state["state"])
-        self._epoch_rng = state.get("epoch_rng")
+        epoch_rng = state.get("epoch_rng")
+        if isinstance(epoch_rng, torch.Tensor):  # checkpoints of kdcore <= 0.1: global RNG only
+            epoch_rng = {"torch": epoch_rng, "loaders": []}
+        self._epoch_rng = epoch_rng
+        self._resumed_loader_rng = state.get("loader_rng")
         torch.set_rng_state(state["rng"])
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
@@ -285,28 +327,45 @@ class Distiller:
         progress: bool = True,
         description: str = "distill",
     ) -> dict[str, Any]:
-        """Trains for ``epochs`` passes over ``loader`` or ``max_steps`` optimizer steps.
+        """Trains until ``epochs`` passes over ``loader`` or ``max_steps``
+        optimizer steps, counted from the start of training (totals, not
+        increments: after ``fit(epochs=1)``, ``fit(epochs=2)`` trains one more
+        epoch; a call with nothing left to do is an error unless it resumed
+        a finished run).
 
         ``resume=True`` continues from ``checkpoint_dir/last.pt`` when it
         exists (a path resumes from that file): the loader is replayed from
-        its epoch start with the same random state and the micro-batches
-        already consumed are skipped, so a resumed run takes the same steps
-        as an uninterrupted one (given a loader whose order depends only on
-        torch's global random state, like a DataLoader without its own
-        generator). Checkpoints are written every ``checkpoint_every`` steps
-        and at the end; a failure never leaves a half-written file.
+        its epoch start with the same random states — torch's global one and
+        the DataLoader's own ``generator`` — and the micro-batches already
+        consumed are skipped, so a resumed run takes the same steps as an
+        uninterrupted one (any other source of randomness in the loader is
+        the caller's to restore). Checkpoints are written every
+        ``checkpoint_every`` steps and at the end; a failure never leaves a
+        half-written file. The JSONL log is kept consistent with the state:
+        records of steps after it (from a run that went on past the
+        checkpoint, or an older run in the same file) move to
+        ``<log>.discarded``.
         """
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1; got {epochs}")
         if max_steps is not None and max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or None; got {max_steps}")
-        self._maybe_resume(resume)
+        resumed = self._maybe_resume(resume)
+        if not resumed and (self.state.epoch >= epochs or _done(self.state, max_steps)):
+            raise ValueError(
+                f"nothing to train: this Distiller is at epoch {self.state.epoch}, step "
+                f"{self.state.step}, and epochs={epochs}, max_steps={max_steps} count from the "
+                "start of training (pass larger totals to train more)"
+            )
         total = max_steps
         if total is None and hasattr(loader, "__len__"):
             total = math.ceil(len(loader) * epochs / self.grad_accum_steps)  # type: ignore[arg-type]
-        log = JsonlLog(self.log_path) if self.log_path is not None else None
+        log = None
+        if self.log_path is not None:
+            log = JsonlLog(self.log_path, after_step=self.state.step)
         bar = _progress(total, self.state.step, description, progress)
-        started, window = time.perf_counter(), _Window()
+        started, window = time.perf_counter() - self.state.seconds, _Window()
+        self._loader_gens = _loader_generators(loader)
         try:
             while self.state.epoch < epochs and not _done(self.state, max_steps):
                 for batch in self._epoch_batches(loader):
@@ -328,6 +387,7 @@ class Distiller:
                 self.save()
         finally:
             bar.close()
+            self._loader_gens = []
             if log is not None:
                 log.close()
         return {
@@ -337,29 +397,39 @@ class Distiller:
             "loss": window.last_loss,
         }
 
-    def _maybe_resume(self, resume: bool | str | os.PathLike) -> None:
+    def _maybe_resume(self, resume: bool | str | os.PathLike) -> bool:
+        """Loads the checkpoint ``resume`` names, if any; whether one was loaded."""
         if resume is False:
-            return
+            return False
         if resume is True:
             if self.checkpoint_dir is None:
                 raise ValueError("resume=True needs a checkpoint_dir (or pass a checkpoint path)")
             path = self.checkpoint_dir / CHECKPOINT_NAME
             if not path.exists():
-                return  # nothing to resume: a fresh start
+                return False  # nothing to resume: a fresh start
         else:
             path = Path(resume)
             if not path.exists():
                 raise FileNotFoundError(f"resume checkpoint {path} does not exist")
         self.load(path)
+        return True
 
     def _epoch_batches(self, loader: Iterable) -> Iterable:
         """The loader's batches for the current epoch, resumed mid-epoch if needed."""
-        skip = self.state.micro_in_epoch
-        if skip and self._epoch_rng is not None:
+        skip, gens = self.state.micro_in_epoch, self._loader_gens
+        resumed_rng, self._resumed_loader_rng = self._resumed_loader_rng, None
+        replay = skip and self._epoch_rng is not None
+        if replay:  # the order the interrupted epoch had
             now = torch.get_rng_state()
-            torch.set_rng_state(self._epoch_rng)  # the order the interrupted epoch had
+            torch.set_rng_state(self._epoch_rng["torch"])
+            _set_states(gens, self._epoch_rng["loaders"])
         else:
-            self._epoch_rng = torch.get_rng_state()
+            if resumed_rng is not None:  # resumed at an epoch boundary
+                _set_states(gens, resumed_rng)
+            self._epoch_rng = {
+                "torch": torch.get_rng_state(),
+                "loaders": [g.get_state() for g in gens],
+            }
         iterator = iter(loader)
         for i in range(skip):
             if next(iterator, None) is None:
@@ -367,17 +437,18 @@ class Distiller:
                     f"resuming at micro-batch {skip} of epoch {self.state.epoch}, but the "
                     f"loader yields only {i} batches: it is not the loader of the checkpoint"
                 )
-        if skip and self._epoch_rng is not None:
+        if replay:
             torch.set_rng_state(now)
         return iterator
 
     def _finish_step(self, window: _Window, log, bar, started: float) -> None:
         record = window.flush()
+        self.state.seconds = time.perf_counter() - started
         record.update(
             step=self.state.step,
             epoch=self.state.epoch,
             lr=self._last_lr,
-            elapsed_s=time.perf_counter() - started,
+            elapsed_s=self.state.seconds,
         )
         if log is not None:
             log.write(record)
@@ -385,6 +456,16 @@ class Distiller:
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         if self.checkpoint_every and self.state.step % self.checkpoint_every == 0:
             self.save()
+
+
+def _set_states(generators: list[torch.Generator], states: list[torch.Tensor]) -> None:
+    if len(states) != len(generators):
+        raise RuntimeError(
+            f"the checkpoint holds {len(states)} loader random states, but this loader has "
+            f"{len(generators)} generators: it is not the loader of the checkpoint"
+        )
+    for g, state in zip(generators, states, strict=True):
+        g.set_state(state)
 
 
 def _done(state: TrainState, max_steps: int | None) -> bool:
@@ -404,14 +485,24 @@ class _Window:
 
     def flush(self) -> dict[str, Any]:
         now = time.perf_counter()
-        keys = [k for k in self.records[0] if k not in ("stepped", "step", "tokens")]
-        out: dict[str, Any] = {k: sum(r[k] for r in self.records) / len(self.records) for k in keys}
+        skip = ("stepped", "step", "tokens")
+        keys = list(dict.fromkeys(k for r in self.records for k in r if k not in skip))
+        # A span component is NaN in a micro-batch without that span: the mean
+        # is over the micro-batches that have it (NaN only if none has).
+        out: dict[str, Any] = {
+            k: _mean_of_present([r.get(k, math.nan) for r in self.records]) for k in keys
+        }
         tokens = sum(r["tokens"] for r in self.records)
         out["tokens"] = tokens
         out["tokens_per_s"] = tokens / max(now - self.start, 1e-9)
         self.last_loss = out["loss"]
         self.records, self.start = [], now
         return out
+
+
+def _mean_of_present(values: list[float]) -> float:
+    present = [v for v in values if not math.isnan(v)]
+    return sum(present) / len(present) if present else float("nan")
 
 
 class _NoBar:

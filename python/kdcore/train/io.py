@@ -36,11 +36,20 @@ def _jsonable(value: Any) -> Any:
 
 
 class JsonlLog:
-    """Appends one JSON object per line and flushes it (a crash loses nothing written)."""
+    """Appends one JSON object per line and flushes it (a crash loses nothing written).
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    With ``after_step=n``, an existing file is first cut back to the records
+    of steps ``<= n`` (a run resumed from step ``n`` writes the later steps
+    again); the records removed, and any line that is not a JSON object with
+    a ``step`` (a line cut short by a crash), are appended to
+    ``<path>.discarded`` rather than lost.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, after_step: int | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if after_step is not None and self.path.exists():
+            _cut_back(self.path, after_step)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
 
     def write(self, record: dict[str, Any]) -> None:
@@ -50,3 +59,27 @@ class JsonlLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else None
+
+
+def _cut_back(path: Path, last_step: int) -> None:
+    """Keeps the lines of steps <= ``last_step``; the rest go to ``<path>.discarded``."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept, dropped = [], []
+    for line in lines:
+        step = _step_of(line)
+        (kept if step is not None and step <= last_step else dropped).append(line)
+    if not dropped:
+        return
+    with open(path.with_name(path.name + ".discarded"), "a", encoding="utf-8") as f:
+        f.writelines(x if x.endswith("\n") else x + "\n" for x in dropped)
+    text = "".join(kept)
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))

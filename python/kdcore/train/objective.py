@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .. import _validate
 from .. import spans as _spans
 from ..ops.distillation import distillation_loss
 from ..ops.sparse import sparse_kl_loss
@@ -63,6 +64,12 @@ class Objective:
             )
         if not 0.0 <= float(self.alpha) <= 1.0:
             raise ValueError(f"alpha must be in [0, 1]; got {self.alpha}")
+        # Checked here, not at the first batch after minutes of work.
+        for name in ("temperature", "teacher_temperature"):
+            try:
+                _validate.temperature(getattr(self, name))
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{name}: {exc}") from None
 
     @property
     def needs_teacher(self) -> bool:
