@@ -30,6 +30,8 @@ import types
 
 import torch
 
+from ._topk import check_rows
+
 _DIVERGENCES = {"kl": 0, "reverse_kl": 1, "tvd": 2, "jsd": 3}
 _TAILS = {"bucket": 0, "renormalize": 1, "zero": 2}
 _LOG2E = 1.4426950408889634
@@ -260,7 +262,7 @@ def distill(
         rows, vocab, s.stride(0), t.stride(0),
         gs.stride(0) if gs is not None else 0,
         gt.stride(0) if gt is not None else 0,
-        inv_t, _LOG2E * inv_t, beta,
+        inv_t, _LOG2E * inv_t, beta, 1.0 - beta,
         math.log(beta) if jsd else 0.0,
         math.log1p(-beta) if jsd else 0.0,
     )  # fmt: skip
@@ -280,29 +282,7 @@ def _teacher(ids, logprobs, weight, vocab, ratio, tail):
     p_tail, log p_tail, Σ p). Validates like the Rust kernel (rows of weight 0
     are not checked)."""
     k = ids.shape[-1]
-    ids_sorted, order = ids.sort(dim=-1)
-    lp = logprobs.gather(-1, order)
-    bad_range = (ids_sorted[:, 0] < 0) | (ids_sorted[:, -1] >= vocab)
-    twice = (ids_sorted[:, 1:] == ids_sorted[:, :-1]).any(-1)
-    bad_lp = (torch.isnan(lp) | (lp > 0)).any(-1)
-    mass = lp.exp().sum(-1)
-    heavy = mass > 1.0 + 1e-3
-    problems = (weight != 0) & (bad_range | twice | bad_lp | heavy)
-    if bool(problems.any()):  # one sync per call
-        r = int(problems.nonzero()[0, 0])
-        row, lps = ids_sorted[r].tolist(), lp[r].tolist()
-        if bad_range[r]:
-            bad = [i for i in ids[r].tolist() if not 0 <= i < vocab][0]
-            message = f"row {r}: token id {bad} is outside [0, {vocab})"
-        elif twice[r]:
-            bad = next(a for a, b in zip(row, row[1:], strict=False) if a == b)
-            message = f"row {r}: token id {bad} appears twice in the top-k"
-        elif bad_lp[r]:
-            j = next(j for j, v in enumerate(lps) if not v <= 0)
-            message = f"row {r}: log-probability {lps[j]} of token {row[j]} is not <= 0"
-        else:
-            message = f"row {r}: top-k probabilities sum to {float(mass[r]):.6f} > 1"
-        raise ValueError(f"teacher: {message}")
+    ids_sorted, lp, mass = check_rows(ids, logprobs, weight != 0, vocab)
     # The k ids plus the tail as one category, re-tempered: p_c ∝ m_c^ratio.
     if tail == "renormalize" or k == vocab:  # (k = V: the missing mass is rounding noise)
         m_tail = torch.zeros_like(mass)

@@ -46,6 +46,12 @@ def same_device(name: str, x: torch.Tensor, like: torch.Tensor) -> None:
         )
 
 
+#: Low: 1/T and T² stay finite, non-zero float32 numbers. High: at T = 1e3 the
+#: softmaxes differ from uniform by ~1e-3 relative, and float32 kernels keep
+#: only ~4 digits of their differences (JSD error ~1e-3 there, 10 % at 1e4).
+TEMPERATURE_RANGE = (1e-18, 1e3)
+
+
 def temperature(value: object) -> float:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
@@ -56,6 +62,12 @@ def temperature(value: object) -> float:
     t = float(value)
     if not math.isfinite(t) or t <= 0.0:
         raise ValueError(f"temperature must be finite and > 0, got {t}")
+    low, high = TEMPERATURE_RANGE
+    if not low <= t <= high:
+        raise ValueError(
+            f"temperature must be in [{low:g}, {high:g}], got {t:g} (float32 kernels cannot "
+            "resolve the softmaxes' differences beyond that)"
+        )
     return t
 
 

@@ -42,8 +42,8 @@ def kl_div_rows(
     log_p, log_q = (log_s, log_t) if reverse else (log_t, log_s)
     p = log_p.exp()
     # where() before the product keeps 0 * (-inf - -inf) from becoming NaN,
-    # in the forward and in the gradient.
-    log_ratio = torch.where(p > 0, log_p - log_q, torch.zeros_like(p))
+    # in the forward and in the gradient; a NaN p (a NaN row) stays NaN.
+    log_ratio = torch.where(p == 0, torch.zeros_like(p), log_p - log_q)
     return (p * log_ratio).sum(-1)
 
 
@@ -53,7 +53,11 @@ def tvd_rows(
     """½ Σ_j |P_t,j − P_s,j| per position."""
     p = softmax(teacher_logits, temperature)
     q = softmax(student_logits, temperature)
-    return 0.5 * (p - q).abs().sum(-1)
+    d = p - q
+    # |d| = d · sign(d) with sign(0) = 0 (abs's subgradient); unlike abs's
+    # backward, a NaN d gives a NaN gradient (a NaN row stays NaN throughout).
+    sign = torch.where(torch.isnan(d), d, torch.sign(d)).detach()
+    return 0.5 * (d * sign).sum(-1)
 
 
 def jsd_rows(
@@ -81,8 +85,8 @@ def jsd_rows(
     log_m = torch.logsumexp(
         torch.stack([log_p_safe + math.log(beta), log_q_safe + math.log(1.0 - beta)]), dim=0
     )
-    kl_p = torch.where(p > 0, log_p - log_m, torch.zeros_like(p))
-    kl_q = torch.where(q > 0, log_q - log_m, torch.zeros_like(q))
+    kl_p = torch.where(p == 0, torch.zeros_like(p), log_p - log_m)
+    kl_q = torch.where(q == 0, torch.zeros_like(q), log_q - log_m)
     return beta * (p * kl_p).sum(-1) + (1.0 - beta) * (q * kl_q).sum(-1)
 
 
@@ -284,7 +288,9 @@ def distillation_loss(
     if spans is None:
         if reduction == "none":
             per_row = (alpha * ce + (1 - alpha) * div).reshape(labels.shape)
-            return (per_row, {}) if return_components else per_row
+            comps = {"ce": ce.detach().reshape(labels.shape),
+                     "divergence": div.detach().reshape(labels.shape)}  # fmt: skip
+            return (per_row, comps) if return_components else per_row
         n = int(ok.sum())
         scale = 1.0 if reduction == "sum" else (1.0 / n if n else 0.0)
         ce_term, div_term = ce.sum() * scale, div.sum() * scale

@@ -116,6 +116,51 @@ def test_jsd_finite_when_log_probs_are_far_below_minus_104(backend, dtype):
     assert_loss_close(loss, ref, (dtype,))
 
 
+def _divergence_loss(divergence, s, t, **kw):
+    if divergence in ("kl", "reverse_kl"):
+        return kdcore.kl_loss(s, t, reverse=divergence == "reverse_kl", **kw)
+    if divergence == "jsd":
+        return kdcore.jsd_loss(s, t, beta=0.3, **kw)
+    return kdcore.tvd_loss(s, t, **kw)
+
+
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd", "tvd"])
+@pytest.mark.parametrize("where", ["student", "teacher", "both", "both_inf"])
+def test_nan_in_a_row_gives_nan_loss_and_gradients_there(backend, divergence, where):
+    # A NaN (or an inf - inf) in a row makes that row's loss and both
+    # gradients NaN on every backend; the other rows are untouched.
+    s = make_logits((3, 40), torch.float32, seed=30)
+    t = make_logits((3, 40), torch.float32, seed=31)
+    bad = math.inf if where == "both_inf" else math.nan
+    if where != "teacher":
+        s[1, 3] = bad
+    if where != "student":
+        t[1, 7] = bad
+    s, t = s.requires_grad_(), t.requires_grad_()
+    loss = _divergence_loss(divergence, s, t, temperature=2.0, reduction="none")
+    gs, gt = torch.autograd.grad(loss.sum(), (s, t))
+    assert math.isnan(loss[1].item()), loss
+    assert torch.isfinite(loss[[0, 2]]).all()
+    for name, g in (("student", gs), ("teacher", gt)):
+        assert torch.isnan(g[1]).all(), (name, g[1])
+        assert torch.isfinite(g[[0, 2]]).all(), name
+
+
+@pytest.mark.parametrize("beta", [1e-5, 1e-7, 1e-8, 1 - 1e-7])
+def test_jsd_near_the_kl_endpoints_keeps_its_beta_sized_terms(backend, beta):
+    # JSD(β) → 0 like β as β → 0: the β-sized parts of log(1-β) and of
+    # ln(1 + e^-|x|) must survive fp32 rounding.
+    s = make_logits((16, 64), torch.float32, seed=32, scale=2.0).requires_grad_()
+    t = make_logits((16, 64), torch.float32, seed=33, scale=2.0)
+    loss = kdcore.jsd_loss(s, t, beta=beta, temperature=1.5)
+    (grad,) = torch.autograd.grad(loss, s)
+    s64 = s.detach().double().requires_grad_()
+    ref = reference.jsd_rows(s64, t.double(), beta, 1.5).mean() * 1.5**2
+    (ref_grad,) = torch.autograd.grad(ref, s64)
+    assert abs(loss.item() - ref.item()) <= 1e-4 * abs(ref.item()), (loss.item(), ref.item())
+    assert_grad_close(grad, ref_grad, torch.float32)
+
+
 def test_tvd_of_equal_distributions_is_zero_and_of_disjoint_is_one(backend):
     x = make_logits((3, 20), torch.float32, seed=6)
     assert kdcore.tvd_loss(x, x.clone()).item() == pytest.approx(0.0, abs=1e-7)
@@ -198,6 +243,45 @@ def test_distillation_components_reconstruct_the_loss(backend):
     rebuilt = 0.25 * comps["ce"] + 0.75 * comps["divergence"]
     assert loss.item() == pytest.approx(rebuilt.item(), rel=1e-5)
     assert Span.REASON in comps and Span.ACT in comps
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.25, 1.0])
+def test_distillation_components_per_row_with_reduction_none(backend, alpha):
+    # Per row, like the loss: L_r = alpha ce_r + (1 - alpha) D_r, 0 on masked
+    # rows, NaN for a term of weight 0; the same keys on every backend.
+    s = make_logits((2, 5, 30), torch.float32, seed=11)
+    t = make_logits((2, 5, 30), torch.float32, seed=12)
+    labels = torch.randint(0, 30, (2, 5), generator=torch.Generator().manual_seed(2))
+    labels[0, 1] = -100
+    loss, comps = kdcore.distillation_loss(
+        s, t, labels, alpha=alpha, temperature=2.0, reduction="none", return_components=True
+    )
+    assert set(comps) == {"ce", "divergence"}
+    ok = labels != -100
+    ce = F.cross_entropy(s.double().reshape(-1, 30), labels.reshape(-1), reduction="none",
+                         ignore_index=-100).reshape(2, 5)  # fmt: skip
+    div = 4.0 * reference.kl_div_rows(s.double(), t.double(), 2.0) * ok
+    for key, want, weight in (("ce", ce, alpha), ("divergence", div, 1.0 - alpha)):
+        got = comps[key]
+        assert got.shape == (2, 5), key
+        if weight == 0:
+            assert torch.isnan(got).all(), key
+        else:
+            assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6), key
+    assert torch.allclose(loss.double(), alpha * ce + (1 - alpha) * div, rtol=1e-5, atol=1e-6)
+
+
+def test_distillation_span_components_with_alpha_one(backend):
+    s = make_logits((2, 5, 30), torch.float32, seed=13)
+    t = make_logits((2, 5, 30), torch.float32, seed=14)
+    labels = torch.randint(0, 30, (2, 5), generator=torch.Generator().manual_seed(3))
+    spans = torch.tensor([[0, 1, 1, 2, 3], [1, 2, 2, 0, 1]])
+    _, comps = kdcore.distillation_loss(
+        s, t, labels, alpha=1.0, spans=spans, return_components=True
+    )
+    assert set(comps) == {"ce", "divergence", Span.REASON, Span.ACT}
+    assert math.isfinite(comps["ce"].item())
+    assert all(math.isnan(comps[k].item()) for k in ("divergence", Span.REASON, Span.ACT))
 
 
 def test_distillation_bad_arguments():

@@ -117,6 +117,22 @@ def test_bad_arguments():
     for bad in (-1, 0, 2.5, True):
         with pytest.raises(ValueError, match=r"chunk_size must be a positive int"):
             kdcore.fused_linear_distillation_loss(h, w, teacher_logits=t, chunk_size=bad)
+    for over in ("rows", "vocab"):  # the vocabulary path would slice a wrong bias silently
+        with pytest.raises(ValueError, match=r"student_bias must have shape \(10,\)"):
+            kdcore.fused_linear_distillation_loss(
+                h, w, student_bias=torch.zeros(12), teacher_logits=t, chunk_over=over
+            )
+    with pytest.raises(ValueError, match=r"student_bias must have 1 dimensions"):
+        kdcore.fused_linear_distillation_loss(
+            h, w, student_bias=torch.zeros(1, 10), teacher_logits=t
+        )
+    th, tw = torch.randn(4, 3), torch.randn(10, 3)
+    with pytest.raises(ValueError, match=r"teacher_bias must have shape \(10,\)"):
+        kdcore.fused_linear_distillation_loss(
+            h, w, teacher_hidden=th, teacher_weight=tw, teacher_bias=torch.zeros(9)
+        )
+    with pytest.raises(ValueError, match=r"teacher_bias goes with teacher_hidden"):
+        kdcore.fused_linear_distillation_loss(h, w, teacher_logits=t, teacher_bias=torch.zeros(10))
 
 
 def test_gradcheck_float64_reference_path():
@@ -497,3 +513,40 @@ def test_row_chunks_with_16bit_gemm_operands(monkeypatch, teacher_as, pad, alpha
         assert got.dtype == torch.bfloat16, name
         err = (got.double() - exp).abs().max().item()
         assert err <= 2**-7 * exp.abs().max().item(), f"{name}: {err:.3e}"
+
+
+@pytest.mark.parametrize("chunk_over", ["rows", "vocab"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_no_term_reads_may_hold_nan(chunk_over, dtype):
+    # A masked row's hidden state is never read: NaN there reaches neither the
+    # loss nor any gradient (the weight gradient sums over rows).
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(6, 8, generator=g, dtype=dtype)
+    w = torch.randn(20, 8, generator=g, dtype=dtype) / 3
+    t = torch.randn(6, 20, generator=g, dtype=dtype)
+    labels = torch.randint(0, 20, (6,), generator=g)
+    labels[2] = -100
+    kw = dict(teacher_logits=t, labels=labels, alpha=0.3, chunk_size=4 if chunk_over == "rows"
+              else 8, chunk_over=chunk_over)  # fmt: skip
+    clean = h.clone()
+    h[2] = math.nan
+    outs = []
+    for x in (h, clean):
+        hk, wk = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = kdcore.fused_linear_distillation_loss(hk, wk, **kw)
+        outs.append((loss, *torch.autograd.grad(loss, (hk, wk))))
+    for got, want in zip(outs[0], outs[1], strict=True):
+        assert torch.isfinite(got).all()
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_float64_reference_path_keeps_float64():
+    # Row weights and teacher logits stay float64 (1/3 is not a float32 number).
+    g = torch.Generator().manual_seed(6)
+    h, w = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g)
+    w = w.double()
+    t = torch.randn(3, 5, generator=g, dtype=torch.float64) * 3
+    got = kdcore.fused_linear_distillation_loss(h, w, teacher_logits=t, temperature=1.5)
+    want = 1.5**2 * reference.kl_div_rows(h @ w.t(), t, 1.5).mean()
+    assert got.dtype == torch.float64
+    assert abs(got.item() - want.item()) <= 1e-13 * abs(want.item())

@@ -83,8 +83,9 @@ def test_tail_bucket_counts_missing_mass(backend):
     assert zero.item() == pytest.approx(0.5 * torch.log(torch.tensor(2.0)).item(), rel=1e-6)
 
 
-def test_bad_teacher_is_rejected_clearly():
-    s = torch.randn(2, 10)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # kernel and reference paths
+def test_bad_teacher_is_rejected_clearly(dtype):
+    s = torch.randn(2, 10, dtype=dtype)
     ids = torch.tensor([[1, 2], [3, 4]])
     lps = torch.log(torch.tensor([[0.5, 0.2], [0.1, 0.1]]))
     with pytest.raises(ValueError, match=r"teacher_ids must be in \[0, 10\), got \[12\]"):
@@ -105,6 +106,16 @@ def test_bad_teacher_is_rejected_clearly():
         kdcore.sparse_kl_loss(s, ids, lps, tail="drop")
     with pytest.raises(TypeError, match=r"teacher_ids must be an integer tensor"):
         kdcore.sparse_kl_loss(s, ids.float(), lps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_the_loss_does_not_read_are_not_checked(dtype):
+    s = torch.randn(2, 10, dtype=dtype)
+    ids = torch.tensor([[2, 2], [3, 4]])  # row 0 is invalid, and masked
+    lps = torch.log(torch.tensor([[0.5, 0.2], [0.1, 0.1]]))
+    got = kdcore.sparse_kl_loss(s, ids, lps, labels=torch.tensor([-100, 1]))
+    exp = kdcore.sparse_kl_loss(s[1:], ids[1:], lps[1:])
+    assert torch.allclose(got.double(), exp.double(), rtol=1e-6)
 
 
 def test_tiny_positive_log_probs_are_rounding_noise():

@@ -119,7 +119,7 @@ def run(fn, sig, const, warps):
 d = {"S": "*bf16", "T": "*fp32", "W": "*fp32", "LOSS": "*fp32", "LABELS": "*i64", "CEW": "*fp32",
      "CELOSS": "*fp32", "GS": "*bf16", "GT": "*fp32", "rows": "i32", "V": "i32", "stride_s": "i64",
      "stride_t": "i32", "stride_gs": "i32", "stride_gt": "i32", "inv_t": "fp32", "k": "fp32",
-     "beta": "fp32", "log_beta": "fp32", "log_rest": "fp32"}
+     "beta": "fp32", "rest": "fp32", "log_beta": "fp32", "log_rest": "fp32"}
 for div in range(4):
     run(distill.distill_kernel, d, dict(DIV=div, HAS_CE=True, CE_T1=True, GRAD_S=True,
         GRAD_T=True, BLOCK=4096), 16)

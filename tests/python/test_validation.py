@@ -52,6 +52,8 @@ T = torch.randn(2, 3, 5)
         ({"temperature": math.nan}, ValueError, r"temperature.*nan"),
         ({"temperature": math.inf}, ValueError, r"temperature.*inf"),
         ({"temperature": "2"}, TypeError, r"temperature must be a float, got str"),
+        ({"temperature": 1e4}, ValueError, r"temperature must be in \[1e-18, 1000\], got 10000"),
+        ({"temperature": 1e-50}, ValueError, r"temperature must be in .*got 1e-50"),
         (
             {"reduction": "avg"},
             ValueError,

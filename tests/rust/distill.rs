@@ -142,7 +142,6 @@ fn ref_distill(
             d
         }
         Divergence::Jsd { beta } => {
-            let beta = beta as f64;
             let (l_beta, l_rest) = (beta.ln(), (1.0 - beta).ln());
             let lm: Vec<f64> = (0..n)
                 .map(|j| log_add_exp(l_beta + lp[j], l_rest + lq[j]))
@@ -753,7 +752,7 @@ fn distill_jsd_far_tails() {
         let mut rng = Rng::new(400);
         for &(rows, cols) in &[(6, 33), (5, 1000), (33, 1000)] {
             for (k, &temp) in TEMPERATURES.iter().enumerate() {
-                for (d, beta) in [0.1f32, 0.5, 0.9].into_iter().enumerate() {
+                for (d, beta) in [0.1f64, 0.5, 0.9].into_iter().enumerate() {
                     // The wider shapes less often (debug-build time).
                     let every = [1, 3, 9][(cols > 33) as usize + is_parallel(rows, cols) as usize];
                     if (d + k) % every != 0 {
@@ -860,7 +859,7 @@ fn distill_jsd_loss_16bit_strict() {
         let (s, t): (Vec<bf16>, Vec<bf16>) = (rounded(s64), rounded(t64));
         let (sf, tf) = (widened(&s), widened(&t));
         for temp in [1.0f32, 2.0] {
-            for beta in [0.1f32, 0.5, 0.9] {
+            for beta in [0.1f64, 0.5, 0.9] {
                 let div = Divergence::Jsd { beta };
                 let out = run(&s, &t, rows, cols, div, temp, &w, None, false, false);
                 for r in 0..rows {
@@ -913,7 +912,7 @@ fn distill_bad_arguments() {
     let mut loss = vec![f32::NAN; rows];
 
     // JSD's beta: 0 and 1 are the KLs (refused), NaN and outside (0, 1) too.
-    for beta in [0.0, 1.0, -0.0, f32::NAN, -0.5, 1.5, f32::INFINITY] {
+    for beta in [0.0, 1.0, -0.0, f64::NAN, -0.5, 1.5, f64::INFINITY] {
         let e = call(
             &x,
             &x,

@@ -101,9 +101,26 @@ def log2_f64(x):
 
 
 @triton.jit
+def log1p_unit(e):
+    """ln(1 + e) for e in [0, 1], accurate relative to the result at every e:
+    2 atanh(s) = 2 (s + s³/3 + … + s¹⁵/15), s = e / (2 + e) ≤ 1/3 (no log of
+    a rounded 1 + e, no hardware log2 with an absolute error near 1)."""
+    s = e / (2.0 + e)
+    s2 = s * s
+    p = 1.0 / 15.0
+    p = p * s2 + 1.0 / 13.0
+    p = p * s2 + 1.0 / 11.0
+    p = p * s2 + 1.0 / 9.0
+    p = p * s2 + 1.0 / 7.0
+    p = p * s2 + 1.0 / 5.0
+    p = p * s2 + 1.0 / 3.0
+    return 2.0 * (s + s * s2 * p)
+
+
+@triton.jit
 def half_sign(x):
-    """½ sign(x) with sign(0) = 0 (autograd's subgradient of |x|)."""
-    return tl.where(x > 0, 0.5, tl.where(x < 0, -0.5, 0.0))
+    """½ sign(x) with sign(0) = 0 (autograd's subgradient of |x|); NaN stays NaN."""
+    return tl.where(x > 0, 0.5, tl.where(x < 0, -0.5, x * 0.0))
 
 
 @triton.jit

@@ -35,6 +35,7 @@ from .common import (
     half_sign,
     lane_total,
     load,
+    log1p_unit,
     log2_f64,
     nan_like,
     online,
@@ -52,9 +53,7 @@ JSD = tl.constexpr(3)
 def _jsd_logs(d, log_beta, log_rest):
     """(log Q − log M, log P − log M) from d = log P − log Q (natural logs)."""
     gap = tl.abs(log_rest - log_beta - d)
-    e = tl.exp2(-gap * LOG2E)
-    # ln(1 + e); its series where 1 + e would round away e's digits.
-    soft = tl.where(e < 1e-4, e * (1.0 - 0.5 * e), tl.log2(1.0 + e) * LN2)
+    soft = log1p_unit(tl.exp2(-gap * LOG2E))
     q_m = -(tl.maximum(log_rest, log_beta + d) + soft)
     p_m = -(tl.maximum(log_beta, log_rest - d) + soft)
     return q_m, p_m
@@ -98,6 +97,7 @@ def distill_kernel(
     inv_t,
     k,
     beta,
+    rest,  # 1 - beta, formed in float64 (near beta = 1 an fp32 beta loses it)
     log_beta,
     log_rest,
     DIV: tl.constexpr,
@@ -196,16 +196,14 @@ def distill_kernel(
                         acc_t -= p * h
                     else:
                         q_m, p_m = _jsd_logs(((bb - a) - lr) * LN2, log_beta, log_rest)
-                        acc_s += tl.where(q > 0, q * q_m, 0.0)
-                        acc_t += tl.where(p > 0, p * p_m, 0.0)
+                        acc_s += tl.where(q == 0, 0.0, q * q_m)
+                        acc_t += tl.where(p == 0, 0.0, p * p_m)
                 kl_q = tl.sum(acc_s.to(tl.float64), 0)
                 kl_p = tl.sum(acc_t.to(tl.float64), 0)
                 if DIV == TVD:
                     div = 0.5 * tl.sum(acc_d.to(tl.float64), 0)
                 else:
-                    div = (
-                        tl.cast(beta, tl.float64) * kl_p + (1.0 - tl.cast(beta, tl.float64)) * kl_q
-                    )
+                    div = tl.cast(beta, tl.float64) * kl_p + tl.cast(rest, tl.float64) * kl_q
                 sum_s = kl_q.to(tl.float32)
                 sum_t = kl_p.to(tl.float32)
             tl.store(LOSS + row, tl.where(w == 0.0, 0.0, w.to(tl.float64) * div).to(tl.float32))
@@ -245,11 +243,11 @@ def distill_kernel(
                         if DIV == KL:
                             g = q - p
                         elif DIV == REVERSE_KL:
-                            g = tl.where(q > 0, q * (((a - bb) + lr) * LN2 - div32), 0.0)
+                            g = tl.where(q == 0, 0.0, q * (((a - bb) + lr) * LN2 - div32))
                         elif DIV == TVD:
                             g = q * (half_sign(q - p) - sum_s)
                         else:
-                            g = (1.0 - beta) * tl.where(q > 0, q * (q_m - sum_s), 0.0)
+                            g = rest * tl.where(q == 0, 0.0, q * (q_m - sum_s))
                         g = g * c
                         if HAS_CE:
                             q1 = q
@@ -259,11 +257,11 @@ def distill_kernel(
                         store(gs_row + cols, g, inside)
                     if GRAD_T:
                         if DIV == KL:
-                            g = tl.where(p > 0, p * (((bb - a) - lr) * LN2 - div32), 0.0)
+                            g = tl.where(p == 0, 0.0, p * (((bb - a) - lr) * LN2 - div32))
                         elif DIV == REVERSE_KL:
                             g = p - q
                         elif DIV == TVD:
                             g = p * (half_sign(p - q) - sum_t)
                         else:
-                            g = beta * tl.where(p > 0, p * (p_m - sum_t), 0.0)
+                            g = beta * tl.where(p == 0, 0.0, p * (p_m - sum_t))
                         store(gt_row + cols, g * c, inside)

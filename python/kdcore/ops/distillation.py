@@ -67,8 +67,9 @@ def distillation_loss(
     only ``reduction="mean"`` applies then.
 
     ``return_components=True`` also returns ``{"ce": ..., "divergence": ...}``
-    (detached) with ``L = alpha * ce + (1 - alpha) * divergence`` — NaN for a
-    term whose weight is 0 — plus the per-span mean divergence under span ids.
+    (detached) with ``L = alpha * ce + (1 - alpha) * divergence`` — per row
+    with ``reduction="none"``, NaN for a term whose weight is 0 — plus the
+    per-span mean divergence under span ids (NaN with ``alpha=1``).
     """
     student, teacher = _validate.logit_pair(student_logits, teacher_logits)
     t = _validate.temperature(temperature)
@@ -99,9 +100,11 @@ def distillation_loss(
             return result.to(dtype)
         loss, comps = result
         comps = {k: v.detach().to(dtype) for k, v in comps.items()}
-        # As on the kernel path: a term of weight 0 is not computed.
-        for key, weight in (("ce", a), ("divergence", 1.0 - a)):
-            if weight == 0 and key in comps:
+        # As on the kernel path: a term of weight 0 is not computed (nor, with
+        # alpha = 1, the per-span divergences).
+        for key in list(comps):
+            weight = a if key == "ce" else 1.0 - a
+            if weight == 0:
                 comps[key] = torch.full_like(comps[key], float("nan"))
         return loss.to(dtype), comps
 
@@ -123,11 +126,16 @@ def distillation_loss(
     loss = result.loss.reshape(lead) if red == "none" else result.loss
     if not return_components:
         return loss
-    nan = torch.tensor(float("nan"), dtype=result.div_rows.dtype)
-    comps = {
-        "ce": result.ce_rows.sum() / a if a > 0 else nan,
-        "divergence": result.div_rows.sum() / (1.0 - a) if a < 1 else nan,
-    }
-    if spans is not None and a < 1:
-        comps.update(_spans.span_means(result.div_rows / (1.0 - a), base, index, weights))
+
+    def term(rows: torch.Tensor, weight: float) -> torch.Tensor:
+        # Per row with reduction="none" (like the loss), else summed; NaN if not computed.
+        if weight == 0:
+            nan = torch.full_like(rows, float("nan"))
+            return nan.reshape(lead) if red == "none" else nan[:1].sum()
+        return (rows / weight).reshape(lead) if red == "none" else rows.sum() / weight
+
+    comps = {"ce": term(result.ce_rows, a), "divergence": term(result.div_rows, 1.0 - a)}
+    if spans is not None:
+        div_rows = result.div_rows / (1.0 - a) if a < 1 else torch.full_like(base, float("nan"))
+        comps.update(_spans.span_means(div_rows, base, index, weights))
     return loss, comps

@@ -36,6 +36,15 @@ def _matrix(name: str, x: object, dim: int) -> torch.Tensor:
     return x
 
 
+def _bias(name: str, b: object, vocab: int, weight_name: str) -> None:
+    _matrix(name, b, 1)
+    if b.shape[0] != vocab:
+        raise ValueError(
+            f"{name} must have shape ({vocab},) for a {weight_name} of {vocab} rows, "
+            f"got {tuple(b.shape)}"
+        )
+
+
 @dataclass(frozen=True)
 class _Problem:
     """Everything one fused-linear call needs besides the student's h, W, b.
@@ -64,10 +73,16 @@ class _Problem:
     chunk_size: int  # rows per chunk, or vocabulary columns per slice (chunk_over="vocab")
     chunk_over: str = "rows"
 
+    def rows_read(self) -> torch.Tensor:
+        """Rows some term has a non-zero weight on (bool, (N,))."""
+        read = self.div_weight != 0
+        return read | (self.ce_weight != 0) if self.ce_weight is not None else read
+
     def teacher_rows(self, start: int, stop: int) -> torch.Tensor:
         with torch.no_grad():
             if self.teacher_logits is not None:
-                return self.teacher_logits[start:stop].float()
+                z = self.teacher_logits[start:stop]
+                return z.to(torch.promote_types(z.dtype, torch.float32))
             hidden = self.teacher_hidden[start:stop]
             return logits_fp32(hidden, self.teacher_weight, self.teacher_bias)
 
@@ -119,10 +134,12 @@ def _chunked(h, w, b, problem: _Problem, want_h: bool, want_w: bool, want_b: boo
     # dtype (rounded once), the GEMM operand of all three gradients, and
     # cuBLAS accumulates in fp32 (fp32 logits, fp32 weight-gradient accumulator).
     w_mm = w if tensor_cores(w, w) else w.float()
+    read = problem.rows_read()
     total = torch.zeros((), dtype=torch.float64, device=device)
     for start in range(0, rows, problem.chunk_size):
         stop = min(rows, start + problem.chunk_size)
-        h_c = h[start:stop].to(w_mm.dtype)
+        # Rows no term reads may hold NaN: zeros keep it out of the weight gradient.
+        h_c = torch.where(read[start:stop, None], h[start:stop], 0.0).to(w_mm.dtype)
         z_s = mm32(h_c, w_mm.t())
         z_s = pad_vocab(z_s + b.float() if b is not None else z_s, problem.vocab)
         loss, g_z = problem.chunk_loss(kernels, z_s, start, stop, w_mm.dtype)
@@ -307,6 +324,8 @@ def fused_linear_distillation_loss(
             f"{tuple(h.shape)}, got {tuple(w.shape)}"
         )
     lead, vocab_s = h.shape[:-1], w.shape[0]
+    if student_bias is not None:
+        _bias("student_bias", student_bias, vocab_s, "student_weight")
     t = _validate.temperature(temperature)
     a = _alpha(alpha)
     beta = beta_value(beta)
@@ -357,6 +376,10 @@ def fused_linear_distillation_loss(
                 f"fit student_hidden {tuple(h.shape)}"
             )
         vocab_t = tw.shape[0]
+        if teacher_bias is not None:
+            _bias("teacher_bias", teacher_bias, vocab_t, "teacher_weight")
+    if teacher_bias is not None and teacher_weight is None:
+        raise ValueError("teacher_bias goes with teacher_hidden and teacher_weight")
     if vocab_s != vocab_t and not pad_vocab:
         raise ValueError(
             f"student vocabulary {vocab_s} != teacher vocabulary {vocab_t}; pass pad_vocab=True "
@@ -377,11 +400,13 @@ def fused_linear_distillation_loss(
         if labels is None
         else labels.reshape(-1) != ignore_index
     )
+    # Row weights in float64 for float64 inputs (the reference path), else float32.
+    weight_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
     if spans is not None:
         spans, weights = _spans.prepare(spans, span_weights, normalize, red, lead, h)
-        base, _ = _spans.row_weights(spans, weights, normalize, 1.0, torch.float32, valid=valid)
+        base, _ = _spans.row_weights(spans, weights, normalize, 1.0, weight_dtype, valid=valid)
     else:
-        base = valid.to(torch.float32)
+        base = valid.to(weight_dtype)
         if red == "mean":
             n = base.sum()
             base = base / torch.where(n > 0, n, torch.ones_like(n))
@@ -430,12 +455,13 @@ def fused_linear_distillation_loss(
 def _unfused(h2, w, bias, problem: _Problem, divergence: str) -> torch.Tensor:
     """The reference path (devices without a kernel, float64): full logits, autograd."""
     out_dtype = torch.float64 if h2.dtype == torch.float64 else torch.float32
-    z_s = logits_fp32(h2, w, bias).to(_dispatch.reference_dtype(h2.device))
-    z_s = pad_vocab(z_s, problem.vocab)
     div_w, ce_w, t = problem.div_weight, problem.ce_weight, problem.temperature
     # Rows no term reads are never read (NaN there must not reach a gradient
-    # through torch.where's backward): their logits become 0 first.
-    read = (div_w > 0) | (ce_w > 0) if ce_w is not None else div_w > 0
+    # through torch.where's backward): their hidden states and logits become 0 first.
+    read = problem.rows_read()
+    h2 = torch.where(read[:, None], h2, 0.0)
+    z_s = logits_fp32(h2, w, bias).to(_dispatch.reference_dtype(h2.device))
+    z_s = pad_vocab(z_s, problem.vocab)
     z_s = torch.where(read[:, None], z_s, 0.0)
     if problem.topk_ids is None:
         z_t = pad_vocab(problem.teacher_rows(0, h2.shape[0]).to(z_s.dtype), problem.vocab)

@@ -85,9 +85,7 @@ def vocab_chunked(h, w, b, problem, want_h: bool, want_w: bool, want_b: bool):
     labels = problem.labels.long() if hard else None
     slices = [(v0, min(vocab, v0 + width)) for v0 in range(0, vocab, width)]
     # Rows no term reads are never read: their logits may be NaN or -inf.
-    read = div_w > 0
-    if hard:
-        read = read | (ce_w > 0)
+    read = problem.rows_read()
 
     # Pass 1: per slice and row, log Σ e^{z/T} of each model, the KL between
     # the slice's own (renormalised) softmaxes, and log Σ e^{z_s} at T = 1.
@@ -141,7 +139,8 @@ def vocab_chunked(h, w, b, problem, want_h: bool, want_w: bool, want_b: bool):
         # GEMM operands: fp32 on the CPU; on CUDA a 16-bit W keeps its dtype
         # (cuBLAS accumulates in fp32) and the slice gradient is rounded to it.
         gemm = w.dtype if tensor_cores(w, w) else torch.float32
-        h_g = h.to(gemm) if want_w else None
+        # Rows no term reads may hold NaN: zeros keep it out of the weight gradient.
+        h_g = torch.where(read[:, None], h, 0.0).to(gemm) if want_w else None
         for v0, v1 in slices:
             hi = min(v1, w.shape[0])
             if hi <= v0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _dispatch, _validate, _weights, reference
+from .. import _dispatch, _topk, _validate, _weights, reference
 from ._grad import scale_rows
 
 TAILS = ("bucket", "renormalize", "zero")
@@ -107,6 +107,16 @@ def _validate_teacher(ids, logprobs, student):
     return logprobs.clamp_max(0.0)
 
 
+def _check_reference_rows(student, ids, logprobs, labels, ignore_index, mask) -> None:
+    """The kernels' row checks (ids twice, top-k mass > 1, ...) on the rows the
+    loss reads, for the reference path."""
+    active = _weights.row_weights(
+        student, labels=labels, ignore_index=ignore_index, mask=mask, reduction="sum", scale=1.0
+    ) != 0  # fmt: skip
+    k = ids.shape[-1]
+    _topk.check_rows(ids.reshape(-1, k), logprobs.reshape(-1, k), active, student.shape[-1])
+
+
 def sparse_kl_loss(
     student_logits: torch.Tensor,
     teacher_ids: torch.Tensor,
@@ -158,6 +168,8 @@ def sparse_kl_loss(
     if mask is not None:
         _validate.mask(mask, lead, student)
     if _dispatch.select(student) == "torch":
+        if not torch.compiler.is_compiling():  # the kernels check these rows themselves
+            _check_reference_rows(student, teacher_ids, logprobs, labels, ignore_index, mask)
         wide = _dispatch.reference_dtype(student.device)
         loss = reference.sparse_kl_loss(
             student.to(wide), teacher_ids, logprobs.to(wide), temperature=t,

@@ -45,8 +45,9 @@ pub enum Divergence {
     ReverseKl,
     /// ½ Σ |P − Q|.
     Tvd,
-    /// β KL(P‖M) + (1−β) KL(Q‖M), M = βP + (1−β)Q, 0 < β < 1.
-    Jsd { beta: f32 },
+    /// β KL(P‖M) + (1−β) KL(Q‖M), M = βP + (1−β)Q, 0 < β < 1 (f64: near
+    /// β = 1 the f32 rounding of β is a large relative error of 1 − β).
+    Jsd { beta: f64 },
 }
 
 /// Hard labels for the cross-entropy term on the student.
@@ -205,6 +206,7 @@ fn distill_row<A: Arch, S: Element, T: Element>(
         sum_t: sum_t as f32,
         stats,
         beta: 0.0,
+        rest: 0.0,
     };
     let ce = ce.map(|(label, _)| (label, ce_scale, z1_inv));
     let (gs, gt) = (grad_s, grad_t);
@@ -215,7 +217,12 @@ fn distill_row<A: Arch, S: Element, T: Element>(
         }
         Divergence::Tvd => grad_pass::<S, T, TvdTerm>(s, t, plan, &terms, ce, gs, gt, sc),
         Divergence::Jsd { beta } => {
-            let terms = Terms { beta, ..terms };
+            let (beta, rest) = (beta as f32, (1.0 - beta) as f32);
+            let terms = Terms {
+                beta,
+                rest,
+                ..terms
+            };
             grad_pass::<S, T, JsdTerm>(s, t, plan, &terms, ce, gs, gt, sc)
         }
     }
@@ -256,7 +263,7 @@ fn partition_pass<A: Arch, S: Element, T: Element, const CROSS: u8>(
             }
             if CROSS == CROSS_FORWARD {
                 for i in 0..LANES {
-                    cross_run[i] += if et[i] > 0.0 {
+                    cross_run[i] += if et[i] != 0.0 {
                         et[i] * (b[i] - a[i])
                     } else {
                         0.0
@@ -264,7 +271,7 @@ fn partition_pass<A: Arch, S: Element, T: Element, const CROSS: u8>(
                 }
             } else if CROSS == CROSS_REVERSE {
                 for i in 0..LANES {
-                    cross_run[i] += if es[i] > 0.0 {
+                    cross_run[i] += if es[i] != 0.0 {
                         es[i] * (a[i] - b[i])
                     } else {
                         0.0
@@ -300,7 +307,9 @@ struct Terms {
     sum_s: f32,
     sum_t: f32,
     stats: RowStats,
+    /// JSD's β and 1 − β (formed in f64)
     beta: f32,
+    rest: f32,
 }
 
 /// One lane chunk of the gradient pass: logits a, b (only if `LOGITS_S` /
@@ -339,7 +348,7 @@ impl GradTerm for KlTerm {
     #[inline(always)]
     fn teacher(x: &Chunk<'_>, k: &Terms, i: usize) -> f32 {
         let log_ratio = (x.b[i] - x.a[i]) - k.stats.log_ratio - k.div;
-        if x.p[i] > 0.0 {
+        if x.p[i] != 0.0 {
             x.p[i] * log_ratio
         } else {
             0.0
@@ -353,7 +362,7 @@ impl GradTerm for ReverseKlTerm {
     #[inline(always)]
     fn student(x: &Chunk<'_>, k: &Terms, i: usize) -> f32 {
         let log_ratio = (x.a[i] - x.b[i]) + k.stats.log_ratio - k.div;
-        if x.q[i] > 0.0 {
+        if x.q[i] != 0.0 {
             x.q[i] * log_ratio
         } else {
             0.0
@@ -383,8 +392,8 @@ impl GradTerm for JsdTerm {
     const LOGITS_T: bool = false;
     #[inline(always)]
     fn student(x: &Chunk<'_>, k: &Terms, i: usize) -> f32 {
-        let v = (1.0 - k.beta) * (x.q_m[i] - k.sum_s);
-        if x.q[i] > 0.0 {
+        let v = k.rest * (x.q_m[i] - k.sum_s);
+        if x.q[i] != 0.0 {
             x.q[i] * v
         } else {
             0.0
@@ -393,7 +402,7 @@ impl GradTerm for JsdTerm {
     #[inline(always)]
     fn teacher(x: &Chunk<'_>, k: &Terms, i: usize) -> f32 {
         let v = k.beta * (x.p_m[i] - k.sum_t);
-        if x.p[i] > 0.0 {
+        if x.p[i] != 0.0 {
             x.p[i] * v
         } else {
             0.0
@@ -479,7 +488,7 @@ fn half_sign(x: f32) -> f32 {
     } else if x < 0.0 {
         -0.5
     } else {
-        0.0
+        x * 0.0 // 0 for ±0; NaN stays NaN (a NaN row's gradient is NaN)
     }
 }
 
@@ -520,11 +529,12 @@ fn jsd_sums<A: Arch, S: Element, T: Element>(
     s: &[S],
     t: &[T],
     inv_t: f32,
-    beta: f32,
+    beta: f64,
     stats: &RowStats,
     sc: &mut Scratch<'_>,
 ) -> (f64, f64, f64) {
-    let (log_beta, log_rest) = (beta.ln(), (1.0 - beta).ln());
+    // In f64: 1 − β rounds to 1 in f32 for β < 6e-8, and the log of it is β-sized.
+    let (log_beta, log_rest) = (beta.ln() as f32, (-beta).ln_1p() as f32);
     let odds = log_beta - log_rest;
     let (mut klq, mut klp): (Wide, Wide) = Default::default();
     let (ps, pt) = (PaddedRow::new(s), PaddedRow::new(t));
@@ -547,8 +557,8 @@ fn jsd_sums<A: Arch, S: Element, T: Element>(
                 q_m[i] = -log_rest - (pos + shared);
                 p_m[i] = -log_beta - (neg + shared);
                 let (q, p) = (es[i] * stats.inv_zs, et[i] * stats.inv_zt);
-                klq_run[i] += if q > 0.0 { q * q_m[i] } else { 0.0 };
-                klp_run[i] += if p > 0.0 { p * p_m[i] } else { 0.0 };
+                klq_run[i] += if q != 0.0 { q * q_m[i] } else { 0.0 };
+                klp_run[i] += if p != 0.0 { p * p_m[i] } else { 0.0 };
             }
             copy_lanes(lanes_mut(sc.q_m, k), &q_m);
             copy_lanes(lanes_mut(sc.p_m, k), &p_m);
@@ -557,7 +567,6 @@ fn jsd_sums<A: Arch, S: Element, T: Element>(
         widen_into(&mut klp, &klp_run);
     }
     let (klq, klp) = (wide_sum(&klq), wide_sum(&klp));
-    let beta = beta as f64;
     (beta * klp + (1.0 - beta) * klq, klq, klp)
 }
 

@@ -77,7 +77,7 @@ fn softmax_backward(
     })
 }
 
-fn divergence(name: &str, beta: f32) -> PyResult<Divergence> {
+fn divergence(name: &str, beta: f64) -> PyResult<Divergence> {
     match name {
         "kl" => Ok(Divergence::Kl),
         "reverse_kl" => Ok(Divergence::ReverseKl),
@@ -106,7 +106,7 @@ fn distill(
     teacher: &Bound<'_, PyAny>,
     teacher_dtype: &str,
     divergence_name: &str,
-    beta: f32,
+    beta: f64,
     temperature: f32,
     weight: PyReadonlyArray1<'_, f32>,
     mut loss: PyReadwriteArray1<'_, f32>,
