@@ -102,4 +102,8 @@ def mask(value: object, lead: torch.Size, like: torch.Tensor) -> torch.Tensor:
             f"mask must have the logits' leading shape {tuple(lead)}, got {tuple(value.shape)}"
         )
     same_device("mask", value, like)
+    # Weights are >= 0: a mean divides by their sum, which mixed signs can zero.
+    if value.is_floating_point() and not torch.compiler.is_compiling():
+        if bool((value < 0).any()) or bool(torch.isnan(value).any()):
+            raise ValueError("a float mask holds per-token weights >= 0; got negative or NaN ones")
     return value

@@ -118,6 +118,18 @@ def test_rows_the_loss_does_not_read_are_not_checked(dtype):
     assert torch.allclose(got.double(), exp.double(), rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_renormalize_needs_top_k_mass_in_rows_it_reads(dtype):
+    s = torch.randn(2, 10, dtype=dtype)
+    ids = torch.tensor([[1, 2], [3, 4]])
+    lps = torch.tensor([[-float("inf"), -float("inf")], [-0.5, -2.0]])
+    with pytest.raises(ValueError, match=r"row 0: every top-k log-probability is -inf"):
+        kdcore.sparse_kl_loss(s, ids, lps, tail="renormalize")
+    masked = kdcore.sparse_kl_loss(s, ids, lps, tail="renormalize", labels=torch.tensor([-100, 0]))
+    assert torch.isfinite(masked)
+    assert torch.isfinite(kdcore.sparse_kl_loss(s, ids, lps, tail="bucket"))
+
+
 def test_tiny_positive_log_probs_are_rounding_noise():
     s = torch.randn(1, 6)
     got = kdcore.sparse_kl_loss(s, torch.tensor([[2]]), torch.tensor([[3e-7]]))

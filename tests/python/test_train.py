@@ -1199,3 +1199,21 @@ def test_bad_batches_are_clear_errors():
         d.step({k: v[0] for k, v in b.items()})  # one sequence without a batch dimension
     with pytest.raises(ValueError, match=r"spans \(3, 11\) must match input_ids \(3, 12\)"):
         d.step({**b, "spans": b["spans"][:, 1:]})
+
+
+def test_reduce_lr_on_plateau_steps_on_the_mean_loss_of_each_step(tmp_path):
+    seen = []
+
+    class Plateau(torch.optim.lr_scheduler.ReduceLROnPlateau):
+        def step(self, metrics):
+            seen.append(float(metrics))
+            super().step(metrics)
+
+    student = TinyLM(1)
+    opt = sgd(student)
+    d = Distiller(student, TinyLM(2), opt, loss="span", grad_accum_steps=2,
+                  scheduler=Plateau(opt, patience=0, factor=0.5),
+                  log_path=tmp_path / "log.jsonl")  # fmt: skip
+    d.fit([make_batch(s) for s in range(6)], progress=False)
+    logged = [r["loss"] for r in read_log(tmp_path / "log.jsonl")]
+    assert seen == pytest.approx(logged, rel=1e-6) and len(seen) == 3

@@ -75,6 +75,16 @@ T = torch.randn(2, 3, 5)
             TypeError,
             r"mask must be bool or floating.*int64",
         ),
+        (  # weights summing to 0: a mean would divide by 0
+            {"mask": torch.tensor([[1.0, -1.0, 0.0], [0.0, 0.0, 0.0]])},
+            ValueError,
+            r"float mask holds per-token weights >= 0",
+        ),
+        (
+            {"mask": torch.tensor([[1.0, math.nan, 0.0], [0.0, 0.0, 0.0]])},
+            ValueError,
+            r"float mask holds per-token weights >= 0",
+        ),
         (
             {"teacher_logits": torch.randn(2, 3, 5, device="meta")},
             ValueError,

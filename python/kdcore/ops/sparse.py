@@ -107,7 +107,7 @@ def _validate_teacher(ids, logprobs, student):
     return logprobs.clamp_max(0.0)
 
 
-def _check_reference_rows(student, ids, logprobs, labels, ignore_index, mask) -> None:
+def _check_reference_rows(student, ids, logprobs, labels, ignore_index, mask, tail) -> None:
     """The kernels' row checks (ids twice, top-k mass > 1, ...) on the rows the
     loss reads, for the reference path."""
     active = _weights.row_weights(
@@ -115,6 +115,20 @@ def _check_reference_rows(student, ids, logprobs, labels, ignore_index, mask) ->
     ) != 0  # fmt: skip
     k = ids.shape[-1]
     _topk.check_rows(ids.reshape(-1, k), logprobs.reshape(-1, k), active, student.shape[-1])
+    _check_renormalizable(logprobs.reshape(-1, k), active, tail)
+
+
+def _check_renormalizable(logprobs: torch.Tensor, active: torch.Tensor, tail: str) -> None:
+    """tail="renormalize" divides by the top-k mass: a read row needs some."""
+    if tail != "renormalize":
+        return
+    empty = active & torch.isneginf(logprobs).all(-1)
+    if bool(empty.any()):
+        r = int(empty.nonzero()[0, 0])
+        raise ValueError(
+            f"teacher: row {r}: every top-k log-probability is -inf, so tail='renormalize' "
+            "has no mass to renormalise (use tail='bucket', or mask the row)"
+        )
 
 
 def sparse_kl_loss(
@@ -169,7 +183,7 @@ def sparse_kl_loss(
         _validate.mask(mask, lead, student)
     if _dispatch.select(student) == "torch":
         if not torch.compiler.is_compiling():  # the kernels check these rows themselves
-            _check_reference_rows(student, teacher_ids, logprobs, labels, ignore_index, mask)
+            _check_reference_rows(student, teacher_ids, logprobs, labels, ignore_index, mask, tail)
         wide = _dispatch.reference_dtype(student.device)
         loss = reference.sparse_kl_loss(
             student.to(wide), teacher_ids, logprobs.to(wide), temperature=t,
@@ -183,6 +197,8 @@ def sparse_kl_loss(
     )  # fmt: skip
     k, vocab = teacher_ids.shape[-1], student.shape[-1]
     s2, ids, lps = student.reshape(-1, vocab), teacher_ids.reshape(-1, k), logprobs.reshape(-1, k)
+    if not torch.compiler.is_compiling():
+        _check_renormalizable(lps, weight.reshape(-1) != 0, tail)
     if not torch.compiler.is_compiling():
         loss = _SparseKLFunction.apply(s2, ids, lps, weight, t, t0, tail, red != "none")
     else:

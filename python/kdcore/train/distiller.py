@@ -173,6 +173,7 @@ class Distiller:
         self.checkpoint_every = checkpoint_every
         self.state = TrainState()
         self._pending = 0  # micro-batches accumulated since the last optimizer step
+        self._window_loss = 0.0  # their summed losses (ReduceLROnPlateau's metric)
         # Random states at the start of the current epoch: torch's global one
         # ("torch") and the loader's own generators ("loaders").
         self._epoch_rng: dict[str, Any] | None = None
@@ -233,6 +234,7 @@ class Distiller:
         self.state.micro += 1
         self.state.tokens += tokens
         self._pending += 1
+        self._window_loss += loss.item()
         stepped = self._pending == self.grad_accum_steps
         if stepped:
             self._optimizer_step()
@@ -258,10 +260,12 @@ class Distiller:
         if self.max_grad_norm is not None:
             nn.utils.clip_grad_norm_(self.student.parameters(), self.max_grad_norm)
         self.optimizer.step()
-        if self.scheduler is not None:
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(self._window_loss / self._pending)  # the step's mean loss
+        elif self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self._pending = 0
+        self._pending, self._window_loss = 0, 0.0
         self.state.step += 1
 
     # --- checkpoints ----------------------------------------------------------
@@ -301,7 +305,7 @@ class Distiller:
         torch.set_rng_state(state["rng"])
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
-        self._pending = 0
+        self._pending, self._window_loss = 0, 0.0
 
     def save(self, path: str | os.PathLike | None = None) -> Path:
         """Writes a checkpoint atomically (default ``checkpoint_dir/last.pt``)."""

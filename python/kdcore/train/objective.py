@@ -33,12 +33,16 @@ class Objective:
 
     - ``"sft"``: hard-label cross-entropy on ``labels`` (no teacher).
     - ``"token"``: ``alpha * CE + (1 - alpha) * T² * D`` averaged over every
-      labelled token alike (:func:`kdcore.distillation_loss`).
+      labelled token alike (:func:`kdcore.distillation_loss`; ``span_weights``
+      and ``normalize`` are not used).
     - ``"span"``: the same with per-span weights and normalisation from the
       batch's ``spans`` (``normalize="span"``: each span type averaged over
       its own tokens, then weighted).
     - a callable ``fn(student_logits, teacher_logits, batch)`` returning the
-      loss or ``(loss, components)``; it receives the shifted logits.
+      loss or ``(loss, components)``; it receives the logits without their
+      last position (``logits[:, :-1]``, each row predicting the next token)
+      and the batch as given: shift ``batch["labels"]`` / ``batch["spans"]``
+      with ``[:, 1:]`` to align them.
 
     With a stored top-k teacher in the batch the divergence is
     :func:`kdcore.sparse_kl_loss` (``tail``, ``teacher_temperature``) under
@@ -64,6 +68,7 @@ class Objective:
             )
         if not 0.0 <= float(self.alpha) <= 1.0:
             raise ValueError(f"alpha must be in [0, 1]; got {self.alpha}")
+
         # Checked here, not at the first batch after minutes of work.
         for name in ("temperature", "teacher_temperature"):
             try:
