@@ -715,7 +715,7 @@ def test_lone_surrogates_are_trajectory_errors_with_the_position():
     with pytest.raises(TrajectoryError, match=r"segments\[1\], character 2: lone surrogate"):
         encode_segments([("a", P), ("bc\udfff", R)])
     header = "<|im_start|>system\nS"  # a surrogate in the template: the rendered text's position
-    with pytest.raises(TrajectoryError, match=f"character {len(header)} of the rendered text"):
+    with pytest.raises(TrajectoryError, match=f"the rendered text, character {len(header)}:"):
         encode_chat(QWEN_MESSAGES, format=ChatFormat(default_system="S\ud800"))
 
 

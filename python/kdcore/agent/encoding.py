@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..spans import Span, span_name, validate_weights
-from .errors import TrajectoryError, excerpt, lone_surrogate, printable, surrogate_reason
+from .errors import TrajectoryError, reject_lone_surrogate
 from .segments import CharSpans, SegmentBuilder, span_of_token
 from .tokenizer import ByteTokenizer, special_id, token_offsets
 
@@ -90,13 +90,7 @@ def encode_segments(
             raise TypeError(f"segments[{k}] must be a (text, span id) pair") from exc
         if not isinstance(piece, str):
             raise TypeError(f"segments[{k}] text must be a str, got {type(piece).__name__}")
-        if (at := lone_surrogate(piece)) is not None:
-            quote = printable(excerpt(piece, at))
-            raise TrajectoryError(
-                f"segments[{k}], character {at}: {surrogate_reason(piece[at])}: {quote!r}",
-                position=at,
-                excerpt=quote,
-            )
+        reject_lone_surrogate(piece, f"segments[{k}]")
         builder.add(piece, _span_id(span, f"segments[{k}]"))
     text, char_spans = builder.build()
     if not text.strip():
@@ -144,13 +138,7 @@ def encode_text(
     """The shared back end: tokenize ``text`` once, give every token the span of
     its first non-whitespace character, label, add BOS/EOS, truncate, check."""
     check_options(max_length, truncation)
-    if (at := lone_surrogate(text)) is not None:  # callers name the source; this is the net
-        quote = printable(excerpt(text, at))
-        raise TrajectoryError(
-            f"character {at} of the rendered text: {surrogate_reason(text[at])}: {quote!r}",
-            position=at,
-            excerpt=quote,
-        )
+    reject_lone_surrogate(text, "the rendered text")  # callers name the source; this is the net
     weights = validate_weights(span_weights)
     tok = _DEFAULT_TOKENIZER if tokenizer is None else tokenizer
     ids, offsets = token_offsets(tok, text)

@@ -58,6 +58,18 @@ def surrogate_reason(char: str) -> str:
     return f"lone surrogate U+{ord(char):04X}, which UTF-8 cannot encode"
 
 
+def reject_lone_surrogate(text: str, where: str) -> None:
+    """Raises a TrajectoryError naming ``where`` (e.g. ``"prompt"``) and the
+    character if ``text`` holds a lone surrogate."""
+    if (at := lone_surrogate(text)) is not None:
+        quote = printable(excerpt(text, at))
+        raise TrajectoryError(
+            f"{where}, character {at}: {surrogate_reason(text[at])}: {quote!r}",
+            position=at,
+            excerpt=quote,
+        )
+
+
 def printable(text: str) -> str:
     """``text`` with surrogates replaced by U+FFFD (same length), for error messages."""
     return _SURROGATE.sub("\ufffd", text)

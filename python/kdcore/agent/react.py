@@ -10,7 +10,13 @@ from typing import Any
 
 from ..spans import Span
 from .encoding import Encoded, encode_text
-from .errors import TrajectoryError, excerpt, lone_surrogate, printable, surrogate_reason
+from .errors import (
+    TrajectoryError,
+    lone_surrogate,
+    printable,
+    reject_lone_surrogate,
+    surrogate_reason,
+)
 from .segments import SegmentBuilder
 
 _THOUGHT, _ACTION, _OBSERVATION, _ANSWER = "thought", "action", "observation", "answer"
@@ -307,13 +313,7 @@ def encode_react(
     if prompt is not None:
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str or None, got {type(prompt).__name__}")
-        if (at := lone_surrogate(prompt)) is not None:
-            quote = printable(excerpt(prompt, at))
-            raise TrajectoryError(
-                f"prompt, character {at}: {surrogate_reason(prompt[at])}: {quote!r}",
-                position=at,
-                excerpt=quote,
-            )
+        reject_lone_surrogate(prompt, "prompt")
         builder = SegmentBuilder()
         builder.add(prompt, int(Span.PROMPT))
         for s, e, k in char_spans:
