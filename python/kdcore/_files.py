@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import stat
 from collections.abc import Callable
 from typing import BinaryIO
 
@@ -36,13 +37,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     The rename (``os.replace``) is atomic on POSIX and Windows file systems, so
     readers see the old file or the new one; on any failure the temporary
     file is removed and the old file is untouched. The directory must exist.
-    The new file's mode is what ``open(path, "wb")`` would give (0o666 less
-    the umask).
+    The file's mode is what ``open(path, "wb")`` would leave: an existing
+    file's own mode, else 0o666 less the umask.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = _create_temp(directory, os.path.basename(path))
     try:
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(fd, stat.S_IMODE(os.stat(path).st_mode))
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

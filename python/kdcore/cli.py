@@ -40,13 +40,19 @@ def _seed(text: str) -> int:
     return value
 
 
-def _positive_finite_float(text: str) -> float:
+def _temperature(text: str) -> float:
+    """A temperature the losses take (finite, in kdcore's range)."""
+    from ._validate import TEMPERATURE_RANGE
+
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number; got {text!r}") from None
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be finite and > 0; got {text!r}")
+    low, high = TEMPERATURE_RANGE
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be in [{low:g}, {high:g}]; got {text!r}")
     return value
 
 
@@ -155,7 +161,7 @@ def _demo_parser(sub) -> None:
     )
     demo.add_argument("--held-out", type=_positive_int, help="held-out problems to evaluate on")
     demo.add_argument(
-        "--temperature", type=_positive_finite_float, help="distillation temperature T (> 0)"
+        "--temperature", type=_temperature, help="distillation temperature T, in [1e-18, 1000]"
     )
     demo.add_argument("--seed", type=_seed, help="seed of the students' data order and weights")
     demo.add_argument(

@@ -87,6 +87,7 @@ def test_bench_rejects_bad_arguments_up_front(capsys, no_work, argv, message):
         (["--temperature", "0"], "argument --temperature: must be finite and > 0; got '0'"),
         (["--temperature", "nan"], "argument --temperature: must be finite and > 0; got 'nan'"),
         (["--temperature", "inf"], "argument --temperature: must be finite and > 0; got 'inf'"),
+        (["--temperature", "2000"], "argument --temperature: must be in [1e-18, 1000]; got '2000'"),
         (["--steps", "0"], "argument --steps: must be >= 1; got 0"),
         (["--held-out", "-3"], "argument --held-out: must be >= 1; got -3"),
         (["--seeds", "0"], "argument --seeds: must be >= 1; got 0"),

@@ -46,6 +46,16 @@ def test_mode_matches_plain_open(tmp_path, set_umask):
     assert stat.S_IMODE(atomic.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o640
 
 
+@posix_only
+def test_an_existing_file_keeps_its_mode(tmp_path, set_umask):
+    set_umask(0o022)
+    path = tmp_path / "log.jsonl"
+    path.write_bytes(b"old")
+    path.chmod(0o640)
+    atomic_write(path, lambda f: f.write(b"new"))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640 and path.read_bytes() == b"new"
+
+
 def test_replaces_existing_file_and_leaves_no_temp(tmp_path):
     path = tmp_path / "out.txt"
     path.write_bytes(b"old")

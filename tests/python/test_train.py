@@ -705,6 +705,46 @@ def test_a_fresh_run_sets_an_old_log_aside(tmp_path):
     assert (tmp_path / "log.jsonl.discarded").read_text() == old
 
 
+def test_log_cut_back_keeps_records_without_a_step(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"run": "meta"}\n{"step": 1}\n{"step": 2}\n{"step": 3, "lo')  # cut short
+    JsonlLog(path, after_step=1).close()
+    assert path.read_text() == '{"run": "meta"}\n{"step": 1}\n'
+    assert (tmp_path / "log.jsonl.discarded").read_text() == '{"step": 2}\n{"step": 3, "lo\n'
+
+
+def test_resume_from_a_save_after_fit_or_an_older_checkpoint(tmp_path):
+    # A checkpoint saved after fit returned holds the loader's generator states
+    # too; one without them (older kdcore) resumes with the loader as it is.
+    def run(path, resume=None):
+        with torch.random.fork_rng():
+            torch.manual_seed(11)
+            d = resumable(path, 1, every=0)
+            d.fit(shuffled_loader(seed=3), epochs=2, max_steps=7 if resume is None else None,
+                  resume=resume or False, progress=False)  # fmt: skip
+        return d
+
+    straight = run(tmp_path / "a")
+    with torch.random.fork_rng():
+        torch.manual_seed(11)
+        first = resumable(tmp_path / "b", 1, every=0)
+        first.fit(shuffled_loader(seed=3), epochs=1, progress=False)  # an epoch boundary
+        first.save(tmp_path / "b" / "saved.pt")  # (the global RNG state of that moment)
+    assert len(load_checkpoint(tmp_path / "b" / "saved.pt")["loader_rng"]) == 1
+    resumed = resumable(tmp_path / "b", 5, every=0)
+    resumed.fit(shuffled_loader(seed=3), epochs=2, max_steps=7,
+                resume=tmp_path / "b" / "saved.pt", progress=False)  # fmt: skip
+    assert_same_training(straight, resumed)
+
+    old = load_checkpoint(tmp_path / "b" / "saved.pt")
+    old["epoch_rng"], old["loader_rng"] = old["epoch_rng"]["torch"], []  # the old format
+    torch.save(old, tmp_path / "b" / "old.pt")
+    again = resumable(tmp_path / "b", 5, every=0)
+    again.fit(shuffled_loader(seed=3), epochs=2, max_steps=7, resume=tmp_path / "b" / "old.pt",
+              progress=False)  # fmt: skip
+    assert again.state.step == 7
+
+
 def test_resume_true_without_a_checkpoint_starts_fresh(tmp_path):
     d = resumable(tmp_path, 1)
     d.fit([make_batch(0), make_batch(1)], resume=True, progress=False)

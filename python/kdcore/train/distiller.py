@@ -177,8 +177,9 @@ class Distiller:
         # Random states at the start of the current epoch: torch's global one
         # ("torch") and the loader's own generators ("loaders").
         self._epoch_rng: dict[str, Any] | None = None
-        # The loader's generators while fit runs (their states go into checkpoints),
-        # and states from a loaded checkpoint, applied at the next epoch start.
+        # The generators of the loader fit last ran on (their states go into
+        # checkpoints), and states from a loaded checkpoint, applied at the next
+        # epoch start.
         self._loader_gens: list[torch.Generator] = []
         self._resumed_loader_rng: list[torch.Tensor] | None = None
         self._last_lr = float("nan")
@@ -391,7 +392,6 @@ class Distiller:
                 self.save()
         finally:
             bar.close()
-            self._loader_gens = []
             if log is not None:
                 log.close()
         return {
@@ -463,6 +463,8 @@ class Distiller:
 
 
 def _set_states(generators: list[torch.Generator], states: list[torch.Tensor]) -> None:
+    if not states:
+        return  # a checkpoint without loader states (older kdcore): their current order
     if len(states) != len(generators):
         raise RuntimeError(
             f"the checkpoint holds {len(states)} loader random states, but this loader has "

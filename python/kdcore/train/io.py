@@ -38,11 +38,11 @@ def _jsonable(value: Any) -> Any:
 class JsonlLog:
     """Appends one JSON object per line and flushes it (a crash loses nothing written).
 
-    With ``after_step=n``, an existing file is first cut back to the records
-    of steps ``<= n`` (a run resumed from step ``n`` writes the later steps
-    again); the records removed, and any line that is not a JSON object with
-    a ``step`` (a line cut short by a crash), are appended to
-    ``<path>.discarded`` rather than lost.
+    With ``after_step=n``, an existing file is first cut back: records of
+    steps ``> n`` (a run resumed from step ``n`` writes them again) and lines
+    that are not JSON (one cut short by a crash) are appended to
+    ``<path>.discarded`` rather than lost; other records stay. (The file is
+    replaced, so another process still appending to it is not followed.)
     """
 
     def __init__(self, path: str | os.PathLike, *, after_step: int | None = None) -> None:
@@ -61,22 +61,22 @@ class JsonlLog:
         self._file.close()
 
 
-def _step_of(line: str) -> int | None:
+def _keeps(line: str, last_step: int) -> bool:
+    """A JSON line stays unless it is the record of a step after ``last_step``."""
     try:
         record = json.loads(line)
     except ValueError:
-        return None
+        return False
     step = record.get("step") if isinstance(record, dict) else None
-    return step if isinstance(step, int) else None
+    return not (isinstance(step, int) and step > last_step)
 
 
 def _cut_back(path: Path, last_step: int) -> None:
-    """Keeps the lines of steps <= ``last_step``; the rest go to ``<path>.discarded``."""
+    """Keeps the lines :func:`_keeps` keeps; the rest go to ``<path>.discarded``."""
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     kept, dropped = [], []
     for line in lines:
-        step = _step_of(line)
-        (kept if step is not None and step <= last_step else dropped).append(line)
+        (kept if _keeps(line, last_step) else dropped).append(line)
     if not dropped:
         return
     with open(path.with_name(path.name + ".discarded"), "a", encoding="utf-8") as f:

@@ -521,7 +521,7 @@ fn tvd_sums(cols: usize, stats: &RowStats, sc: &Scratch<'_>) -> (f64, f64, f64) 
 /// log-probability enters) and x = d + log(β/(1−β)):
 /// log Q − log M = −log(1−β + β e^d) = −log(1−β) − softplus(x) and
 /// log P − log M = −log(β + (1−β) e^{−d}) = −log β − softplus(−x), both from
-/// one shared ln(1 + e^{−|x|}) (one exp and one ln per token). Both go to
+/// one shared ln(1 + e^{−|x|}) (one exp and one `log1p_unit` per token). Both go to
 /// scratch for the gradient pass. (Forming log M itself and subtracting would
 /// carry an f32 rounding of each |log Q|: ~1e-6 on a 32k-wide row.)
 #[inline(always)]

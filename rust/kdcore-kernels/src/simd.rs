@@ -197,61 +197,12 @@ pub fn exp_nonpos_lanes<A: Arch>(x: &Lanes) -> Lanes {
     out
 }
 
-// Polynomial for (ln(1+f) - f + f^2/2) / f^3 on [sqrt(1/2)-1, sqrt(2)-1] (Cephes logf).
-const L0: f32 = 7.037_683_6e-2;
-const L1: f32 = -1.151_461_1e-1;
-const L2: f32 = 1.167_699_9e-1;
-const L3: f32 = -1.242_014_1e-1;
-const L4: f32 = 1.424_932_3e-1;
-const L5: f32 = -1.666_805_8e-1;
-const L6: f32 = 2.000_071_4e-1;
-const L7: f32 = -2.499_999_4e-1;
-const L8: f32 = 0.333_333_3; // Cephes: 3.3333331174e-1, the same f32
-
-/// ln x in f32, branch-free so that loops over it vectorise.
-///
-/// Within 2 ULP of the correctly rounded result for normal x > 0; -inf for 0
-/// and for subnormal x (flushed); +inf for +inf; NaN for x < 0 and NaN.
-#[inline(always)]
-pub fn ln<A: Arch>(x: f32) -> f32 {
-    let bits = x.to_bits();
-    let exponent = ((bits >> 23) & 0xFF) as i32 - 127;
-    // x = m * 2^e with m in [sqrt(1/2), sqrt(2)).
-    let mantissa = f32::from_bits((bits & 0x007F_FFFF) | 0x3F80_0000);
-    let big = mantissa > std::f32::consts::SQRT_2;
-    let m = if big { mantissa * 0.5 } else { mantissa };
-    let e = (if big { exponent + 1 } else { exponent }) as f32;
-    let f = m - 1.0;
-    let z = f * f;
-    let mut y = madd::<A>(L0, f, L1);
-    y = madd::<A>(y, f, L2);
-    y = madd::<A>(y, f, L3);
-    y = madd::<A>(y, f, L4);
-    y = madd::<A>(y, f, L5);
-    y = madd::<A>(y, f, L6);
-    y = madd::<A>(y, f, L7);
-    y = madd::<A>(y, f, L8);
-    y = y * f * z;
-    y = madd::<A>(e, LN2_LO, y);
-    y = madd::<A>(z, -0.5, y);
-    let result = madd::<A>(e, LN2_HI, f + y);
-    if x.is_nan() || x < 0.0 {
-        f32::NAN
-    } else if x < f32::MIN_POSITIVE {
-        f32::NEG_INFINITY
-    } else if x == f32::INFINITY {
-        f32::INFINITY
-    } else {
-        result
-    }
-}
-
 /// ln(1 + e^{−|x|}), the part softplus(x) = ln(1 + e^x) and softplus(−x)
 /// share: softplus(±x) = max(±x, 0) + this. One exp and [`log1p_unit`]
 /// give both, with no cancellation for large |x|; 0 for x = ±inf, NaN for NaN.
 #[inline(always)]
 pub fn softplus_shared<A: Arch>(x: f32) -> f32 {
-    log1p_unit(exp_nonpos::<A>(-x.abs()))
+    log1p_unit::<A>(exp_nonpos::<A>(-x.abs()))
 }
 
 /// ln(1 + e) for e in [0, 1], to a few ulps relative to the result at every e
@@ -260,7 +211,7 @@ pub fn softplus_shared<A: Arch>(x: f32) -> f32 {
 /// 2 atanh(s) = 2 (s + s³/3 + … + s¹⁵/15) with s = e / (2 + e) ≤ 1/3
 /// (truncation < 2e-9 relative). NaN stays NaN.
 #[inline(always)]
-pub fn log1p_unit(e: f32) -> f32 {
+pub fn log1p_unit<A: Arch>(e: f32) -> f32 {
     let s = e / (2.0 + e);
     let s2 = s * s;
     let mut p: f32 = 1.0 / 15.0;
@@ -272,9 +223,9 @@ pub fn log1p_unit(e: f32) -> f32 {
         1.0 / 5.0,
         1.0 / 3.0,
     ] {
-        p = p.mul_add(s2, c);
+        p = madd::<A>(p, s2, c);
     }
-    2.0 * (s * s2).mul_add(p, s)
+    2.0 * madd::<A>(s * s2, p, s)
 }
 
 /// Lane-wise [`exp`].
@@ -344,22 +295,22 @@ fn exp_nonpos_slice_body<A: Arch>(xs: &[f32], out: &mut [f32]) {
 simd_dispatch!(fn exp_nonpos_slice_at<>(xs: &[f32], out: &mut [f32]) => exp_nonpos_slice_body);
 
 #[inline(always)]
-fn ln_slice_body<A: Arch>(xs: &[f32], out: &mut [f32]) {
+fn log1p_unit_slice_body<A: Arch>(xs: &[f32], out: &mut [f32]) {
     for (o, x) in out.iter_mut().zip(xs) {
-        *o = ln::<A>(*x);
+        *o = log1p_unit::<A>(*x);
     }
 }
 
-simd_dispatch!(fn ln_slice_at<>(xs: &[f32], out: &mut [f32]) => ln_slice_body);
+simd_dispatch!(fn log1p_unit_slice_at<>(xs: &[f32], out: &mut [f32]) => log1p_unit_slice_body);
 
-/// Element-wise [`ln`] at a given SIMD level (for ULP tests).
+/// Element-wise [`log1p_unit`] at a given SIMD level (for ULP tests).
 ///
 /// Returns `None` when this CPU cannot run `level`.
-pub fn ln_slice(level: SimdLevel, xs: &[f32], out: &mut [f32]) -> Option<()> {
+pub fn log1p_unit_slice(level: SimdLevel, xs: &[f32], out: &mut [f32]) -> Option<()> {
     if !SimdLevel::available().contains(&level) || xs.len() != out.len() {
         return None;
     }
-    ln_slice_at(level, xs, out);
+    log1p_unit_slice_at(level, xs, out);
     Some(())
 }
 
