@@ -13,6 +13,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import kdcore
 from kdcore import Span
 from kdcore.agent import (
     ByteTokenizer,
@@ -838,6 +839,49 @@ def test_collate_pads_right():
         collate([])
     with pytest.raises(TypeError, match="Encoded"):
         collate([{"input_ids": a.input_ids}])
+
+
+def test_collate_pads_a_stored_top_k_teacher():
+    from kdcore.train import topk_logprobs
+
+    g = torch.Generator().manual_seed(4)
+    items, vocab, k = [encode_react(REACT), encode_chat(QWEN_MESSAGES, max_length=100)], 300, 5
+    for item in items:
+        ids, lps = topk_logprobs(torch.randn(len(item), vocab, generator=g), k, temperature=2.0)
+        item_dict = item.to_dict()
+        item_dict.update(teacher_ids=ids, teacher_logprobs=lps)
+        items[items.index(item)] = item_dict
+    batch = collate(items, pad_id=TOK.pad_id)
+    n = batch["input_ids"].shape[1]
+    assert batch["teacher_ids"].shape == batch["teacher_logprobs"].shape == (2, n, k)
+    assert batch["teacher_ids"].dtype == torch.int32
+    assert torch.equal(batch["teacher_ids"][1, :100], items[1]["teacher_ids"])
+    assert torch.equal(batch["teacher_logprobs"][1, :100], items[1]["teacher_logprobs"])
+    assert (batch["teacher_ids"][1, 100:] == torch.arange(k, dtype=torch.int32)).all()
+    assert torch.isneginf(batch["teacher_logprobs"][1, 100:]).all()
+    # The padded batch scores exactly the items' own rows (padding is masked).
+    s = torch.randn(2, n, vocab, generator=g)
+    shifted = dict(labels=batch["labels"][:, 1:], reduction="sum", temperature=2.0)
+    got = kdcore.sparse_kl_loss(s[:, :-1], batch["teacher_ids"][:, :-1],
+                                batch["teacher_logprobs"][:, :-1], **shifted)  # fmt: skip
+    want = sum(
+        kdcore.sparse_kl_loss(
+            s[b, : len(it["labels"]) - 1],
+            it["teacher_ids"][:-1],
+            it["teacher_logprobs"][:-1],
+            labels=it["labels"][1:],
+            reduction="sum",
+            temperature=2.0,
+        )  # fmt: skip
+        for b, it in enumerate(items)
+    )
+    assert torch.allclose(got, want, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"batch\[1\] has no"):
+        collate([items[0], encode_react(REACT)])
+    with pytest.raises(ValueError, match="only one of"):
+        collate([{k: v for k, v in items[0].items() if k != "teacher_logprobs"}])
+    with pytest.raises(ValueError, match="must both be \\(L, k\\)"):
+        collate([{**items[0], "teacher_ids": items[0]["teacher_ids"][:-1]}])
 
 
 def test_collate_takes_one_sequence_per_item():

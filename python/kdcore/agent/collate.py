@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Mapping, Sequence
 
@@ -11,6 +12,8 @@ from ..spans import Span
 from .encoding import IGNORE_INDEX, Encoded
 
 _KEYS = ("input_ids", "labels", "spans")
+#: A stored top-k teacher per token (kdcore.train.topk_logprobs), (L, k) per item.
+_TOPK_KEYS = ("teacher_ids", "teacher_logprobs")
 
 
 def collate(
@@ -26,7 +29,11 @@ def collate(
     -100), ``spans`` (padded with ``Span.PROMPT``), each ``(B, L)`` int64, and
     ``attention_mask`` ``(B, L)`` bool, True on real tokens. Each item's tensors
     must be 1-D integer sequences (a ``(1, L)`` row, as ``return_tensors="pt"``
-    gives, is taken as its one sequence). Usable as a DataLoader ``collate_fn``
+    gives, is taken as its one sequence). Items that carry a stored top-k
+    teacher (``teacher_ids``, ``teacher_logprobs``, ``(L, k)`` each; all items
+    or none, one k) give ``(B, L, k)`` tensors of their dtypes, padded with the
+    ids 0..k-1 and log-probability -inf (padding is masked; the padded rows
+    are still a well-formed teacher). Usable as a DataLoader ``collate_fn``
     through ``functools.partial(collate, pad_id=...)``.
     """
     if isinstance(batch, (Encoded, Mapping)) or not isinstance(batch, Sequence) or not batch:
@@ -41,6 +48,7 @@ def collate(
         if len({t.shape[0] for t in tensors}) != 1:
             raise ValueError(f"batch[{k}]: input_ids, labels and spans differ in length")
         rows.append(tensors)
+    topk = _topk_rows(batch, [r[0].shape[0] for r in rows])
     length = max(r[0].shape[0] for r in rows)
     if pad_to_multiple_of is not None:
         if isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int):
@@ -60,7 +68,48 @@ def collate(
         for key, t in zip(_KEYS, tensors, strict=True):
             out[key][b, :n] = t
         out["attention_mask"][b, :n] = True
+    if topk is not None:
+        ids, logprobs = topk
+        k = ids[0].shape[1]
+        out["teacher_ids"] = torch.arange(k, dtype=ids[0].dtype).expand(*shape, k).clone()
+        out["teacher_logprobs"] = torch.full((*shape, k), -math.inf, dtype=logprobs[0].dtype)
+        for b, (i, lp) in enumerate(zip(ids, logprobs, strict=True)):
+            out["teacher_ids"][b, : i.shape[0]] = i
+            out["teacher_logprobs"][b, : lp.shape[0]] = lp
     return out
+
+
+def _topk_rows(batch, lengths: list[int]):
+    """The items' (ids, logprobs) lists of (L_b, k) tensors, or None if no item has them."""
+    datas = [item.to_dict() if isinstance(item, Encoded) else item for item in batch]
+    has = [all(key in d for key in _TOPK_KEYS) for d in datas]
+    partial = [k for k, d in enumerate(datas) if any(key in d for key in _TOPK_KEYS) and not has[k]]
+    if partial:
+        raise ValueError(f"batch[{partial[0]}] has only one of {_TOPK_KEYS}: give both")
+    if not any(has):
+        return None
+    if not all(has):
+        raise ValueError(f"batch[{has.index(False)}] has no {_TOPK_KEYS}: give them for all items")
+    ids, logprobs = [], []
+    for b, (d, n) in enumerate(zip(datas, lengths, strict=True)):
+        i, lp = torch.as_tensor(d["teacher_ids"]), torch.as_tensor(d["teacher_logprobs"])
+        if i.dim() == 3 and i.shape[0] == 1:  # a (1, L, k) row
+            i, lp = i[0], lp[0]
+        if i.dim() != 2 or i.shape != lp.shape or i.shape[0] != n:
+            raise ValueError(
+                f"batch[{b}]: teacher_ids {tuple(i.shape)} and teacher_logprobs "
+                f"{tuple(lp.shape)} must both be (L, k) with L = {n}, the item's length"
+            )
+        if i.is_floating_point() or i.dtype == torch.bool or not lp.is_floating_point():
+            raise TypeError(
+                f"batch[{b}]: teacher_ids must hold integers and teacher_logprobs floats, "
+                f"got {i.dtype} and {lp.dtype}"
+            )
+        ids.append(i)
+        logprobs.append(lp)
+    if len({i.shape[1] for i in ids}) != 1:
+        raise ValueError(f"the items' top-k sizes differ: {sorted({i.shape[1] for i in ids})}")
+    return ids, logprobs
 
 
 def _pad_id(value: object) -> int:
