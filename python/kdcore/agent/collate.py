@@ -39,16 +39,15 @@ def collate(
     if isinstance(batch, (Encoded, Mapping)) or not isinstance(batch, Sequence) or not batch:
         raise ValueError("collate needs a non-empty list of Encoded items")
     pad_id = _pad_id(pad_id)
-    rows = []
-    for k, item in enumerate(batch):
-        data = item.to_dict() if isinstance(item, Encoded) else item
+    rows, datas = [], [item.to_dict() if isinstance(item, Encoded) else item for item in batch]
+    for k, data in enumerate(datas):
         if not isinstance(data, Mapping) or any(key not in data for key in _KEYS):
             raise TypeError(f"batch[{k}] must be an Encoded or a dict with keys {_KEYS}")
         tensors = [_sequence(data[key], f"batch[{k}][{key!r}]") for key in _KEYS]
         if len({t.shape[0] for t in tensors}) != 1:
             raise ValueError(f"batch[{k}]: input_ids, labels and spans differ in length")
         rows.append(tensors)
-    topk = _topk_rows(batch, [r[0].shape[0] for r in rows])
+    topk = _topk_rows(datas, [r[0].shape[0] for r in rows])
     length = max(r[0].shape[0] for r in rows)
     if pad_to_multiple_of is not None:
         if isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int):
@@ -79,17 +78,15 @@ def collate(
     return out
 
 
-def _topk_rows(batch, lengths: list[int]):
+def _topk_rows(datas: list[Mapping], lengths: list[int]):
     """The items' (ids, logprobs) lists of (L_b, k) tensors, or None if no item has them."""
-    datas = [item.to_dict() if isinstance(item, Encoded) else item for item in batch]
-    has = [all(key in d for key in _TOPK_KEYS) for d in datas]
-    partial = [k for k, d in enumerate(datas) if any(key in d for key in _TOPK_KEYS) and not has[k]]
-    if partial:
-        raise ValueError(f"batch[{partial[0]}] has only one of {_TOPK_KEYS}: give both")
-    if not any(has):
+    present = [sum(key in d for key in _TOPK_KEYS) for d in datas]
+    if 1 in present:
+        raise ValueError(f"batch[{present.index(1)}] has only one of {_TOPK_KEYS}: give both")
+    if not any(present):
         return None
-    if not all(has):
-        raise ValueError(f"batch[{has.index(False)}] has no {_TOPK_KEYS}: give them for all items")
+    if 0 in present:
+        raise ValueError(f"batch[{present.index(0)}] has no {_TOPK_KEYS}: give them for all items")
     ids, logprobs = [], []
     for b, (d, n) in enumerate(zip(datas, lengths, strict=True)):
         i, lp = torch.as_tensor(d["teacher_ids"]), torch.as_tensor(d["teacher_logprobs"])

@@ -107,17 +107,6 @@ def _validate_teacher(ids, logprobs, student):
     return logprobs.clamp_max(0.0)
 
 
-def _check_reference_rows(student, ids, logprobs, labels, ignore_index, mask, tail) -> None:
-    """The kernels' row checks (ids twice, top-k mass > 1, ...) on the rows the
-    loss reads, for the reference path."""
-    active = _weights.row_weights(
-        student, labels=labels, ignore_index=ignore_index, mask=mask, reduction="sum", scale=1.0
-    ) != 0  # fmt: skip
-    k = ids.shape[-1]
-    _topk.check_rows(ids.reshape(-1, k), logprobs.reshape(-1, k), active, student.shape[-1])
-    _check_renormalizable(logprobs.reshape(-1, k), active, tail)
-
-
 def _check_renormalizable(logprobs: torch.Tensor, active: torch.Tensor, tail: str) -> None:
     """tail="renormalize" divides by the top-k mass: a read row needs some."""
     if tail != "renormalize":
@@ -181,9 +170,20 @@ def sparse_kl_loss(
         _validate.labels(labels, lead, student)
     if mask is not None:
         _validate.mask(mask, lead, student)
-    if _dispatch.select(student) == "torch":
-        if not torch.compiler.is_compiling():  # the kernels check these rows themselves
-            _check_reference_rows(student, teacher_ids, logprobs, labels, ignore_index, mask, tail)
+    weight = _weights.row_weights(
+        student, labels=labels, ignore_index=ignore_index, mask=mask, reduction=red,
+        scale=t * t if scale_t2 else 1.0,
+    )  # fmt: skip
+    k, vocab = teacher_ids.shape[-1], student.shape[-1]
+    s2, ids, lps = student.reshape(-1, vocab), teacher_ids.reshape(-1, k), logprobs.reshape(-1, k)
+    backend = _dispatch.select(student)
+    compiling = torch.compiler.is_compiling()
+    if not compiling:  # rows of weight 0 are never read, so never checked
+        active = weight.reshape(-1) != 0
+        if backend == "torch":  # the kernels check these rows themselves
+            _topk.check_rows(ids, lps, active, vocab)
+        _check_renormalizable(lps, active, tail)
+    if backend == "torch":
         wide = _dispatch.reference_dtype(student.device)
         loss = reference.sparse_kl_loss(
             student.to(wide), teacher_ids, logprobs.to(wide), temperature=t,
@@ -191,15 +191,7 @@ def sparse_kl_loss(
             mask=mask, reduction=red, scale_t2=scale_t2,
         )  # fmt: skip
         return loss.to(torch.float64 if student.dtype == torch.float64 else torch.float32)
-    weight = _weights.row_weights(
-        student, labels=labels, ignore_index=ignore_index, mask=mask, reduction=red,
-        scale=t * t if scale_t2 else 1.0,
-    )  # fmt: skip
-    k, vocab = teacher_ids.shape[-1], student.shape[-1]
-    s2, ids, lps = student.reshape(-1, vocab), teacher_ids.reshape(-1, k), logprobs.reshape(-1, k)
-    if not torch.compiler.is_compiling():
-        _check_renormalizable(lps, weight.reshape(-1) != 0, tail)
-    if not torch.compiler.is_compiling():
+    if not compiling:
         loss = _SparseKLFunction.apply(s2, ids, lps, weight, t, t0, tail, red != "none")
     else:
         rows, _ = sparse_kl_op(
