@@ -20,6 +20,7 @@ import contextlib
 import functools
 import importlib.util
 import os
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -78,8 +79,33 @@ def _require_triton(why: str = "KDCORE_BACKEND=triton") -> None:
         )
 
 
+_warned: set[str] = set()
+
+
+class FallbackWarning(UserWarning):
+    """An op ran the slow reference implementation where a kernel should have run."""
+
+
+def _warn_fallback(cause: str, fix: str) -> None:
+    """Warns once per process and cause (not once per call: ops run every step)."""
+    if cause in _warned:
+        return
+    _warned.add(cause)
+    warnings.warn(
+        f"kdcore: {cause}, so kdcore runs its float64 PyTorch reference instead of a fused "
+        f"kernel: correct, but orders of magnitude slower and far more memory. {fix} "
+        "(This warning is shown once per process.)",
+        FallbackWarning,
+        stacklevel=4,
+    )
+
+
 def select(*tensors: torch.Tensor) -> str:
-    """``"rust"``, ``"triton"`` or ``"torch"`` for an op over ``tensors``."""
+    """``"rust"``, ``"triton"`` or ``"torch"`` for an op over ``tensors``.
+
+    Falling back to the reference where a kernel should run (CUDA tensors
+    without triton, or with ``KDCORE_BACKEND=rust``) warns once per process.
+    """
     if _forced == "torch":
         return "torch"
     dtypes_ok = all(t.dtype in KERNEL_DTYPES for t in tensors)
@@ -89,8 +115,19 @@ def select(*tensors: torch.Tensor) -> str:
         return "triton" if dtypes_ok and devices <= {"cpu", "cuda"} else "torch"
     if dtypes_ok and devices == {"cpu"}:
         return "rust"
-    if dtypes_ok and devices == {"cuda"} and _forced == "auto" and triton_available():
-        return "triton"
+    if dtypes_ok and devices == {"cuda"}:
+        if _forced == "rust":
+            _warn_fallback(
+                "KDCORE_BACKEND=rust is set and the tensors are on CUDA",
+                "Unset KDCORE_BACKEND (or set it to auto) to run the Triton kernels.",
+            )
+            return "torch"
+        if triton_available():
+            return "triton"
+        _warn_fallback(
+            "the tensors are on CUDA but triton is not installed",
+            "Install triton (the CUDA builds of torch on Linux bring it: pip install triton).",
+        )
     return "torch"
 
 

@@ -97,7 +97,25 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _bench_parser(sub)
     _demo_parser(sub)
+    _plot_parser(sub)
     return parser
+
+
+def _plot_parser(sub) -> None:
+    plot = sub.add_parser(
+        "plot",
+        help="draw the figure of a demo run from its summary.json (needs kdcore[plot])",
+        description=(
+            "Draws the demo's figure (loss curves, held-out success with the spread over "
+            "seeds) from a summary.json that `kdcore demo` wrote; needs matplotlib "
+            '(pip install "kdcore[plot]").'
+        ),
+    )
+    plot.set_defaults(command_parser=plot)
+    plot.add_argument("summary", type=_existing_file, help="a summary.json of `kdcore demo`")
+    plot.add_argument(
+        "--out", type=_new_file, help="PNG to write (default: demo.png beside the summary)"
+    )
 
 
 def _bench_parser(sub) -> None:
@@ -293,8 +311,35 @@ def _run_bench(args) -> int:
     )
 
 
+def _run_plot(args) -> int:
+    import json
+
+    from ._extras import MissingExtraError
+    from .demo.plot import write_demo_figure
+
+    try:
+        with open(args.summary, encoding="utf-8") as f:
+            summary = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        args.command_parser.error(f"cannot read {args.summary!r} as JSON: {exc}")
+    if not isinstance(summary, dict) or not isinstance(summary.get("aggregate"), list):
+        args.command_parser.error(f"{args.summary!r} is not a summary.json of `kdcore demo`")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.summary)), "demo.png")
+    try:
+        write_demo_figure(out, summary)
+    except MissingExtraError as exc:
+        print(f"kdcore plot: {exc}", file=sys.stderr)
+        return 1
+    except (KeyError, TypeError, ValueError) as exc:
+        args.command_parser.error(f"{args.summary!r} is not a well-formed demo summary: {exc!r}")
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "plot":
+        return _run_plot(args)
     if args.command == "bench":
         return _run_bench(args)
     if args.command == "demo":

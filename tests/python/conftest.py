@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import struct
+import zlib
 
 import pytest
 import torch
@@ -126,3 +128,23 @@ def backend(request):
 
     with _dispatch.backend(request.param):
         yield request.param
+
+
+def png_info(path) -> tuple[tuple[int, int], dict[str, str]]:
+    """(width, height) and the tEXt entries of a PNG; checks the signature and every CRC."""
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, size, text = 8, None, {}
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        body = data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
+        assert zlib.crc32(kind + body) == crc, kind
+        if kind == b"IHDR":
+            size = struct.unpack(">II", body[:8])
+        elif kind == b"tEXt":
+            key, _, value = body.partition(b"\0")
+            text[key.decode("latin-1")] = value.decode("latin-1")
+        pos += 12 + length
+    assert size is not None and kind == b"IEND"
+    return size, text

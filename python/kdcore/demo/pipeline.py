@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from .. import __version__
+from .._extras import MissingExtraError
 from .._files import atomic_write
-from .._plot import write_demo_plot
 from .._threads import get_num_threads, set_num_threads
 from ..train import Distiller
 from .data import (
@@ -220,13 +220,13 @@ def run_demo(cfg: DemoConfig, *, threads: int | None = None) -> dict[str, Any]:
                  "SFT on oracle trajectories (shipped)")]  # fmt: skip
     phase("teacher on held-out problems", t0)
     seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
-    curves: dict[str, list] = {}
+    curves: dict[str, dict[str, list]] = {}
     for seed in seeds:
         for i, name in enumerate(STUDENTS, start=1):
             _say(f"[student {i}/3, seed {seed}] {name}: {STUDENTS[name]}, {cfg.steps} steps")
             t0 = time.perf_counter()
             model, trained = _train_student(name, cfg, seed, datasets[name], out, device)
-            curves.setdefault(name, trained["curve"])
+            curves.setdefault(name, {})[str(seed)] = trained["curve"]
             row = _row(name, model, evaluate(model, test, references), trained["seconds"],
                        STUDENTS[name])  # fmt: skip
             rows.append({**row, "seed": seed})
@@ -243,7 +243,7 @@ def run_demo(cfg: DemoConfig, *, threads: int | None = None) -> dict[str, Any]:
         },  # fmt: skip
         "rows": rows,
         "aggregate": agg,
-        "curves": curves,
+        "curves_by_seed": curves,
         "phases_seconds": phases,
         "total_seconds": time.perf_counter() - started,
         "environment": {
@@ -255,19 +255,26 @@ def run_demo(cfg: DemoConfig, *, threads: int | None = None) -> dict[str, Any]:
         },  # fmt: skip
     }
     _write_json(out / "summary.json", summary)
-    write_demo_plot(
-        out / "demo.png",
-        curves=curves,
-        # Students first: bar i and curve i share a colour; the teacher comes last.
-        bars={r["model"]: r["success_rate"] for r in agg[1:] + agg[:1]},
-        title="kdcore demo: distilling a calculator agent",
-        curve_title="student training loss (own objective)",
-        bar_title="held-out task success" + ("" if cfg.seeds == 1 else " (mean of seeds)"),
-        y_log=True,
-    )
-    _say(f"wrote {out / 'summary.json'}, {out / 'demo.png'} and logs/ "
+    figure = _write_figure(out / "demo.png", summary, out / "summary.json")
+    _say(f"wrote {out / 'summary.json'}{figure} and logs/ "
          f"({summary['total_seconds']:.0f} s in all)")  # fmt: skip
     return summary
+
+
+def _write_figure(path: Path, summary: dict, summary_path: Path) -> str:
+    """Writes the figure if matplotlib is installed; says how to get it otherwise."""
+    from .plot import write_demo_figure
+
+    try:
+        write_demo_figure(path, summary)
+    except MissingExtraError:
+        path.unlink(missing_ok=True)  # a figure left by an earlier run would not match
+        _say(
+            f'no figure: matplotlib is not installed (pip install "kdcore[plot]", '
+            f"then `kdcore plot {summary_path}` draws it)"
+        )
+        return ""
+    return f", {path}"
 
 
 def _write_json(path: Path, data: dict) -> None:
