@@ -1,4 +1,4 @@
-"""Shared test helpers: tolerances of DESIGN.md §4 and input generators."""
+"""Shared test helpers: tolerances (docs/design.md, Tests) and input generators."""
 
 from __future__ import annotations
 
