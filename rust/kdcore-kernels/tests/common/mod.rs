@@ -1,7 +1,7 @@
 //! Helpers shared by the `kernels`, `distill` and `sparse` integration tests: the
 //! xorshift64* generator, exact rounding of f64 to the storage types, ULP
 //! distances, and the loss / gradient comparisons with the tolerances of
-//! `kernels.rs` (DESIGN §4):
+//! `kernels.rs` (the tolerances of docs/design.md, Tests):
 //!
 //! - f32 losses: error <= 1e-5 relative + 1e-6 absolute (times max(1, |w_r|));
 //!   bf16/f16 inputs: 1e-4 relative + 1e-7 absolute.

@@ -4,7 +4,7 @@
 //! p/q types, at temperatures 0.5 / 1 / 2 / 4, cols 1, 7, 31, 32, 33, 1000,
 //! 32000, on both the serial and the parallel path.
 //!
-//! Tolerances (DESIGN §4), always against the reference computed on the
+//! Tolerances (docs/design.md, Tests), always against the reference computed on the
 //! rounded inputs:
 //! - f32 losses: error <= 1e-5 relative + 1e-6 absolute (times max(1, |w_r|)).
 //!   bf16/f16 losses: 1e-4 relative + 1e-7 absolute.
@@ -131,7 +131,7 @@ fn ref_kl(p: &[f64], q: &[f64], t: f64, w: f64) -> RefKl {
 ///
 /// f32: |got - want| <= 5e-5 · max_row|want| + 2ε · cond_j, where cond_j is
 /// the size of the terms the f32 formula combines. The first part is the
-/// DESIGN §4 rule (read per row, stricter than per tensor); the second is the
+/// design rule (read per row, stricter than per tensor); the second is the
 /// rounding error no f32 evaluation avoids, which dominates where the row's
 /// gradient is itself a cancellation of O(1) terms (near one-hot rows where
 /// P ≈ Q, say, whose max|grad| is ~1e-4 or less). Elements that need it
