@@ -458,7 +458,8 @@ def test_bytes_per_entry_at_a_262144_vocabulary(tmp_path):
         tokens = torch.randint(0, 262144, (length,), generator=g)
         positions = [None]
         for _ in range(1, length):
-            ids = torch.randperm(262144, generator=g)[:k]
+            start = int(torch.randint(0, 4096, (1,), generator=g))
+            ids = start + 4096 * torch.randperm(k, generator=g)  # distinct, up to 262143
             lps = torch.log_softmax(torch.randn(k, generator=g) * 3, -1) - 0.05
             positions.append(dict(zip(ids.tolist(), lps.tolist(), strict=True)))
         records.append((tokens, positions))
