@@ -70,9 +70,10 @@ def test_code_round_trip_ids_exact_logprobs_within_one_step(
     err = (got.double() - exact).abs()
     assert _max(err[inside]) <= STEP + 2e-6 < 2e-3  # + float32 rounding
     assert bool((got[~inside] == codec.table()[16382]).all())  # below the codes: the lowest
-    # Decoded top-k mass within ~1e-3 of the true one: never above 1 + 1e-3.
+    # Decoded top-k mass within 6e-4 of the true one (half the largest probability
+    # gap between neighbouring codes): never above 1 + 1e-3.
     mass, true_mass = got.double().exp().sum(-1), exact.exp().sum(-1)
-    assert bool(((mass - true_mass).abs() <= STEP / 2 + 1e-5 + k * math.exp(floor)).all())
+    assert bool(((mass - true_mass).abs() <= 6e-4 + k * math.exp(floor)).all())
     assert bool((mass <= 1 + 1e-3).all())
 
 
@@ -487,3 +488,19 @@ def test_tokenizer_fingerprint():
     assert offline.tokenizer_fingerprint(a).startswith("sha256:")
     with pytest.raises(TypeError, match="get_vocab"):
         offline.tokenizer_fingerprint(object())
+
+
+def test_topk_dataset_pickles_for_loader_workers(tmp_path):
+    import pickle
+
+    _capture(tmp_path, items(5, seed=12))
+    ds = offline.TopKDataset(tmp_path)
+    first = ds[4]  # opens (and verifies) a shard
+    copy = pickle.loads(pickle.dumps(ds))
+    assert copy._open == {}
+    again = copy[4]
+    assert torch.equal(again["teacher_ids"], first["teacher_ids"])
+    assert torch.equal(again["teacher_logprobs"], first["teacher_logprobs"])
+    with pytest.raises(IndexError, match="out of range for 5"):
+        ds[5]
+    assert torch.equal(ds[-1]["teacher_ids"], first["teacher_ids"])

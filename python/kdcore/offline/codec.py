@@ -15,10 +15,11 @@ Rounding: each log-probability is rounded down or up to a neighbouring code
 (so within 1/512 < 2e-3 of the truth), choosing, along the row sorted by
 decreasing probability, the direction that keeps the running sum of decoded
 probabilities closest to the true running sum: the decoded top-k mass stays
-within about 1e-3 of the true one (within what the losses accept above 1)
-and the errors of neighbouring entries cancel instead of piling up in the
-tail mass. Log-probabilities below the lowest finite code (probabilities
-below ~9.6e-12) are stored as that code.
+within 6e-4 of the true one (half the largest probability gap between
+neighbouring codes; the losses accept masses up to 1 + 1e-3) and the
+errors of neighbouring entries cancel instead of piling up in the tail
+mass. Log-probabilities below the lowest finite code (probabilities below
+~9.6e-12) are stored as that code.
 """
 
 from __future__ import annotations
