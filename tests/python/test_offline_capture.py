@@ -234,6 +234,19 @@ def test_a_manifest_that_disagrees_with_a_shard_is_named(tmp_path):
     with pytest.raises(offline.ShardError, match="shard shard-00001.kdtopk: its header"):
         offline.TopKDataset(tmp_path)
     manifest["shards"][1]["sequences"] -= 1
+    for field, value, message in [
+        ("file", "../../etc/passwd", r"shards\[1\] is not shard-00001.kdtopk"),
+        ("rows", "12", "shard shard-00001.kdtopk: rows is not a non-negative int"),
+        ("sha256", None, "shard shard-00001.kdtopk: sha256 is not a SHA-256"),
+    ]:
+        broken = json.loads(json.dumps(manifest))
+        broken["shards"][1][field] = value
+        (tmp_path / "manifest.json").write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match=message):
+            offline.TopKDataset(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a valid manifest"):
+        offline.TopKDataset(tmp_path)
     manifest["complete"] = False
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="not complete"):

@@ -41,7 +41,47 @@ def load(out_dir: str) -> dict[str, Any] | None:
         raise ValueError(
             f"{path} has format version {manifest.get('version')!r}; this kdcore reads {VERSION}"
         )
+    _check_fields(manifest, path)
     return manifest
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_fields(manifest: dict[str, Any], path: str) -> None:
+    """The fields kdcore reads have the types it expects (a clear error, not a
+    KeyError deep inside); shard files are only ever ``shard-NNNNN.kdtopk``."""
+    problems = []
+    if not (_count(manifest.get("k")) and manifest["k"] >= 1):
+        problems.append("k is not a positive int")
+    temperature = manifest.get("temperature")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        problems.append("temperature is not a number")
+    vocab = manifest.get("vocab_size")
+    if vocab is not None and not (_count(vocab) and vocab >= 1):
+        problems.append("vocab_size is not a positive int")
+    if not isinstance(manifest.get("complete"), bool):
+        problems.append("complete is not a bool")
+    for key in ("sequences", "tokens", "rows", "shard_tokens"):
+        if not _count(manifest.get(key)):
+            problems.append(f"{key} is not a non-negative int")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        problems.append("shards is not a list")
+        shards = []
+    for i, entry in enumerate(shards):
+        if not isinstance(entry, dict) or entry.get("file") != f"shard-{i:05d}.kdtopk":
+            problems.append(f"shards[{i}] is not shard-{i:05d}.kdtopk")
+            continue
+        for key in ("units", "sequences", "tokens", "rows", "bytes"):
+            if not _count(entry.get(key)):
+                problems.append(f"shard {entry['file']}: {key} is not a non-negative int")
+        for key in ("sha256", "inputs_sha256"):
+            if not (isinstance(entry.get(key), str) and len(entry[key]) == 64):
+                problems.append(f"shard {entry['file']}: {key} is not a SHA-256 hex digest")
+    if problems:
+        raise ValueError(f"{path} is not a valid manifest: {'; '.join(problems[:5])}")
 
 
 def save(out_dir: str, manifest: dict[str, Any]) -> None:
