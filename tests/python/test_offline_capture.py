@@ -330,6 +330,28 @@ def test_resume_after_the_process_is_killed(tmp_path):
     assert _files(part) == _files(whole)
 
 
+def test_resume_captures_damaged_shards_again(tmp_path):
+    data = items(30, seed=13)
+    whole = tmp_path / "whole"
+    offline.capture(Toy(), batches(data), whole, k=5, shard_tokens=20, progress=False)
+    part = tmp_path / "part"
+    with pytest.raises(_Interrupted):
+        offline.capture(Toy(), _interrupting(batches(data), 8), part, k=5, shard_tokens=20,
+                        progress=False)  # fmt: skip
+    listed = json.loads((part / "manifest.json").read_text())["shards"]
+    assert len(listed) >= 3
+    raw = bytearray((part / "shard-00001.kdtopk").read_bytes())
+    raw[-1] ^= 1
+    (part / "shard-00001.kdtopk").write_bytes(bytes(raw))
+    (part / "shard-00002.kdtopk").unlink()
+    offline.capture(Toy(), batches(data), part, k=5, shard_tokens=20, progress=False)
+    assert _files(part) == _files(whole)
+    # A complete capture is repaired the same way.
+    (whole / "shard-00003.kdtopk").write_bytes(b"")
+    offline.capture(Toy(), batches(data), whole, k=5, shard_tokens=20, progress=False)
+    assert _files(part) == _files(whole)
+
+
 def test_resume_with_other_batches_or_settings_is_an_error(tmp_path):
     data = items(12, seed=6)
     with pytest.raises(_Interrupted):

@@ -47,8 +47,10 @@ def capture(
     atomically, each followed by ``manifest.json``. After an interruption,
     calling ``capture`` again with the same batches and ``out_dir`` checks
     the finished shards' inputs, skips them without running the teacher and
-    goes on: the result is the one an uninterrupted capture writes. The
-    settings and the batches must be the same (a clear error otherwise).
+    goes on: the result is the one an uninterrupted capture writes (a
+    finished shard found damaged is captured again, with the ones after
+    it). The settings and the batches must be the same (a clear error
+    otherwise).
     ``teacher_name`` (default: a Hugging Face model's ``name_or_path``, else
     the class name) and ``tokenizer_fingerprint`` (see
     :func:`kdcore.offline.tokenizer_fingerprint`) go into the manifest.

@@ -65,7 +65,7 @@ def run(
     old = _manifest.load(out_dir)
     if old is not None:
         _manifest.check_resumable(out_dir, old, settings)
-        state = old
+        state = _keep_intact(out_dir, old)
     else:
         state = {
             "format": _manifest.FORMAT, "version": _manifest.VERSION, **settings,
@@ -87,6 +87,28 @@ def run(
         _write_rest(out_dir, state, iterator, bar)
     finally:
         bar.close()
+    return state
+
+
+def _keep_intact(out_dir: str, state: dict) -> dict:
+    """Drops the first shard whose file is missing, truncated or changed, and every
+    shard after it, from the manifest: they are captured again."""
+    for i, entry in enumerate(state["shards"]):
+        path = os.path.join(out_dir, entry["file"])
+        try:
+            intact = (
+                os.path.getsize(path) == entry["bytes"] and shard.sha256(path) == entry["sha256"]
+            )
+        except FileNotFoundError:
+            intact = False
+        if not intact:
+            kept = state["shards"][:i]
+            state.update(
+                shards=kept, complete=False,
+                sequences=sum(e["sequences"] for e in kept),
+                tokens=sum(e["tokens"] for e in kept), rows=sum(e["rows"] for e in kept),
+            )  # fmt: skip
+            break
     return state
 
 
