@@ -525,6 +525,21 @@ def test_tokenizer_fingerprint():
         offline.tokenizer_fingerprint(object())
 
 
+def test_topk_dataset_keeps_a_bounded_number_of_shards_open(tmp_path, monkeypatch):
+    from kdcore.offline import dataset
+
+    monkeypatch.setattr(dataset, "MAX_OPEN_SHARDS", 2)
+    data = items(10, seed=3)
+    _capture(tmp_path, data)
+    ds = offline.TopKDataset(tmp_path, inputs=data)
+    assert len(ds.manifest["shards"]) == 3
+    first = [ds[i] for i in range(10)]
+    assert len(ds._open) == 2
+    for i in reversed(range(10)):  # reopened shards give the same items
+        assert torch.equal(ds[i]["teacher_logprobs"], first[i]["teacher_logprobs"])
+    assert len(ds._open) == 2
+
+
 def test_topk_dataset_pickles_for_loader_workers(tmp_path):
     import pickle
 

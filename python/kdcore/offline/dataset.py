@@ -14,6 +14,9 @@ from . import codec, shard
 from . import manifest as _manifest
 from .shard import ShardError
 
+#: Shards kept memory-mapped at once (the least recently read is closed first).
+MAX_OPEN_SHARDS = 64
+
 
 class TopKDataset(torch.utils.data.Dataset):
     """Sequence ``i`` of a capture as ``{"teacher_ids": (L, k) int32,
@@ -124,7 +127,11 @@ class TopKDataset(torch.utils.data.Dataset):
 
     def _shard(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(token offsets, fingerprints, entries) of a shard, memory-mapped."""
-        if index not in self._open:
+        if index in self._open:
+            self._open[index] = self._open.pop(index)  # most recently used last
+        else:
+            if len(self._open) >= MAX_OPEN_SHARDS:  # each map holds a file descriptor
+                del self._open[next(iter(self._open))]
             if self._verify:
                 self._check_sum(index)
             entry, layout = self._entries[index], self._layouts[index]
