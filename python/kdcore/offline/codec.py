@@ -71,24 +71,22 @@ def encode(ids: torch.Tensor, logprobs: torch.Tensor, vocab_size: int) -> np.nda
 
     Each row is stored sorted by decreasing log-probability (ties by id).
     Raises ValueError for ids outside [0, vocab_size), a repeated id in a
-    row, or a NaN / positive log-probability.
+    row, or a NaN / positive log-probability. Runs in numpy: small
+    element-wise steps, which torch's thread pool only slows down.
     """
     check_vocab(vocab_size)
-    ids = torch.as_tensor(ids).to(torch.int64).cpu()
-    lps = torch.as_tensor(logprobs).to(torch.float64).cpu()
-    if ids.dim() != 2 or ids.shape != lps.shape:
-        raise ValueError(
-            f"ids and logprobs must both be (rows, k); got {tuple(ids.shape)}, {tuple(lps.shape)}"
-        )
+    ids = torch.as_tensor(ids).detach().to("cpu", torch.int64).numpy()
+    lps = torch.as_tensor(logprobs).detach().to("cpu", torch.float64).numpy()
+    if ids.ndim != 2 or ids.shape != lps.shape:
+        raise ValueError(f"ids and logprobs must both be (rows, k); got {ids.shape}, {lps.shape}")
     _check(ids, lps, vocab_size)
     # Sort by (-logprob, id): a stable sort by id, then a stable sort by -logprob.
-    by_id = ids.argsort(dim=-1, stable=True)
-    ids, lps = ids.gather(-1, by_id), lps.gather(-1, by_id)
-    order = (-lps).argsort(dim=-1, stable=True)
-    ids, lps = ids.gather(-1, order), lps.gather(-1, order)
-    codes = _round_codes(lps.clamp_max(0.0))
-    words = (ids << VALUE_BITS) | codes
-    return words.to(torch.int64).numpy().astype("<u4")
+    by_id = np.argsort(ids, axis=-1, kind="stable")
+    ids, lps = np.take_along_axis(ids, by_id, -1), np.take_along_axis(lps, by_id, -1)
+    order = np.argsort(-lps, axis=-1, kind="stable")
+    ids, lps = np.take_along_axis(ids, order, -1), np.take_along_axis(lps, order, -1)
+    codes = _round_codes(np.minimum(lps, 0.0))
+    return ((ids << VALUE_BITS) | codes).astype("<u4")
 
 
 def decode(words: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,44 +97,45 @@ def decode(words: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(ids), torch.from_numpy(lps)
 
 
-def _check(ids: torch.Tensor, lps: torch.Tensor, vocab: int) -> None:
-    if ids.numel() == 0:
+def _check(ids: np.ndarray, lps: np.ndarray, vocab: int) -> None:
+    if ids.size == 0:
         return
     bad = (ids < 0) | (ids >= vocab)
-    if bool(bad.any()):
+    if bad.any():
         raise ValueError(f"token ids must be in [0, {vocab}); got {ids[bad][:5].tolist()}")
-    s = ids.sort(dim=-1).values
+    s = np.sort(ids, axis=-1)
     twice = (s[:, 1:] == s[:, :-1]).any(-1)
-    if bool(twice.any()):
-        r = int(twice.nonzero()[0, 0])
+    if twice.any():
+        r = int(np.flatnonzero(twice)[0])
         raise ValueError(f"row {r}: a token id appears twice in the top-k: {ids[r].tolist()}")
     # Log-softmax of float32 logits may come out a few ulp above 0.
-    positive = torch.isnan(lps) | (lps > 1e-5)
-    if bool(positive.any()):
+    positive = np.isnan(lps) | (lps > 1e-5)
+    if positive.any():
         raise ValueError(
             f"log-probabilities must be <= 0 and not NaN; got {lps[positive][:5].tolist()}"
         )
 
 
-def _round_codes(lps: torch.Tensor) -> torch.Tensor:
+def _round_codes(lps: np.ndarray) -> np.ndarray:
     """Error-diffused rounding of sorted rows (see the module docstring)."""
-    u_table = torch.from_numpy(-table()[:NEG_INF_CODE].astype(np.float64))
+    u_table = -table()[:NEG_INF_CODE].astype(np.float64)
     top = NEG_INF_CODE - 1  # the lowest finite log-probability's code
     x = -lps  # >= 0; +inf for -inf
-    finite = torch.isfinite(x)
-    lo = (torch.searchsorted(u_table, x.contiguous(), right=True) - 1).clamp(0, top)
-    hi = (lo + 1).clamp_max(top)
-    exact = u_table[lo] == x
-    hi = torch.where(exact, lo, hi)  # on a code: nothing to choose
-    p = torch.where(finite, lps.exp(), torch.zeros_like(lps))
-    p_lo, p_hi = (-u_table[lo]).exp(), (-u_table[hi]).exp()
-    codes = torch.empty_like(lo)
-    err = torch.zeros(lps.shape[0], dtype=torch.float64)  # decoded - true running mass
+    finite = np.isfinite(x)
+    lo = np.clip(np.searchsorted(u_table, x, side="right") - 1, 0, top)
+    hi = np.where(u_table[lo] == x, lo, np.minimum(lo + 1, top))  # on a code: no choice
+    # Columns contiguous: the loop walks the rows' entries in order.
+    p = np.ascontiguousarray(np.where(finite, np.exp(lps), 0.0).T)
+    p_lo, p_hi = np.exp(-u_table[lo]).T.copy(), np.exp(-u_table[hi]).T.copy()
+    lo_t, hi_t, fin_t = lo.T, hi.T, finite.T
+    codes = np.empty_like(lo_t)
+    err = np.zeros(lps.shape[0])  # decoded - true running mass, per row
     for j in range(lps.shape[1]):
-        e_lo = err + p_lo[:, j] - p[:, j]
-        e_hi = err + p_hi[:, j] - p[:, j]
-        up = e_hi.abs() < e_lo.abs()
-        codes[:, j] = torch.where(up, hi[:, j], lo[:, j])
-        err = torch.where(finite[:, j], torch.where(up, e_hi, e_lo), err)
+        e_lo = err + p_lo[j] - p[j]
+        e_hi = err + p_hi[j] - p[j]
+        up = np.abs(e_hi) < np.abs(e_lo)
+        codes[j] = np.where(up, hi_t[j], lo_t[j])
+        err = np.where(fin_t[j], np.where(up, e_hi, e_lo), err)
+    codes = codes.T
     codes[~finite] = NEG_INF_CODE
     return codes
