@@ -141,7 +141,7 @@ def _teacher_topk(teacher, batch, ids, keep, k, t):
     )
     with autocast:
         logits = model_logits(teacher, inputs)
-    if not isinstance(logits, torch.Tensor) or logits.shape[:2] != ids.shape:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[:2] != ids.shape:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
         raise ValueError(
             f"the teacher gave logits of shape {shape} for input_ids {tuple(ids.shape)}"
