@@ -9,7 +9,7 @@ compilation).
 
 1. Correctness on fresh random CUDA inputs (a new seed every run, printed)
    against kdcore's float64 reference, with the tolerances of the test suite
-   (DESIGN.md §4): every op, fp32 and bf16, -inf entries, logits of ±3e4,
+   (kdcore.testing): every op, fp32 and bf16, -inf entries, logits of ±3e4,
    log-probabilities far below -104, rows spanning many column blocks,
    V = 262144, rows × V beyond 2^31 (int64 offsets), non-unit grad_output and
    a second backward, torch.compile(fullgraph=True) on CUDA tensors.
@@ -39,6 +39,9 @@ import traceback
 import torch
 import torch.nn.functional as F
 
+# The test suite's tolerances, defined once in kdcore.testing.
+from kdcore.testing import grad_error, loss_error
+
 T = 2.0
 STARTED = time.monotonic()
 #: "cpu" only to smoke-test this script under the Triton interpreter
@@ -55,52 +58,6 @@ def free() -> None:
     if DEV == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-
-
-# ------------------------------------------------------------- tolerances
-
-_MANTISSA = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
-_MIN_EXP = {torch.bfloat16: -126, torch.float16: -14, torch.float32: -126}
-
-
-def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    a = x.abs().clamp_min(2.0 ** _MIN_EXP[dtype])
-    return torch.pow(2.0, torch.floor(torch.log2(a)) - _MANTISSA[dtype])
-
-
-def loss_error(got: torch.Tensor, ref: torch.Tensor, dtypes) -> str | None:
-    got, ref = got.detach().double(), ref.detach().double()
-    if torch.isnan(got).any() and not torch.isnan(ref).any():
-        return "NaN where the reference is finite"
-    if not torch.equal(torch.isinf(got), torch.isinf(ref)):
-        return f"inf pattern differs: {got} vs {ref}"
-    finite = torch.isfinite(ref)
-    rel = 1e-4 if any(d != torch.float32 for d in dtypes) else 1e-5
-    err = (got - ref)[finite].abs()
-    bad = err > rel * ref[finite].abs() + 1e-6
-    if bad.any():
-        return f"loss error {err.max().item():.3e} (ref {ref[finite].abs().max().item():.4g})"
-    return None
-
-
-def grad_error(got: torch.Tensor, ref: torch.Tensor, dtype, ulps=1.0, floor=0.0) -> str | None:
-    if got.dtype != dtype:
-        return f"gradient dtype {got.dtype}, expected {dtype}"
-    got, ref = got.detach().double(), ref.detach().double()
-    if torch.isnan(got).any():
-        return "NaN in gradient"
-    scale = ref.abs().max().item() if ref.numel() else 0.0
-    if dtype == torch.float32:
-        err = (got - ref).abs().max().item()
-        return (
-            None if err <= 5e-5 * scale + floor + 1e-30 else f"grad error {err:.3e} / {scale:.3e}"
-        )
-    rounded = ref.to(dtype).double()
-    err = (got - rounded).abs()
-    bad = err > ulps * ulp(rounded, dtype) + 1e-6 * scale + floor
-    if bad.any():
-        return f"{int(bad.sum())} entries beyond {ulps} ulp (max error {err.max().item():.3e})"
-    return None
 
 
 # ------------------------------------------------------------ correctness

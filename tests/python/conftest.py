@@ -11,6 +11,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+from kdcore.testing import assert_grad_close, assert_loss_close, ulp  # noqa: F401 (re-exported)
+
 settings.register_profile(
     "kdcore",
     deadline=None,
@@ -25,15 +27,6 @@ settings.register_profile(
 settings.load_profile("kdcore")
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_MANTISSA = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
-_MIN_EXP = {torch.bfloat16: -126, torch.float16: -14, torch.float32: -126}
-
-
-def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Spacing of ``dtype`` at each (float64) value of ``x``."""
-    a = x.abs().clamp_min(2.0 ** _MIN_EXP[dtype])
-    exponent = torch.floor(torch.log2(a))
-    return torch.pow(2.0, exponent - _MANTISSA[dtype])
 
 
 def make_logits(shape, dtype, *, scale=1.0, seed=0, banned=0.0, generator=None):
@@ -72,58 +65,108 @@ def log_prob_floor(student: torch.Tensor, teacher: torch.Tensor, temperature: fl
     return FP32_EPS * per_row.max().item() / temperature
 
 
-def assert_loss_close(got: torch.Tensor, ref: torch.Tensor, dtypes) -> None:
-    """Loss tolerance: fp32 inputs 1e-5 rel + 1e-6 abs; 16-bit inputs 1e-4 rel."""
-    got64, ref64 = got.detach().double(), ref.detach().double()
-    assert not torch.isnan(got64).any() or torch.isnan(ref64).any(), "NaN where reference is finite"
-    assert torch.equal(torch.isnan(got64), torch.isnan(ref64)), (got64, ref64)
-    assert torch.equal(torch.isinf(got64), torch.isinf(ref64)), (got64, ref64)
-    finite = torch.isfinite(ref64)
-    rel = 1e-4 if any(d != torch.float32 for d in dtypes) else 1e-5
-    err = (got64 - ref64)[finite].abs()
-    bound = rel * ref64[finite].abs() + 1e-6
-    assert bool((err <= bound).all()), (
-        f"loss error {err.max().item():.3e}: got {got64}, ref {ref64}"
+# ---------------------------------------------------------------- backends
+#
+# `pytest` runs the op tests on the Rust kernels and on the reference fallback
+# (the `backend` fixture). `pytest --backend triton` runs the same test files
+# on the Triton kernels, with CPU tensors under the Triton interpreter, plus
+# test_triton_kernels.py; test_triton.py does that in a child process, since
+# TRITON_INTERPRET must be set before triton is first imported.
+
+#: The test files that run on the Triton kernels with --backend triton.
+TRITON_SUITE = (
+    "test_softmax.py",
+    "test_kl.py",
+    "test_divergences.py",
+    "test_span.py",
+    "test_sparse.py",
+    "test_torch_integration.py",
+    "test_fused_linear.py",
+    "test_triton_kernels.py",
+)
+#: Tests of the suite that do not apply to the Triton kernels, and why.
+NOT_ON_TRITON = {
+    "test_two_threads_at_once_give_the_sequential_results": (
+        "the Triton interpreter patches triton.language while a kernel runs: not thread-safe"
+    ),
+    "test_parallel_path_many_rows": (
+        "the Rust thread pool's many-rows path; for the Triton kernels just more of the "
+        "same rows (25 s of interpreter time)"
+    ),
+    "test_compile_fullgraph_matches_eager": (
+        "inductor compiles C++ for minutes on CPU; torch.compile over the Triton path is "
+        "covered by the aot_eager compile tests"
+    ),
+    "test_gradcheck": "float64 inputs run the reference, not the kernels",
+}
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--backend",
+        choices=("default", "triton"),
+        default="default",
+        help="default: the Rust kernels and the reference fallback; triton: the Triton "
+        "kernels on CPU tensors under the Triton interpreter (the test files of TRITON_SUITE)",
     )
-    assert torch.equal(got64[~finite], ref64[~finite]) or bool(torch.isnan(ref64).any())
 
 
-def assert_grad_close(
-    got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, ulps=1.0, floor=0.0
-) -> None:
-    """Gradient tolerance.
+def _on_triton(config) -> bool:
+    return config.getoption("backend") == "triton"
 
-    fp32: |err| <= 5e-5 * max|ref|. 16-bit: within ``ulps`` ulp of the
-    reference rounded to the dtype, plus the fp32 arithmetic floor
-    (1e-6 * max|ref|) where the exact gradient is a difference of nearly
-    equal probabilities that fp32 itself cannot resolve.
 
-    ``floor`` is an absolute allowance for gradients whose every entry is a
-    cancellation residue far below their natural scale (w / T per row): the
-    caller passes about 1e-6 of that scale, fp32's resolution there.
-    """
-    assert got.dtype == dtype, (got.dtype, dtype)
-    got64, ref64 = got.detach().double(), ref.detach().double()
-    assert not torch.isnan(got64).any(), "NaN in gradient"
-    assert torch.isfinite(ref64).all(), "reference gradient is not finite"
-    scale = ref64.abs().max().item() if ref64.numel() else 0.0
-    if dtype == torch.float32:
-        err = (got64 - ref64).abs().max().item() if got64.numel() else 0.0
-        assert err <= 5e-5 * scale + floor + 1e-30, f"grad error {err:.3e} vs max|grad| {scale:.3e}"
+def pytest_configure(config):
+    if not _on_triton(config):
         return
-    rounded = ref64.to(dtype).double()
-    err = (got64 - rounded).abs()
-    bound = ulps * ulp(rounded, dtype) + 1e-6 * scale + floor
-    bad = err > bound
-    assert not bad.any(), (
-        f"{int(bad.sum())} gradient entries off by more than {ulps} ulp: "
-        f"got {got64[bad][:5].tolist()}, rounded ref {rounded[bad][:5].tolist()}"
+    import sys
+
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise pytest.UsageError("--backend triton: triton was imported before TRITON_INTERPRET=1")
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["KDCORE_BACKEND"] = "triton"
+    # Rows longer than 256 columns span several blocks (V up to 262144 in the suite).
+    os.environ.setdefault("KDCORE_TRITON_BLOCK", "256")
+    # The interpreter runs a kernel ~1000x slower than a GPU: fewer examples.
+    examples = int(os.environ.get("KDCORE_TRITON_HYPOTHESIS_EXAMPLES", "8"))
+    settings.register_profile(
+        "kdcore-triton", settings.get_profile("kdcore"), max_examples=examples
     )
+    settings.load_profile("kdcore-triton")
+    # The numpy interpreter warns on the float overflows the kernels rely on.
+    config.addinivalue_line("filterwarnings", "ignore::RuntimeWarning")
+    from kdcore import _dispatch
+
+    _dispatch.set_backend("triton")
 
 
-@pytest.fixture(params=["rust", "torch"])
+def pytest_ignore_collect(collection_path, config):
+    if collection_path.suffix != ".py" or not collection_path.name.startswith("test_"):
+        return None
+    if _on_triton(config):
+        return collection_path.name not in TRITON_SUITE or None
+    return collection_path.name == "test_triton_kernels.py" or None
+
+
+def pytest_collection_modifyitems(config, items):
+    if not _on_triton(config):
+        return
+    for item in items:
+        reason = NOT_ON_TRITON.get(getattr(item, "originalname", item.name))
+        if reason is None and getattr(item, "originalname", "").startswith("test_gradcheck"):
+            reason = NOT_ON_TRITON["test_gradcheck"]
+        if reason is not None:
+            item.add_marker(pytest.mark.skip(reason=f"not on the Triton kernels: {reason}"))
+
+
+def pytest_generate_tests(metafunc):
+    if "backend" in metafunc.fixturenames:
+        names = ["triton"] if _on_triton(metafunc.config) else ["rust", "torch"]
+        metafunc.parametrize("backend", names, indirect=True)
+
+
+@pytest.fixture
 def backend(request):
-    """Runs a test on the Rust kernels and on the reference fallback."""
+    """Runs a test on each backend of this run (rust and torch, or triton)."""
     from kdcore import _dispatch
 
     with _dispatch.backend(request.param):

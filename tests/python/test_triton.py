@@ -2,10 +2,10 @@
 compiling them for a GPU.
 
 ``TRITON_INTERPRET=1`` must be set before triton is imported, and this
-process may have imported triton already (torch.compile does), so the cases
-(``triton_cases.py``: the op suite on the Triton backend plus kernel-specific
-tests) run in child pytest processes with ``TRITON_INTERPRET=1`` and
-``KDCORE_BACKEND=triton``, two shards at once. A failing child's report is
+process may have imported triton already (torch.compile does), so the op
+suite runs on the Triton kernels in child processes, ``pytest --backend
+triton`` (conftest.py: the same test files as this run, plus
+test_triton_kernels.py), two shards at once. A failing child's report is
 shown in full. The interpreter cannot show what only the GPU compiler sees, so
 every kernel is also compiled to an sm_90 cubin (no GPU needed) in a child
 process without the interpreter. Without triton the tests are skipped, with
@@ -25,56 +25,47 @@ import types
 import pytest
 import torch
 
+from conftest import TRITON_SUITE
+
 HERE = pathlib.Path(__file__).resolve().parent
-CASES = HERE / "triton_cases.py"
-#: -k expressions of the shards, run side by side (about equal run times).
-_FIRST = "suite_softmax or suite_kl or kernels__"
-SHARDS = {"softmax+kl+kernels": _FIRST, "divergences+span+sparse+registration": f"not ({_FIRST})"}
+#: Test files of the shards, run side by side (about equal run times).
+_FIRST = ("test_softmax.py", "test_kl.py", "test_triton_kernels.py")
+SHARDS = {
+    "softmax+kl+kernels": _FIRST,
+    "the rest of the suite": tuple(f for f in TRITON_SUITE if f not in _FIRST),
+}
 TIMEOUT_S = 900
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        TRITON_INTERPRET="1",
-        KDCORE_BACKEND="triton",
-        # The interpreter runs a kernel ~1000x slower than a GPU: fewer examples.
-        KDCORE_HYPOTHESIS_EXAMPLES=env.get("KDCORE_TRITON_HYPOTHESIS_EXAMPLES", "8"),
-        PYTHONWARNINGS="ignore::RuntimeWarning",
-        # Rows longer than 256 columns span several blocks (V up to 262144 in the suite).
-        KDCORE_TRITON_BLOCK="256",
-    )
-    return env
 
 
 def test_triton_kernels_under_the_interpreter():
     if importlib.util.find_spec("triton") is None:
         pytest.skip(
-            "triton is not installed: the Triton kernel tests (triton_cases.py) were NOT run"
+            "triton is not installed: the Triton kernel tests (pytest --backend triton) were NOT run"
         )
     started = time.monotonic()
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "KDCORE_BACKEND")}
     children = {
         name: subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 "pytest",
-                str(CASES),
+                "--backend",
+                "triton",
+                *(str(HERE / f) for f in files),
                 "-q",
                 "-p",
                 "no:cacheprovider",
-                "-k",
-                expr,
                 "--tb=short",
                 "-rfEs",
             ],
             cwd=HERE.parent,
-            env=_env(),
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )  # fmt: skip
-        for name, expr in SHARDS.items()
+        for name, files in SHARDS.items()
     }
     failed = []
     for name, child in children.items():

@@ -1,26 +1,16 @@
-"""The op test suite against the Triton kernels, on CPU tensors, under the
-Triton interpreter.
+"""What only the Triton path has, on CPU tensors under the Triton interpreter:
+several column blocks per row, the bfloat16 rounding of stores, the float64
+log, the backward's in-place scaling, the dispatch itself.
 
-Not collected by a plain pytest run (the name does not start with ``test_``):
-``test_triton.py`` runs this file in child pytest processes with
-``TRITON_INTERPRET=1`` (it must be set before triton is imported) and
-``KDCORE_BACKEND=triton``.
-
-It collects the op tests of ``test_softmax``, ``test_kl``,
-``test_divergences``, ``test_span``, ``test_sparse`` and
-``test_torch_integration`` (renamed ``test_suite_<module>__<test>``) with the
-``backend`` fixture overridden to ``"triton"``, so every op, dtype and edge
-case of the suite is compared with the float64 reference on the Triton
-kernels; tests that call the registered ops directly (opcheck,
-torch.compile) reach the kernels through ``KDCORE_BACKEND=triton``. Then come
-tests of what only the Triton path has (``test_kernels__*``): several column
-blocks per row, the bfloat16 rounding of stores, the float64 log, the
-backward's in-place scaling.
+Collected only with ``pytest --backend triton`` (conftest.py), which sets
+``TRITON_INTERPRET=1`` before triton is imported and forces the Triton
+backend; ``test_triton.py`` runs it that way in a child process, together
+with the op suite (the same test files as the default run, on the Triton
+kernels).
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 
@@ -30,10 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 if os.environ.get("TRITON_INTERPRET") != "1" or os.environ.get("KDCORE_BACKEND") != "triton":
-    pytest.skip(
-        "run by test_triton.py with TRITON_INTERPRET=1 and KDCORE_BACKEND=triton",
-        allow_module_level=True,
-    )
+    pytest.skip("needs pytest --backend triton (see conftest.py)", allow_module_level=True)
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -47,56 +34,6 @@ from kdcore.kernels import common  # noqa: E402
 # (e.g. (x + FLT_MAX) * k -> inf, then exp2(-inf) = 0).
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
-SUITE = (
-    "test_softmax",
-    "test_kl",
-    "test_divergences",
-    "test_span",
-    "test_sparse",
-    "test_torch_integration",
-    "test_fused_linear",
-)
-NOT_HERE = {
-    "test_two_threads_at_once_give_the_sequential_results": (
-        "the Triton interpreter patches triton.language while a kernel runs: not thread-safe"
-    ),
-    "test_parallel_path_many_rows": (
-        "the Rust thread pool's many-rows path; for the Triton kernels just more of the "
-        "same rows (25 s of interpreter time)"
-    ),
-    "test_compile_fullgraph_matches_eager": (
-        "inductor compiles C++ for minutes on CPU; torch.compile over the Triton path is "
-        "covered by the aot_eager compile tests"
-    ),
-}
-#: float64 inputs run the reference, not the kernels: the main suite covers them.
-NOT_KERNELS = ("test_gradcheck",)
-
-
-def _collect_suite() -> None:
-    for module_name in SUITE:
-        module = importlib.import_module(module_name)
-        for name, fn in list(vars(module).items()):
-            if not (name.startswith("test_") and callable(fn)):
-                continue
-            if getattr(fn, "__module__", None) != module_name:
-                continue  # imported from elsewhere
-            if name.startswith(NOT_KERNELS):
-                continue
-            if name in NOT_HERE:
-                fn = pytest.mark.skip(reason=NOT_HERE[name])(fn)
-            globals()[f"test_suite_{module_name[5:]}__{name[5:]}"] = fn
-
-
-_collect_suite()
-
-
-@pytest.fixture
-def backend():
-    """Overrides conftest's rust/torch fixture: the suite runs on the Triton kernels."""
-    with _dispatch.backend("triton"):
-        yield "triton"
-
 
 @pytest.fixture
 def block():
@@ -109,7 +46,7 @@ def block():
 # ---------------------------------------------------------------- dispatch
 
 
-def test_kernels__dispatch_selects_triton():
+def test_dispatch_selects_triton():
     x = torch.randn(2, 3)
     assert _dispatch.current() == "triton"
     assert _dispatch.select(x, x.bfloat16()) == "triton"
@@ -170,7 +107,7 @@ def _run_case(case, s, t, temperature, teacher_grad):
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("size", [16, 64])
-def test_kernels__rows_spanning_several_blocks(block, case, dtype, size):
+def test_rows_spanning_several_blocks(block, case, dtype, size):
     block(size)
     vocab = 3 * size + 5  # several blocks, the last one partial
     s = make_logits((2, 3, vocab), dtype, scale=3.0, seed=1)
@@ -189,7 +126,7 @@ def test_kernels__rows_spanning_several_blocks(block, case, dtype, size):
 
 @pytest.mark.parametrize("case", ["kl", "reverse_kl", "jsd", "tvd", "distill", "span"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_kernels__logits_of_3e4(block, case, dtype):
+def test_logits_of_3e4(block, case, dtype):
     block(32)
     s = make_logits((2, 2, 100), dtype, scale=3e4, seed=3).clamp(-3e4, 3e4)
     t = make_logits((2, 2, 100), dtype, scale=3e4, seed=4).clamp(-3e4, 3e4)
@@ -212,7 +149,7 @@ def test_kernels__logits_of_3e4(block, case, dtype):
     temperature=st.sampled_from([0.5, 1.0, 3.0]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_kernels__softmax_spanning_several_blocks(vocab, size, dtype, log, temperature, seed):
+def test_softmax_spanning_several_blocks(vocab, size, dtype, log, temperature, seed):
     previous = _triton._block_override
     _triton.set_block(size)
     try:
@@ -247,7 +184,7 @@ def _round_kernel(X, Y, n, BLOCK: tl.constexpr):
     common.store(Y + i, x, i < n)
 
 
-def test_kernels__bfloat16_stores_round_to_nearest_even():
+def test_bfloat16_stores_round_to_nearest_even():
     g = torch.Generator().manual_seed(0)
     bf = torch.randint(-(2**15), 2**15, (4000,), generator=g, dtype=torch.int32)
     base = bf.to(torch.int16).view(torch.bfloat16).float()
@@ -276,7 +213,7 @@ def _log2_kernel(X, Y):
     tl.store(Y + i, common.log2_f64(tl.load(X + i)))
 
 
-def test_kernels__float64_log2_is_exact_to_1e15():
+def test_float64_log2_is_exact_to_1e15():
     g = torch.Generator().manual_seed(1)
     scale = 10.0 ** torch.randint(-30, 30, (200,), generator=g).double()
     x = torch.cat([
@@ -303,7 +240,7 @@ class _Ctx:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_kernels__backward_scales_in_place_once_then_copies(dtype):
+def test_backward_scales_in_place_once_then_copies(dtype):
     g = torch.Generator().manual_seed(2)
     grad = torch.randn(5, 37, generator=g).to(dtype)
     saved = grad.clone()
@@ -326,7 +263,7 @@ def test_kernels__backward_scales_in_place_once_then_copies(dtype):
     assert torch.equal(out3, (grad.float() * 2.0).to(dtype))
 
 
-def test_kernels__forced_triton_without_interpreter_is_a_clear_error(monkeypatch):
+def test_forced_triton_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match=r"TRITON_INTERPRET=1"):
         _triton.softmax(torch.randn(2, 3), 1.0, False)
