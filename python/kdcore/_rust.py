@@ -25,36 +25,34 @@ _TYPESTR = {
 class _Borrowed:
     """A contiguous tensor's memory as numpy sees it (``np.asarray``).
 
-    The array keeps this object alive, and it keeps the tensor and its
-    storage object: the memory stays allocated for the whole kernel call
-    even if the caller's tensors are dropped or re-pointed (``set_``,
-    ``.data =``) meanwhile. The native call holds the GIL, so no Python
-    thread can move the storage (``share_memory_``) under the kernel.
+    The array keeps this object alive, and it keeps the tensor's storage
+    object: the memory stays allocated for the whole kernel call even if the
+    caller's tensors are dropped or re-pointed (``set_``, ``.data =``)
+    meanwhile. The native call holds the GIL, so no Python thread can move
+    the storage (``share_memory_``) under the kernel.
     """
 
-    __slots__ = ("__array_interface__", "_storage", "_tensor")
-
-    def __init__(self, t: torch.Tensor) -> None:
-        self._tensor = t
-        self._storage = t.untyped_storage()
-        self.__array_interface__ = {
-            "shape": tuple(t.shape),
-            "typestr": _TYPESTR[t.dtype],
-            "data": (t.data_ptr(), False),
-            "strides": None,
-            "version": 3,
-        }
+    __slots__ = ("__array_interface__", "_storage")
 
 
 def _borrow(t: torch.Tensor) -> np.ndarray:
-    t = t.detach()
-    if t.dtype not in _TYPESTR:
-        t = t.view(torch.int16)  # bfloat16 / float16: the kernels reinterpret the bits
+    typestr = _TYPESTR.get(t.dtype)
+    if typestr is None:  # bfloat16 / float16: the kernels reinterpret the bits
+        t = t.detach().view(torch.int16)
+        typestr = _TYPESTR[torch.int16]
     if not t.is_contiguous():
         raise ValueError("kdcore: internal error, a kernel argument is not contiguous")
     if t.numel() == 0:
-        return np.empty(tuple(t.shape), dtype=_TYPESTR[t.dtype])
-    return np.asarray(_Borrowed(t))
+        return np.empty(tuple(t.shape), dtype=typestr)
+    held = _Borrowed()
+    held._storage = t.untyped_storage()
+    held.__array_interface__ = {
+        "shape": tuple(t.shape),
+        "typestr": typestr,
+        "data": (t.data_ptr(), False),
+        "version": 3,
+    }
+    return np.asarray(held)
 
 
 def softmax(x: torch.Tensor, temperature: float, log: bool) -> torch.Tensor:
