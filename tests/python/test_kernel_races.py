@@ -122,3 +122,49 @@ def test_inputs_stay_resizable_after_a_call():
     kdcore.softmax(x)
     for tensor in (s.detach(), t, ids, lps, x):
         tensor.resize_(2 * tensor.numel())  # fails on a non-resizable storage
+
+
+def test_labels_rewritten_during_distillation_loss_never_poison_later_calls():
+    result = _run(
+        """
+        import threading, time
+        import torch
+        import kdcore
+        from kdcore import _rust, reference
+
+        torch.manual_seed(0)
+        rows, vocab = 512, 4096
+        s, t = torch.randn(rows, vocab), torch.randn(rows, vocab)
+        good = torch.randint(0, vocab, (rows,))
+        bad = torch.full((rows,), 10**12)  # out of range: must never be used as an index
+        labels = good.clone()
+        weight, ce_weight = torch.ones(rows), torch.ones(rows)
+        stop = threading.Event()
+
+        def scribble():
+            while not stop.is_set():
+                labels.copy_(bad)  # torch releases the GIL inside copy_
+                labels.copy_(good)
+
+        th = threading.Thread(target=scribble)
+        th.start()
+        outcomes = {}
+        end = time.monotonic() + 8
+        try:
+            while time.monotonic() < end:
+                try:  # the kernel call itself (the public op copies labels first)
+                    _rust.distill(s, t, weight, 2.0, "kl", 0.5, labels, ce_weight, True, False)
+                    outcomes["ok"] = outcomes.get("ok", 0) + 1
+                except Exception as e:  # ValueError / RuntimeError: fine
+                    outcomes[type(e).__name__] = outcomes.get(type(e).__name__, 0) + 1
+        finally:
+            stop.set()
+            th.join()
+        got = kdcore.distillation_loss(s, t, good, temperature=2.0)
+        want = reference.distillation_loss(s.double(), t.double(), good, temperature=2.0)
+        assert abs(float(got) - float(want)) <= 1e-5 * abs(float(want)), (got, want)
+        print("healthy", outcomes)
+        """
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("healthy"), result.stdout
