@@ -5,12 +5,13 @@ A new multi-megabyte CPU tensor is fresh mmap'd memory: the first write to each
 for a 64 MB gradient, several times the KL kernel's own time (8 ms). Two
 remedies, both local to kdcore's own outputs:
 
-- Recycling. Large outputs come from a small cache of buffers kdcore owns
-  (numpy arrays, handed out as tensors through ``torch.from_numpy``). A tensor's
-  storage holds a reference to its array for as long as any tensor or view of
-  it lives, in Python or inside autograd, so an array whose reference count
-  is back to the cache's own is provably unused and is handed out again: a
-  training loop gets its gradient buffer back every step, already paged in.
+- Recycling. Large outputs come from a small cache of buffers kdcore owns,
+  lent out as tensors through ``torch.from_numpy`` of a fresh numpy view. A
+  tensor's storage holds that view for as long as any tensor or view of it
+  lives, in Python or inside autograd; a weak reference to the view learns
+  when it is gone, and only then is the buffer lent again (see
+  ``_BufferCache``): a training loop gets its gradient buffer back every
+  step, already paged in.
   The cache keeps at most ``KDCORE_CPU_CACHE_MB`` (default 1024; 0 disables)
   of buffers; :func:`empty_cache` releases the idle ones.
 - Huge-page advice on new buffers (where transparent huge pages are on, the
@@ -21,9 +22,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 import threading
+import weakref
 
 import numpy as np
 import torch
@@ -75,84 +78,120 @@ def _limit_from_env() -> int:
     return mb << 20
 
 
+class _Slab:
+    """One buffer of the cache and whether a tensor may still be using it."""
+
+    __slots__ = ("array", "busy", "_lease", "_watch", "__weakref__")
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+        self.busy = False
+        self._lease = 0
+        self._watch = None
+
+    def lend(self, nbytes: int, dtype) -> np.ndarray:
+        """A 64-byte aligned view of ``nbytes`` as ``dtype``; the slab is busy
+        until that view object is garbage."""
+        offset = (-self.array.ctypes.data) % _ALIGN
+        view = self.array[offset : offset + nbytes].view(dtype)
+        self.busy = True
+        self._lease += 1
+        lease = self._lease
+        # The callback only stores a flag (no lock): it may run inside any
+        # allocation, on any thread, also while the cache's lock is held. It
+        # refers to the slab weakly, so a dropped slab frees its memory at once.
+        self._watch = weakref.ref(view, functools.partial(_returned, weakref.ref(self), lease))
+        return view
+
+
+def _returned(slab_ref, lease: int, _view_ref) -> None:
+    slab = slab_ref()
+    if slab is not None and slab._lease == lease:
+        slab.busy = False
+
+
 class _BufferCache:
-    """Byte buffers owned by kdcore, reused once nothing else references them."""
+    """Byte buffers owned by kdcore, lent out as numpy views and reused once
+    the view lent last is garbage.
+
+    ``torch.from_numpy(view)`` makes a storage that holds ``view`` for as long
+    as the storage lives, that is while any tensor or view of the output
+    lives (in Python, inside autograd, or in another thread). numpy views of
+    a view point at the owning array, not at ``view``, and torch hands out
+    ``.numpy()`` arrays that hold the tensor: so ``view`` dies exactly when
+    the last user of its memory does, and its weak-reference callback marks
+    the buffer idle. No reference counts are read.
+    """
 
     def __init__(self, limit_bytes: int) -> None:
         self.limit = limit_bytes
-        self._arrays: list[np.ndarray] = []  # oldest first
+        self._slabs: list[_Slab] = []  # oldest first
         self._lock = threading.Lock()
-
-    @staticmethod
-    def _idle(arr: np.ndarray) -> bool:
-        # Every tensor storage made from the array (and so every tensor or
-        # view of it, also inside autograd) holds a numpy view of it, one more
-        # reference than the cache's own (calibrated below, same call shape).
-        return _refs(arr) <= _IDLE_REFS
 
     def cached_bytes(self) -> int:
         with self._lock:
-            return sum(a.nbytes for a in self._arrays)
+            return sum(s.array.nbytes for s in self._slabs)
 
     def clear_idle(self) -> None:
         with self._lock:
-            self._arrays = [a for a in self._arrays if not self._idle(a)]
+            self._slabs = [s for s in self._slabs if s.busy]
 
-    def take(self, nbytes: int) -> np.ndarray | None:
-        """A 64-byte aligned uint8 view of ``nbytes`` from an idle buffer (at
-        most twice as large), or of a new one if the limit allows; else None."""
+    def take(self, nbytes: int, dtype=np.uint8) -> np.ndarray | None:
+        """A 64-byte aligned ``dtype`` view of ``nbytes`` from an idle buffer
+        (at most twice as large), or of a new one if the limit allows; else None."""
         with self._lock:
             best = None
-            for arr in self._arrays:
-                size = arr.nbytes - _ALIGN
-                if nbytes <= size <= 2 * nbytes and self._idle(arr):
-                    if best is None or size < best.nbytes - _ALIGN:
-                        best = arr
-            if best is None:
-                best = self._new(nbytes)
-                if best is None:
-                    return None
-            offset = (-best.ctypes.data) % _ALIGN
-            return best[offset : offset + nbytes]
+            for slab in self._slabs:
+                size = slab.array.nbytes - _ALIGN
+                if nbytes <= size <= 2 * nbytes and not slab.busy:
+                    if best is None or size < best.array.nbytes - _ALIGN:
+                        best = slab
+            if best is not None:
+                return best.lend(nbytes, dtype)
+            if not self._make_room(nbytes + _ALIGN):
+                return None
+        # Allocated and advised outside the lock: both may release the GIL,
+        # and a fork meanwhile must not find the lock held.
+        slab = _Slab(np.empty(nbytes + _ALIGN, dtype=np.uint8))
+        _advise_huge(slab.array.ctypes.data, slab.array.nbytes)
+        with self._lock:
+            view = slab.lend(nbytes, dtype)
+            if self._make_room(slab.array.nbytes):
+                self._slabs.append(slab)
+            return view  # (over the limit after a race: used once, not kept)
 
-    def _new(self, nbytes: int) -> np.ndarray | None:
-        need = nbytes + _ALIGN
+    def _make_room(self, need: int) -> bool:
+        """Drops idle buffers, oldest first, until ``need`` more bytes fit."""
         if need > self.limit:
-            return None
-        total = sum(a.nbytes for a in self._arrays)
-        # Make room by dropping idle buffers, oldest first.
+            return False
+        total = sum(s.array.nbytes for s in self._slabs)
         kept = []
-        for arr in self._arrays:
-            if total + need > self.limit and self._idle(arr):
-                total -= arr.nbytes
+        for slab in self._slabs:
+            if total + need > self.limit and not slab.busy:
+                total -= slab.array.nbytes
             else:
-                kept.append(arr)
-        self._arrays = kept
-        if total + need > self.limit:
-            return None
-        arr = np.empty(need, dtype=np.uint8)
-        _advise_huge(arr.ctypes.data, need)
-        self._arrays.append(arr)
-        return arr
+                kept.append(slab)
+        self._slabs = kept
+        return total + need <= self.limit
+
+    def _before_fork(self) -> None:
+        self._lock.acquire()
+
+    def _after_fork_in_parent(self) -> None:
+        self._lock.release()
+
+    def _after_fork_in_child(self) -> None:
+        # The child has one thread: a fresh lock, and the buffers as they were.
+        self._lock = threading.Lock()
 
 
-def _refs(arr: np.ndarray) -> int:
-    return sys.getrefcount(arr)
-
-
-def _calibrate() -> int:
-    # The references an idle array has when `_idle` looks at it: the cache's
-    # list, the caller's loop variable, `_idle`'s and `_refs`' arguments.
-    def idle_refs(arr):
-        return _refs(arr)
-
-    for arr in [np.empty(1, dtype=np.uint8)]:
-        return idle_refs(arr)
-    raise AssertionError("unreachable")
-
-
-_IDLE_REFS = _calibrate()
 _cache = _BufferCache(_limit_from_env())
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_cache._before_fork,
+        after_in_parent=_cache._after_fork_in_parent,
+        after_in_child=_cache._after_fork_in_child,
+    )
 
 _NUMPY_STORAGE = {
     torch.float32: np.float32,
@@ -166,10 +205,10 @@ def empty_like(x: torch.Tensor) -> torch.Tensor:
     """``torch.empty_like(x)`` (contiguous), from the buffer cache when large."""
     nbytes = x.numel() * x.element_size()
     if x.device.type == "cpu" and nbytes >= _MIN_RECYCLE_BYTES and x.dtype in _NUMPY_STORAGE:
-        view = _cache.take(nbytes)
+        view = _cache.take(nbytes, _NUMPY_STORAGE[x.dtype])
         if view is not None:
-            flat = torch.from_numpy(view.view(_NUMPY_STORAGE[x.dtype]))
-            return flat.view(x.dtype).view(x.shape)
+            # The storage holds `view` itself: its lifetime is the buffer's lease.
+            return torch.from_numpy(view).view(x.dtype).view(x.shape)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if out.device.type == "cpu":
         _advise_huge(out.data_ptr(), nbytes)

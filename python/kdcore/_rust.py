@@ -2,26 +2,63 @@
 
 Tensors are made contiguous and handed over as numpy views (16-bit floats as
 int16 views): no copies of logits, outputs allocated here and filled in place.
+
+The views are borrowed (:class:`_Borrowed`), not made with ``Tensor.numpy()``,
+which marks a storage non-resizable for good (a later ``resize_`` fails).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import _memory, _native
 
 _NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_TYPESTR = {
+    torch.float32: np.dtype(np.float32).str,
+    torch.int16: np.dtype(np.int16).str,
+    torch.int64: np.dtype(np.int64).str,
+}
 
 
-def _view(t: torch.Tensor):
-    t = t.detach()
-    return t.numpy() if t.dtype == torch.float32 else t.view(torch.int16).numpy()
+class _Borrowed:
+    """A contiguous tensor's memory as numpy sees it (``np.asarray``).
+
+    The array keeps this object alive, and it keeps the tensor's storage
+    object: the memory stays allocated for the whole kernel call even if the
+    caller's tensors are dropped or re-pointed (``set_``, ``.data =``)
+    meanwhile. The native call holds the GIL, so no Python thread can move
+    the storage (``share_memory_``) under the kernel.
+    """
+
+    __slots__ = ("__array_interface__", "_storage")
+
+
+def _borrow(t: torch.Tensor) -> np.ndarray:
+    typestr = _TYPESTR.get(t.dtype)
+    if typestr is None:  # bfloat16 / float16: the kernels reinterpret the bits
+        t = t.detach().view(torch.int16)
+        typestr = _TYPESTR[torch.int16]
+    if not t.is_contiguous():
+        raise ValueError("kdcore: internal error, a kernel argument is not contiguous")
+    if t.numel() == 0:
+        return np.empty(tuple(t.shape), dtype=typestr)
+    held = _Borrowed()
+    held._storage = t.untyped_storage()
+    held.__array_interface__ = {
+        "shape": tuple(t.shape),
+        "typestr": typestr,
+        "data": (t.data_ptr(), False),
+        "version": 3,
+    }
+    return np.asarray(held)
 
 
 def softmax(x: torch.Tensor, temperature: float, log: bool) -> torch.Tensor:
     x = x.contiguous()
     out = _memory.empty_like(x)
-    _native.softmax(_view(x), _view(out), _NAMES[x.dtype], temperature, log)
+    _native.softmax(_borrow(x), _borrow(out), _NAMES[x.dtype], temperature, log)
     return out
 
 
@@ -32,7 +69,7 @@ def softmax_backward(
     grad = grad.to(y.dtype).contiguous()
     grad_x = _memory.empty_like(y)
     _native.softmax_backward(
-        _view(y), _view(grad), _view(grad_x), _NAMES[y.dtype], temperature, log
+        _borrow(y), _borrow(grad), _borrow(grad_x), _NAMES[y.dtype], temperature, log
     )
     return grad_x
 
@@ -67,24 +104,24 @@ def distill(
     if labels is not None:
         ce_loss = torch.empty(rows, dtype=torch.float32)
         hard = {
-            "labels": labels.to(torch.int64).contiguous().numpy(),
-            "ce_weight": ce_weight.to(torch.float32).contiguous().numpy(),
-            "ce_loss": ce_loss.numpy(),
+            "labels": _borrow(labels.to(torch.int64).contiguous()),
+            "ce_weight": _borrow(ce_weight.to(torch.float32).contiguous()),
+            "ce_loss": _borrow(ce_loss),
         }
     gs = _memory.empty_like(student) if grad_student else None
     gt = _memory.empty_like(teacher) if grad_teacher else None
     _native.distill(
-        _view(student),
+        _borrow(student),
         _NAMES[student.dtype],
-        _view(teacher),
+        _borrow(teacher),
         _NAMES[teacher.dtype],
         divergence,
         beta,
         temperature,
-        _view(weight.contiguous()),
-        _view(loss),
-        grad_student=None if gs is None else _view(gs),
-        grad_teacher=None if gt is None else _view(gt),
+        _borrow(weight.contiguous()),
+        _borrow(loss),
+        grad_student=None if gs is None else _borrow(gs),
+        grad_teacher=None if gt is None else _borrow(gt),
         **hard,
     )
     if gs is not None and grad_dtype is not None and grad_dtype != gs.dtype:
@@ -107,15 +144,15 @@ def sparse_kl(
     loss = torch.empty(student.shape[0], dtype=torch.float32)
     grad = _memory.empty_like(student) if grad_student else None
     _native.sparse_kl(
-        _view(student),
+        _borrow(student),
         _NAMES[student.dtype],
-        teacher_ids.to(torch.int64).contiguous().numpy(),
-        teacher_logprobs.detach().to(torch.float32).contiguous().numpy(),
+        _borrow(teacher_ids.to(torch.int64).contiguous()),
+        _borrow(teacher_logprobs.detach().to(torch.float32).contiguous()),
         teacher_temperature,
         temperature,
         tail,
-        _view(weight.to(torch.float32).contiguous()),
-        _view(loss),
-        None if grad is None else _view(grad),
+        _borrow(weight.to(torch.float32).contiguous()),
+        _borrow(loss),
+        None if grad is None else _borrow(grad),
     )
     return loss, grad

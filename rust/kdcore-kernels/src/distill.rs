@@ -32,8 +32,8 @@ use crate::rows::{
     row_max, run_blocks, runs, shift, split_rows, store, wide_sum, widen_into, Blocking, PaddedRow,
     Wide, RUN,
 };
+use crate::simd::simd_dispatch;
 use crate::simd::{exp_nonpos_lanes, softplus_shared, Arch, SimdLevel, LANES};
-use crate::simd_dispatch;
 use crate::softmax::check_shape;
 
 /// Which divergence between teacher P and student Q.
@@ -672,6 +672,20 @@ pub fn distill<S: Element, T: Element>(
             });
         }
     }
+    // Read once: rows are skipped and classes indexed by exactly the labels
+    // and CE weights validated below, whatever another thread writes into
+    // the caller's arrays meanwhile.
+    let owned = hard
+        .as_ref()
+        .map(|h| (h.labels.to_vec(), h.weight.to_vec()));
+    let hard = match (hard, owned.as_ref()) {
+        (Some(h), Some((labels, weight))) => Some(HardLabels {
+            labels,
+            weight,
+            loss: h.loss,
+        }),
+        _ => None,
+    };
     if let Some(h) = hard.as_ref() {
         check_len("labels", h.labels.len(), rows)?;
         check_len("ce_weight", h.weight.len(), rows)?;
@@ -723,9 +737,11 @@ pub fn distill<S: Element, T: Element>(
     run_blocks(items, |_, (((((sb, tb), (wb, lb)), hb), gs), gt)| {
         // Taken here, outside the SIMD-compiled body: closures inside it would
         // not inherit its target features.
+        // Taken out for the block, put back after it: a panic drops it.
         SCRATCH.with(|cell| {
-            let buf = &mut cell.borrow_mut();
-            distill_block_at(level, sb, tb, cols, plan, wb, lb, hb, gs, gt, buf)
+            let mut buf = cell.take();
+            distill_block_at(level, sb, tb, cols, plan, wb, lb, hb, gs, gt, &mut buf);
+            cell.replace(buf);
         })
     });
     Ok(())

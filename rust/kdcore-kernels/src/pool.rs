@@ -5,8 +5,13 @@
 //! this process may run on. Fork-safe: a forked child (a DataLoader worker,
 //! say) inherits the pool's bookkeeping but not its threads, so the pool
 //! remembers the pid that built it and a different pid builds a fresh one.
+//! Fork handlers (`pthread_atfork`) take the pool's lock before a fork and
+//! release it after, in parent and child, so a child never inherits the lock
+//! held by a thread that does not exist there.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+#[cfg(unix)]
+use std::cell::RefCell;
+use std::sync::{Arc, Mutex, MutexGuard, Once};
 
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
@@ -21,10 +26,58 @@ struct PoolState {
 static POOL: Mutex<Option<PoolState>> = Mutex::new(None);
 
 fn lock() -> MutexGuard<'static, Option<PoolState>> {
+    static FORK_HANDLERS: Once = Once::new();
+    FORK_HANDLERS.call_once(register_fork_handlers);
+    lock_unregistered()
+}
+
+fn lock_unregistered() -> MutexGuard<'static, Option<PoolState>> {
     // A panic while holding the lock cannot leave the state half-written
     // (it is replaced whole), so a poisoned lock is still usable.
     POOL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
+
+#[cfg(unix)]
+thread_local! {
+    /// The pool's lock, held by the forking thread from just before a fork
+    /// until just after it (in the parent, and in the child, whose only
+    /// thread is a copy of the forking one).
+    static HELD_ACROSS_FORK: RefCell<Option<MutexGuard<'static, Option<PoolState>>>> =
+        const { RefCell::new(None) };
+}
+
+#[cfg(unix)]
+extern "C" fn before_fork() {
+    let guard = lock_unregistered();
+    let _ = HELD_ACROSS_FORK.try_with(|held| *held.borrow_mut() = Some(guard));
+}
+
+#[cfg(unix)]
+extern "C" fn after_fork() {
+    let _ = HELD_ACROSS_FORK.try_with(|held| drop(held.borrow_mut().take()));
+}
+
+#[cfg(unix)]
+fn register_fork_handlers() {
+    extern "C" {
+        fn pthread_atfork(
+            prepare: Option<extern "C" fn()>,
+            parent: Option<extern "C" fn()>,
+            child: Option<extern "C" fn()>,
+        ) -> std::os::raw::c_int;
+    }
+    // SAFETY: `pthread_atfork` is the POSIX function of this signature
+    // (libc, which std links on every unix target). The handlers are plain
+    // `extern "C"` functions that never unwind: taking a lock that is
+    // recovered from poisoning, and storing or dropping its guard in a
+    // thread-local accessed with `try_with`.
+    unsafe {
+        pthread_atfork(Some(before_fork), Some(after_fork), Some(after_fork));
+    }
+}
+
+#[cfg(not(unix))]
+fn register_fork_handlers() {}
 
 /// Thread count from `KDCORE_NUM_THREADS`, else the CPUs available to us.
 pub fn default_num_threads() -> usize {

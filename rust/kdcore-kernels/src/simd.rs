@@ -14,9 +14,27 @@ pub const LANES: usize = 32;
 /// One chunk of a row, widened to f32.
 pub type Lanes = [f32; LANES];
 
-/// The instruction sets a kernel can be compiled for.
+/// An instruction set this CPU runs, as a token: only run-time detection
+/// ([`SimdLevel::detect`], [`SimdLevel::available`]) and the always-safe
+/// [`SimdLevel::portable`] make one, so safe code cannot select AVX-512 on a
+/// CPU without it.
+///
+/// Neither naming a level nor dispatching by hand compiles outside the crate:
+///
+/// ```compile_fail
+/// let _forged = kdcore_kernels::SimdLevel::Avx512;
+/// ```
+///
+/// ```compile_fail
+/// fn body<A: kdcore_kernels::simd::Arch>(_x: &[f32]) {}
+/// kdcore_kernels::simd_dispatch!(fn forged<>(x: &[f32]) => body);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SimdLevel {
+pub struct SimdLevel(Isa);
+
+/// The instruction sets a kernel can be compiled for (private: see [`SimdLevel`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
     Avx512,
     Avx2Fma,
     Portable,
@@ -35,21 +53,31 @@ impl SimdLevel {
         #[cfg(target_arch = "x86_64")]
         {
             if avx512_supported() {
-                levels.push(SimdLevel::Avx512);
+                levels.push(SimdLevel(Isa::Avx512));
             }
             if avx2_supported() {
-                levels.push(SimdLevel::Avx2Fma);
+                levels.push(SimdLevel(Isa::Avx2Fma));
             }
         }
-        levels.push(SimdLevel::Portable);
+        levels.push(SimdLevel::portable());
         levels
     }
 
+    /// The baseline every CPU of the target runs (SSE2 on x86-64, NEON on aarch64).
+    pub fn portable() -> SimdLevel {
+        SimdLevel(Isa::Portable)
+    }
+
+    /// The instruction set (what `simd_dispatch!` matches on).
+    pub(crate) fn isa(self) -> Isa {
+        self.0
+    }
+
     pub fn name(self) -> &'static str {
-        match self {
-            SimdLevel::Avx512 => "avx512",
-            SimdLevel::Avx2Fma => "avx2+fma",
-            SimdLevel::Portable => {
+        match self.0 {
+            Isa::Avx512 => "avx512",
+            Isa::Avx2Fma => "avx2+fma",
+            Isa::Portable => {
                 if cfg!(target_arch = "aarch64") {
                     "neon"
                 } else {
@@ -243,8 +271,9 @@ pub fn exp_lanes<A: Arch>(x: &Lanes) -> Lanes {
 ///
 /// `simd_dispatch!(pub(crate) fn name<G: Bound, ..>(args..) -> Ret => body_fn);`
 /// defines `name(level, args..)`, which calls `body_fn::<Arch, G..>(args..)`.
-#[macro_export]
-#[doc(hidden)]
+///
+/// Private to the crate: the `unsafe` calls below are sound only because a
+/// [`SimdLevel`] comes from detection, which code outside cannot bypass.
 macro_rules! simd_dispatch {
     ($vis:vis fn $name:ident<$($gen:ident: $bound:path),*>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? => $body:ident) => {
         #[allow(clippy::too_many_arguments)]
@@ -261,20 +290,22 @@ macro_rules! simd_dispatch {
             unsafe fn avx2<$($gen: $bound),*>($($arg: $ty),*) $(-> $ret)? {
                 $body::<$crate::simd::Fused, $($gen),*>($($arg),*)
             }
-            match level {
+            match level.isa() {
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: `SimdLevel::Avx512` is only produced after run-time
-                // detection of avx512f/bw/vl, avx2, fma and f16c.
-                $crate::simd::SimdLevel::Avx512 => unsafe { avx512::<$($gen),*>($($arg),*) },
+                // SAFETY: a `SimdLevel` holding `Isa::Avx512` is only made by
+                // `SimdLevel::available` after run-time detection of
+                // avx512f/bw/vl, avx2, fma and f16c (its field is private).
+                $crate::simd::Isa::Avx512 => unsafe { avx512::<$($gen),*>($($arg),*) },
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: `SimdLevel::Avx2Fma` is only produced after run-time
-                // detection of avx2, fma and f16c.
-                $crate::simd::SimdLevel::Avx2Fma => unsafe { avx2::<$($gen),*>($($arg),*) },
+                // SAFETY: likewise, `Isa::Avx2Fma` only after detection of
+                // avx2, fma and f16c.
+                $crate::simd::Isa::Avx2Fma => unsafe { avx2::<$($gen),*>($($arg),*) },
                 _ => $body::<$crate::simd::Baseline, $($gen),*>($($arg),*),
             }
         }
     };
 }
+pub(crate) use simd_dispatch;
 
 #[inline(always)]
 fn exp_slice_body<A: Arch>(xs: &[f32], out: &mut [f32]) {

@@ -9,8 +9,8 @@ use crate::rows::{
     add_into, row_max, run_blocks, runs, shift, store, wide_sum, widen, widen_into, Blocking,
     PaddedRow, Wide,
 };
+use crate::simd::simd_dispatch;
 use crate::simd::{exp_lanes, exp_nonpos_lanes, madd, Arch, SimdLevel, LANES};
-use crate::simd_dispatch;
 
 /// Which of the two normalisations to compute.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -28,8 +28,8 @@ use crate::rows::{
     row_max, run_blocks, runs, shift, split_rows, store, wide_sum, widen_into, Blocking, PaddedRow,
     Wide,
 };
+use crate::simd::simd_dispatch;
 use crate::simd::{exp_nonpos_lanes, Arch, SimdLevel, LANES};
-use crate::simd_dispatch;
 use crate::softmax::check_shape;
 
 /// How the teacher's probability mass outside its top-k is handled.
@@ -320,7 +320,16 @@ pub fn sparse_kl<S: Element>(
     }
     let inv_t = inverse_temperature(temperature)?;
     let inv_t0 = inverse_temperature(teacher.temperature)?;
-    check_teacher(&teacher, weight, cols)?;
+    // Read once: the kernel indexes with exactly the ids (and skips exactly
+    // the rows) it validated, whatever another thread writes into the
+    // caller's arrays meanwhile.
+    let ids = teacher.ids.to_vec();
+    let weight = weight.to_vec();
+    let teacher = SparseTeacher {
+        ids: &ids,
+        ..teacher
+    };
+    check_teacher(&teacher, &weight, cols)?;
     if rows == 0 {
         return Ok(());
     }
@@ -346,11 +355,28 @@ pub fn sparse_kl<S: Element>(
     run_blocks(items, |_, (((sb, (ib, lb)), (wb, ob)), gb)| {
         // Taken here, outside the SIMD-compiled body: closures inside it would
         // not inherit its target features.
+        // The scratch is taken out for the block and put back only after it:
+        // a panic drops it (with half-written marks) instead of leaving it
+        // dirty for every later call on this thread.
         SCRATCH.with(|cell| {
-            let (exps, outside) = &mut *cell.borrow_mut();
+            let (mut exps, mut outside) = cell.take();
             sparse_block_at(
-                level, sb, cols, ib, lb, k, inv_t, ratio, tail, wb, ob, gb, exps, outside,
-            )
+                level,
+                sb,
+                cols,
+                ib,
+                lb,
+                k,
+                inv_t,
+                ratio,
+                tail,
+                wb,
+                ob,
+                gb,
+                &mut exps,
+                &mut outside,
+            );
+            cell.replace((exps, outside));
         })
     });
     Ok(())

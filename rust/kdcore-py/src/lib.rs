@@ -1,8 +1,14 @@
 //! `kdcore._native`: the thin Python binding of `kdcore-kernels`.
 //!
 //! It only validates arguments, views numpy buffers as typed slices, and
-//! releases the GIL around kernel calls. 16-bit tensors arrive as `int16`
-//! views (numpy has no bfloat16) together with the name of their real dtype.
+//! runs the kernels. 16-bit tensors arrive as `int16` views (numpy has no
+//! bfloat16) together with the name of their real dtype.
+//!
+//! The GIL stays held while a kernel reads memory Python owns: a Python
+//! thread could otherwise move an input's storage under the kernel
+//! (`share_memory_()` copies it to shared memory and frees the old pages).
+//! The kernel itself runs on kdcore's own pool, which never touches Python.
+//! A kernel panic becomes a `RuntimeError` (see [`run_kernel`]).
 
 mod arrays;
 
@@ -19,6 +25,28 @@ fn to_py(err: KernelError) -> PyErr {
     PyValueError::new_err(err.to_string())
 }
 
+/// Runs a kernel call, turning a panic (a bug, or memory changed by another
+/// thread during the call) into a `RuntimeError` rather than pyo3's
+/// `PanicException`, which `except Exception` does not catch. The kernels
+/// keep no state a panic could leave half-written (their scratch buffers are
+/// dropped on unwind), so later calls are unaffected.
+fn run_kernel(call: impl FnOnce() -> Result<(), KernelError>) -> PyResult<()> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)) {
+        Ok(result) => result.map_err(to_py),
+        Err(payload) => {
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_string());
+            Err(PyRuntimeError::new_err(format!(
+                "kdcore kernel failed ({what}); the outputs of this call are invalid. \
+                 Was an input changed by another thread during the call?"
+            )))
+        }
+    }
+}
+
 fn kind(log: bool) -> SoftmaxKind {
     if log {
         SoftmaxKind::LogSoftmax
@@ -31,7 +59,6 @@ fn kind(log: bool) -> SoftmaxKind {
 #[pyfunction]
 #[pyo3(signature = (x, out, dtype, temperature, log))]
 fn softmax(
-    py: Python<'_>,
     x: &Bound<'_, PyAny>,
     out: &Bound<'_, PyAny>,
     dtype: &str,
@@ -45,8 +72,7 @@ fn softmax(
     let (xs, os) = (x.slice()?, out.slice()?);
     with_input!(xs, |xv| {
         let ov = typed_like(xv, os)?;
-        py.detach(|| kernels::softmax(xv, rows, cols, temperature, kind(log), ov))
-            .map_err(to_py)
+        run_kernel(|| kernels::softmax(xv, rows, cols, temperature, kind(log), ov))
     })
 }
 
@@ -54,7 +80,6 @@ fn softmax(
 #[pyfunction]
 #[pyo3(signature = (y, grad_y, grad_x, dtype, temperature, log))]
 fn softmax_backward(
-    py: Python<'_>,
     y: &Bound<'_, PyAny>,
     grad_y: &Bound<'_, PyAny>,
     grad_x: &Bound<'_, PyAny>,
@@ -72,8 +97,7 @@ fn softmax_backward(
     with_input!(ys, |yv| {
         let gv = typed_input_like(yv, gs)?;
         let dv = typed_like(yv, ds)?;
-        py.detach(|| kernels::softmax_backward(yv, gv, rows, cols, temperature, kind(log), dv))
-            .map_err(to_py)
+        run_kernel(|| kernels::softmax_backward(yv, gv, rows, cols, temperature, kind(log), dv))
     })
 }
 
@@ -100,7 +124,6 @@ fn divergence(name: &str, beta: f64) -> PyResult<Divergence> {
 ))]
 #[allow(clippy::too_many_arguments)]
 fn distill(
-    py: Python<'_>,
     student: &Bound<'_, PyAny>,
     student_dtype: &str,
     teacher: &Bound<'_, PyAny>,
@@ -154,7 +177,7 @@ fn distill(
             student: gss.map(|g| typed_like(sv, g)).transpose()?,
             teacher: gts.map(|g| typed_like(tv, g)).transpose()?,
         };
-        py.detach(|| {
+        run_kernel(|| {
             kernels::distill(
                 sv,
                 tv,
@@ -168,7 +191,6 @@ fn distill(
                 grads,
             )
         })
-        .map_err(to_py)
     }))
 }
 
@@ -181,7 +203,6 @@ fn distill(
 ))]
 #[allow(clippy::too_many_arguments)]
 fn sparse_kl(
-    py: Python<'_>,
     student: &Bound<'_, PyAny>,
     student_dtype: &str,
     teacher_ids: PyReadonlyArray2<'_, i64>,
@@ -232,10 +253,9 @@ fn sparse_kl(
     let gs = g.as_mut().map(|g| g.slice()).transpose()?;
     with_input!(ss, |sv| {
         let gv = gs.map(|g| typed_like(sv, g)).transpose()?;
-        py.detach(|| {
+        run_kernel(|| {
             kernels::sparse_kl(sv, rows, cols, teacher, temperature, tail, weight, loss, gv)
         })
-        .map_err(to_py)
     })
 }
 
