@@ -8,6 +8,8 @@ from collections.abc import Mapping
 
 import torch
 
+from . import _modes
+
 
 class Span(enum.IntEnum):
     """What a token of an agent trajectory is; any small integer id also works."""
@@ -104,7 +106,7 @@ def prepare(
         raise ValueError(f"normalize must be 'span' or 'token'; got {normalize!r}")
     weights = validate_weights(span_weights)
     spans = validate_spans(spans, lead, like)
-    if not torch.compiler.is_compiling():
+    if _modes.inspectable(spans, like):
         check_ids_have_weights(spans, weights)
     return spans, weights
 
