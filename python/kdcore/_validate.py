@@ -133,3 +133,54 @@ def mask(value: object, lead: torch.Size, like: torch.Tensor) -> torch.Tensor:
             seen = value[bad][:5].tolist()
             raise ValueError(f"a float mask holds per-token weights >= 0 and finite; got {seen}")
     return value
+
+
+def _ignore_index(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"ignore_index must be an int, got {type(value).__name__}")
+    return value
+
+
+def _choice(name: str, choices: tuple[str, ...]):
+    def check(value: object) -> str:
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        return str(value)
+
+    return check
+
+
+def loss_options(**options: object) -> None:
+    """Checks a loss's scalar arguments once, where they are fixed (the ``kdcore.nn``
+    modules, ``Distiller``), rather than at the first batch after minutes of work.
+
+    Every keyword is checked as the functional losses check it; unknown names
+    are not checked.
+    """
+    from . import spans
+    from .ops.distillation import _alpha
+    from .ops.fused import DIVERGENCES
+    from .ops.kl import beta_value
+    from .ops.sparse import TAILS
+
+    checks = {
+        "temperature": temperature,
+        "teacher_temperature": temperature,
+        "reduction": reduction,
+        "alpha": _alpha,
+        "beta": beta_value,
+        "divergence": _choice("divergence", DIVERGENCES),
+        "normalize": _choice("normalize", spans.NORMALIZE),
+        "tail": _choice("tail", TAILS),
+        "span_weights": spans.validate_weights,
+        "ignore_index": _ignore_index,
+    }
+    for name, value in options.items():
+        check = checks.get(name)
+        if check is None:
+            continue
+        try:
+            check(value)
+        except (TypeError, ValueError) as exc:
+            message = str(exc)
+            raise type(exc)(message if name in message else f"{name}: {message}") from None
