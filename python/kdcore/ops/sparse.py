@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import _dispatch, _modes, _topk, _validate, _weights, reference
@@ -112,6 +114,16 @@ def _validate_teacher(ids, logprobs, student, active=None):
     return logprobs.clamp_max(0.0)
 
 
+def _unread_rows_neutral(ids, logprobs, weight, vocab: int):
+    """Rows of weight 0 get in-range ids and finite log-probs: the reference indexes
+    every row (an id out of range would raise there, a NaN would reach the gradient)."""
+    read = (weight != 0).reshape(ids.shape[:-1])[..., None]
+    k = ids.shape[-1]
+    neutral_ids = torch.arange(k, device=ids.device).remainder(vocab).to(ids.dtype)
+    neutral_lps = torch.full((), -math.log(k + 1), dtype=logprobs.dtype, device=logprobs.device)
+    return torch.where(read, ids, neutral_ids), torch.where(read, logprobs, neutral_lps)
+
+
 def _check_renormalizable(logprobs: torch.Tensor, active: torch.Tensor, tail: str) -> None:
     """tail="renormalize" divides by the top-k mass: a read row needs some."""
     if tail != "renormalize":
@@ -191,6 +203,7 @@ def sparse_kl_loss(
         _check_renormalizable(lps, active, tail)
     if backend == "torch":
         wide = _dispatch.reference_dtype(student.device)
+        teacher_ids, logprobs = _unread_rows_neutral(teacher_ids, logprobs, weight, vocab)
         loss = reference.sparse_kl_loss(
             student.to(wide), teacher_ids, logprobs.to(wide), temperature=t,
             teacher_temperature=t0, tail=tail, labels=labels, ignore_index=ignore_index,

@@ -8,6 +8,7 @@ import math
 import os
 import pickle
 import struct
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ _UNREADABLE = (
     KeyError,
     IndexError,
     struct.error,
+    OSError,
 )
 
 
@@ -123,7 +125,12 @@ def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     remove_stale_temps(path)
-    verify_checkpoint(path)
+    if not verify_checkpoint(path):
+        warnings.warn(
+            f"checkpoint {path} carries no checksum (written by kdcore 0.1 or by plain "
+            "torch.save, or bytes were appended to it): it loads unverified",
+            stacklevel=2,
+        )
     try:
         # Optimizer and RNG states are plain containers of tensors and numbers.
         obj = torch.load(path, map_location=map_location, weights_only=True)
