@@ -105,6 +105,11 @@ def test_torch_func_grad_vmap_jacrev_run_the_reference():
         [torch_kl(s[i : i + 1].double(), t[i : i + 1].double()) for i in range(4)]
     )
     torch.testing.assert_close(per_row.double(), want_rows, rtol=1e-5, atol=1e-7)
+    h, w = logits(8, 4, 5), logits(9, V, 5)
+    h64 = h.double().requires_grad_()
+    (want_h,) = torch.autograd.grad(torch_kl(h64 @ w.double().T, t.double()), h64)
+    got_h = grad(lambda x: kdcore.fused_linear_distillation_loss(x, w, teacher_logits=t))(h)
+    torch.testing.assert_close(got_h.double(), want_h, rtol=1e-5, atol=1e-7)
     jac = jacrev(lambda x: kdcore.softmax(x))(s[0])
     want_jac = torch.autograd.functional.jacobian(lambda x: torch.softmax(x, -1), s[0].double())
     torch.testing.assert_close(jac.double(), want_jac, rtol=1e-5, atol=1e-7)
@@ -125,6 +130,12 @@ def test_meta_tensors_give_shapes():
         kdcore.sparse_kl_loss(s, ids, lps, labels=labels),
     ):
         assert out.shape == () and out.device.type == "meta" and out.dtype == torch.float32
+    h = torch.empty(6, 5, device="meta", requires_grad=True)
+    w = torch.empty(V, 5, device="meta", requires_grad=True)
+    fused = kdcore.fused_linear_distillation_loss(h, w, teacher_logits=t.reshape(6, V))
+    assert fused.shape == () and fused.device.type == "meta"
+    fused.backward()
+    assert h.grad.shape == h.shape and w.grad.shape == w.shape
     assert kdcore.kl_loss(s, t, reduction="none").shape == (2, 3)
     assert kdcore.log_softmax(s, 2.0).shape == s.shape
     s64 = torch.empty(2, 3, V, device="meta", dtype=torch.float64)
