@@ -182,5 +182,4 @@ def loss_options(**options: object) -> None:
         try:
             check(value)
         except (TypeError, ValueError) as exc:
-            message = str(exc)
-            raise type(exc)(message if name in message else f"{name}: {message}") from None
+            raise type(exc)(f"{name}: {exc}") from None
