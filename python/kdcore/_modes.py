@@ -42,6 +42,15 @@ def inspectable(*tensors: torch.Tensor) -> bool:
     return not any_meta(*tensors) and not functorch_active(*tensors)
 
 
+def readable(value: torch.Tensor) -> bool:
+    """Whether one tensor's value can be read (``.item()``): eager, real data, and
+    not itself carried by a torch.func transform."""
+    if torch.compiler.is_compiling() or value.device.type == "meta":
+        return False
+    functorch = getattr(torch._C, "_functorch", None)
+    return functorch is None or not functorch.is_functorch_wrapped_tensor(value)
+
+
 def backend(*tensors: torch.Tensor) -> str:
     """``_dispatch.select``, except ``"torch"`` (the reference) under a torch.func
     transform and ``"meta"`` for meta tensors (the registered ops' fake kernels)."""

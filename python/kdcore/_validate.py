@@ -63,7 +63,7 @@ def temperature(value: object) -> float:
                 "temperature is a tensor that requires grad, but kdcore's losses take T as a "
                 "constant (no gradient w.r.t. T); pass a float or temperature.detach()"
             )
-        if not _modes.inspectable(value):
+        if not _modes.readable(value):
             raise TypeError(
                 "temperature must be a Python float under torch.compile, torch.func transforms "
                 "and for meta tensors (a tensor's value cannot be read there)"

@@ -216,7 +216,18 @@ def test_temperature_tensor_that_requires_grad_is_refused():
     for fn in (kdcore.kl_loss, kdcore.jsd_loss):
         with pytest.raises(ValueError, match="requires grad"):
             fn(s, s, temperature=temperature)
-    # A constant tensor is still a temperature.
+    # A value that cannot be read (a meta tensor, one traced by torch.compile) is refused.
+    with pytest.raises(TypeError, match="must be a Python float"):
+        kdcore.kl_loss(s, s, temperature=torch.tensor(2.0, device="meta"))
+    # A constant tensor is still a temperature, also under a torch.func transform.
+    from torch.func import grad
+
+    t = logits(18)
+    two = torch.tensor(2.0)
+    got = grad(lambda x: kdcore.kl_loss(x, t, temperature=two))(s)
+    s64 = s.double().requires_grad_()
+    (want,) = torch.autograd.grad(torch_kl(s64, t.double(), 2.0), s64)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
     got = kdcore.kl_loss(s, logits(18), temperature=torch.tensor(2.0))
     assert got.item() == pytest.approx(torch_kl(s.double(), logits(18).double(), 2.0).item(), 1e-5)
 
