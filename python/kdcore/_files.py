@@ -39,7 +39,9 @@ def _create_temp(directory: str, basename: str) -> tuple[int, str]:
         except FileExistsError:
             continue
         if fcntl is not None:  # released by the kernel when the writer dies
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # (A file system without locks: the file then never looks stale.)
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return fd, tmp
     raise FileExistsError(f"no free temporary name for {basename!r} in {directory!r}")
 
