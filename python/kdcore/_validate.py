@@ -110,6 +110,11 @@ def labels(value: object, lead: torch.Size, like: torch.Tensor) -> torch.Tensor:
             f"labels must have the logits' leading shape {tuple(lead)}, got {tuple(value.shape)}"
         )
     same_device("labels", value, like)
+    return comparable_labels(value)
+
+
+def comparable_labels(value: torch.Tensor) -> torch.Tensor:
+    """Unsigned integer labels as int64, so ``== ignore_index`` compares values."""
     return value.long() if value.dtype in _EXACT_IN_INT64 else value
 
 

@@ -162,6 +162,20 @@ def test_unsigned_and_narrow_labels_are_exact(dtype):
     assert got_kl.item() == pytest.approx(torch_kl(s.double(), t.double()).item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["token", "sft"])
+def test_objective_uses_uint8_labels_exactly(mode):
+    from kdcore.train import Objective
+
+    s, t = logits(30, 3, 200).reshape(1, 3, 200), logits(31, 3, 200).reshape(1, 3, 200)
+    labels = torch.tensor([[0, 156, 7]])  # aligned with input_ids: rows 0, 1 score 156, 7
+    objective = Objective(mode=mode, alpha=1.0)
+    want, _ = objective(s, t, {"labels": labels})
+    got, _ = objective(s, t, {"labels": labels.to(torch.uint8)})
+    ce = torch.nn.functional.cross_entropy(s[0, :2].double(), torch.tensor([156, 7]))
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    assert got.item() == pytest.approx(ce.item(), rel=1e-5)
+
+
 def test_uint64_labels_are_refused():
     s = logits(10)
     with pytest.raises(TypeError, match="uint64"):
@@ -267,7 +281,8 @@ class Tiny(nn.Module):
 def distiller(tmp_path, **kwargs) -> Distiller:
     model = Tiny()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    return Distiller(model, Tiny(), opt, loss="token", checkpoint_dir=tmp_path, **kwargs)
+    kwargs.setdefault("loss", "token")
+    return Distiller(model, Tiny(), opt, checkpoint_dir=tmp_path, **kwargs)
 
 
 def batch(rows: int = 2) -> dict:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import _validate
 from ..spans import Span
 from .io import CheckpointError, JsonlLog, atomic_save, load_checkpoint
 from .objective import LossFn, Objective
@@ -239,7 +240,8 @@ class Distiller:
                 "the optimizer was not stepped"
             )
         (loss / self.grad_accum_steps).backward()
-        tokens = int((batch["labels"][:, 1:] != self.objective.ignore_index).sum())
+        labels = _validate.comparable_labels(batch["labels"][:, 1:])
+        tokens = int((labels != self.objective.ignore_index).sum())
         self.state.micro += 1
         self.state.tokens += tokens
         self._pending += 1

@@ -88,7 +88,7 @@ class Objective:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss and detached components for full (unshifted) logits."""
         student = logits[:, :-1]
-        labels = batch["labels"][:, 1:]
+        labels = _validate.comparable_labels(batch["labels"][:, 1:])
         if teacher is not None:
             teacher = teacher[:, :-1]
         elif self.mode in ("token", "span") and self.alpha == 1.0:
