@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from . import _modes
+
 
 def row_weights(
     student: torch.Tensor,
@@ -31,13 +33,41 @@ def row_weights(
         rows = student.numel() // student.shape[-1]
         value = scale / rows if reduction == "mean" and rows else scale
         return torch.full((rows,), value, dtype=dtype, device=student.device)
-    weight = torch.ones(lead, dtype=dtype, device=student.device)
+    # A float64 mask is normalised in float64: weights of 1e-300 or 1e39 are
+    # fine relative to each other but leave float32 before the division.
+    wide = torch.float64 if mask is not None and mask.dtype == torch.float64 else dtype
+    weight = torch.ones(lead, dtype=wide, device=student.device)
     if labels is not None:
-        weight = weight * (labels != ignore_index).to(dtype)
+        weight = weight * (labels != ignore_index).to(wide)
     if mask is not None:
-        weight = weight * mask.detach().to(dtype)
+        weight = weight * _checked_mask(mask).to(wide)
     weight = weight.reshape(-1)
     if reduction == "mean":
         total = weight.sum()
         weight = weight / torch.where(total != 0, total, torch.ones_like(total))
-    return weight * scale if scale != 1.0 else weight
+    if scale != 1.0:
+        weight = weight * scale
+    if wide != dtype and _modes.inspectable(weight):
+        _check_fits(weight, dtype)
+    return weight.to(dtype)
+
+
+def _checked_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The mask, detached. Where its values cannot be checked (torch.compile, torch.func,
+    meta), negative or infinite weights become NaN, so the loss is NaN rather than a
+    plausible number (eager mode raises on them in ``_validate.mask``)."""
+    mask = mask.detach()
+    if not mask.is_floating_point() or _modes.inspectable(mask):
+        return mask
+    bad = (mask < 0) | torch.isinf(mask)
+    return torch.where(bad, torch.full_like(mask, float("nan")), mask)
+
+
+def _check_fits(weight: torch.Tensor, dtype: torch.dtype) -> None:
+    limit = torch.finfo(dtype).max
+    if bool((weight > limit).any()):
+        raise ValueError(
+            f"mask weights give row weights up to {float(weight.max()):g}, beyond {dtype}'s "
+            f"range ({limit:g}) in which the loss is computed; scale the mask down or use "
+            "reduction='mean'"
+        )

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
+from . import _validate
 from .ops.distillation import distillation_loss
 from .ops.kl import jsd_loss, kl_loss, tvd_loss
 from .ops.span import span_loss
@@ -19,6 +20,7 @@ class _DivergenceLoss(torch.nn.Module):
 
     def __init__(self, **options) -> None:
         super().__init__()
+        _validate.loss_options(**options)
         self.options = options
 
     def forward(self, student_logits, teacher_logits, labels=None, mask=None):
@@ -70,6 +72,9 @@ class KLLoss(torch.nn.Module):
         scale_t2: bool = True,
     ) -> None:
         super().__init__()
+        _validate.loss_options(
+            temperature=temperature, ignore_index=ignore_index, reduction=reduction
+        )
         self.temperature = temperature
         self.reverse = reverse
         self.ignore_index = ignore_index
@@ -121,6 +126,13 @@ class SpanLoss(torch.nn.Module):
         return_components: bool = False,
     ) -> None:
         super().__init__()
+        _validate.loss_options(
+            span_weights=span_weights,
+            divergence=divergence,
+            beta=beta,
+            temperature=temperature,
+            normalize=normalize,
+        )
         self.span_weights = None if span_weights is None else dict(span_weights)
         self.divergence = divergence
         self.beta = beta
@@ -179,6 +191,7 @@ class DistillationLoss(torch.nn.Module):
             normalize=normalize, reduction=reduction, scale_t2=scale_t2,
             return_components=return_components,
         )  # fmt: skip
+        _validate.loss_options(**self.options)
 
     def forward(self, student_logits, teacher_logits, labels, spans=None):
         return distillation_loss(
@@ -210,6 +223,7 @@ class SparseKLLoss(torch.nn.Module):
             temperature=temperature, teacher_temperature=teacher_temperature, tail=tail,
             ignore_index=ignore_index, reduction=reduction, scale_t2=scale_t2,
         )  # fmt: skip
+        _validate.loss_options(**self.options)
 
     def forward(self, student_logits, teacher_ids, teacher_logprobs, labels=None, mask=None):
         return sparse_kl_loss(

@@ -141,7 +141,8 @@ def reduce_rows(
         return weighted.sum()
     if reduction in ("mean", "batchmean"):
         total = weight.sum()
-        return weighted.sum() / total if total != 0 else weighted.sum() * 0.0
+        # torch.where, not a Python branch: meta tensors and vmap have no values to branch on.
+        return weighted.sum() / torch.where(total != 0, total, torch.ones_like(total))
     raise ValueError(f"unknown reduction {reduction!r}")
 
 

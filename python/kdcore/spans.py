@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import enum
 import math
+import numbers
+import operator
 from collections.abc import Mapping
 
 import torch
+
+from . import _modes
 
 
 class Span(enum.IntEnum):
@@ -49,14 +53,27 @@ def validate_weights(span_weights: Mapping[int, float] | None) -> dict[int, floa
         raise ValueError("span_weights is empty: give at least one span id a weight")
     out: dict[int, float] = {}
     for key, value in span_weights.items():
-        if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key <= MAX_SPAN_ID:
+        span_id = _integer(key)
+        if span_id is None or not 0 <= span_id <= MAX_SPAN_ID:
             raise ValueError(f"span_weights keys must be ints in [0, {MAX_SPAN_ID}], got {key!r}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"span_weights[{key}] must be a float, got {type(value).__name__}")
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"span_weights[{key}] must be finite and >= 0, got {value}")
-        out[int(key)] = float(value)
+        out[span_id] = float(value)
     return out
+
+
+def _integer(key: object) -> int | None:
+    """``key`` as an int if it is integer-like (int, numpy or 0-d torch integers), else None."""
+    if isinstance(key, bool) or isinstance(key, float):
+        return None
+    if isinstance(key, torch.Tensor) and (key.is_floating_point() or key.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(key)
+    except TypeError:
+        return None
 
 
 def validate_spans(spans: object, lead: torch.Size, like: torch.Tensor) -> torch.Tensor:
@@ -104,7 +121,7 @@ def prepare(
         raise ValueError(f"normalize must be 'span' or 'token'; got {normalize!r}")
     weights = validate_weights(span_weights)
     spans = validate_spans(spans, lead, like)
-    if not torch.compiler.is_compiling():
+    if _modes.inspectable(spans, like):
         check_ids_have_weights(spans, weights)
     return spans, weights
 

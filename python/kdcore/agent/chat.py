@@ -4,6 +4,7 @@ Qwen tool tags) rendered with a ChatML-style template, with spans per character.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -206,11 +207,22 @@ def _scan(
     ``(kind, start, end)`` (tags included); unclosed or stray tags raise."""
     out: list[tuple[str | None, int, int]] = []
     pos = start
+    # Next occurrence of each tag at or after pos (-1: none left). Searched again
+    # only once pos passes it, so each tag's searches sweep the content once
+    # (linear; searching every tag from pos at every block was quadratic).
+    ahead: dict[str, int] = {}
+
+    def next_at(tag: str) -> int:
+        i = ahead.get(tag)
+        if i is None or 0 <= i < pos:
+            i = ahead[tag] = content.find(tag, pos)
+        return i
+
     while pos < len(content):
         best: tuple[int, int, str, str, str] | None = None  # index, -len, tag, closer, kind
         for open_tag, close_tag, kind in tags:
             for tag, is_open in ((open_tag, True), (close_tag, False)):
-                i = content.find(tag, pos)
+                i = next_at(tag)
                 if i >= 0 and (best is None or (i, -len(tag)) < (best[0], best[1])):
                     best = (i, -len(tag), tag, close_tag if is_open else "", kind)
         if best is None:
@@ -253,6 +265,11 @@ def _json_object(text: str, where: _Message, what: str, content: str | None, bas
     except _NonFinite as exc:  # Python's json reads them; JSON has no such values
         reason = f"{what} holds {exc}, which is not valid JSON"
         raise where.error(reason, quoted, at, source) from None
+    except RecursionError:  # json recurses once per level of nesting
+        reason = (
+            f"{what} is JSON nested too deeply to read (over ~{sys.getrecursionlimit()} levels)"
+        )
+        raise where.error(reason, quoted, at, source) from None
     if not isinstance(value, dict):
         raise where.error(
             f"{what} must be a JSON object, got {type(value).__name__}", quoted, at, source
@@ -292,6 +309,8 @@ def _call_json(name: str, args: dict, k: int, where: _Message) -> str:
     except ValueError as exc:  # NaN/infinity, or a circular reference
         hint = " (NaN or infinity)" if "float" in str(exc) else ""
         raise where.error(f"{what} cannot be rendered as valid JSON: {exc}{hint}") from None
+    except RecursionError:
+        raise where.error(f"{what} arguments are nested too deeply to render as JSON") from None
     except TypeError as exc:  # a value json cannot serialise (a set, a datetime, ...)
         raise where.error(f"{what} arguments are not JSON-serialisable: {exc}") from None
     if (at := lone_surrogate(call)) is not None:

@@ -3,6 +3,7 @@ offsets out of any supported tokenizer."""
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 from typing import Any
 
@@ -140,13 +141,14 @@ def token_offsets(tokenizer: Any, text: str) -> tuple[list[int], Offsets]:
             f"tokenizer or a tokenizers.Tokenizer, got {type(tokenizer).__name__}"
         )
     try:
-        ids = [int(i) for i in _as_list(ids)]
-        offsets = [(int(a), int(b)) for a, b in _as_list(offsets)]
+        ids = [operator.index(i) for i in _as_list(ids)]
+        pairs = [(a, b) for a, b in _as_list(offsets)]
     except (TypeError, ValueError) as exc:
         raise TypeError(
-            "the tokenizer must return, for one text, a flat list of ids and a list of "
-            "(start, end) character offsets"
+            "the tokenizer must return, for one text, a flat list of integer ids and a list "
+            "of (start, end) character offsets"
         ) from exc
+    offsets = [_offset_pair(pair, k) for k, pair in enumerate(pairs)]
     if len(ids) != len(offsets):
         raise ValueError(f"tokenizer returned {len(ids)} ids but {len(offsets)} offsets")
     n = len(text)
@@ -154,9 +156,31 @@ def token_offsets(tokenizer: Any, text: str) -> tuple[list[int], Offsets]:
         if not 0 <= pair[0] <= pair[1] <= n:
             raise ValueError(
                 f"tokenizer returned offset {pair} for token {k}, outside the text "
-                f"(length {n}); kdcore needs character offsets"
+                f"(length {n}); kdcore needs character offsets" + _byte_hint(text, offsets)
             )
     return ids, offsets
+
+
+def _offset_pair(pair: tuple[Any, Any], k: int) -> tuple[int, int]:
+    """Integer (start, end); a float offset (even 3.0) is refused, never truncated."""
+    try:
+        return operator.index(pair[0]), operator.index(pair[1])
+    except TypeError:
+        raise TypeError(
+            f"tokenizer returned offset {tuple(pair)} for token {k}: offsets must be integer "
+            "character positions"
+        ) from None
+
+
+def _byte_hint(text: str, offsets: Offsets) -> str:
+    """Why offsets overshoot the text, when they look like UTF-8 byte offsets."""
+    n_bytes = len(text.encode("utf-8", "surrogatepass"))
+    if n_bytes != len(text) and max(b for _, b in offsets) <= n_bytes:
+        return (
+            f"; these look like UTF-8 byte offsets (the text is {n_bytes} bytes, "
+            f"{len(text)} characters): convert them to character offsets"
+        )
+    return ""
 
 
 def _as_list(values: Any) -> list:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .. import _dispatch, _validate, reference
+from .. import _dispatch, _modes, _validate, reference
 from .. import spans as _spans
 from .fused import fused_rows, loss_dtype
 from .kl import beta_value, kernel_divergence
@@ -79,7 +79,7 @@ def distillation_loss(
     red = _validate.reduction(reduction)
     lead, vocab = student.shape[:-1], student.shape[-1]
     labels = _validate.labels(labels, lead, student)
-    if not torch.compiler.is_compiling():
+    if _modes.inspectable(student, labels):
         _check_label_range(labels, vocab, ignore_index)
     weights = None
     if spans is not None:
@@ -89,7 +89,7 @@ def distillation_loss(
                    ignore_index=ignore_index, spans=spans, span_weights=weights,
                    normalize=normalize, reduction=red, scale_t2=scale_t2)  # fmt: skip
 
-    if _dispatch.select(student, teacher) == "torch":
+    if _modes.backend(student, teacher) == "torch":
         wide = _dispatch.reference_dtype(student.device)
         dtype = loss_dtype(student, teacher)
         result = reference.distillation_loss(

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import _dispatch
+from .. import _dispatch, _modes
 from ._grad import scale_rows
 
 DIVERGENCES = ("kl", "reverse_kl", "tvd", "jsd")
+OP = "kdcore::distill (kl_loss, jsd_loss, tvd_loss, span_loss, distillation_loss)"
 
 
 def loss_dtype(student: torch.Tensor, teacher: torch.Tensor) -> torch.dtype:
@@ -91,6 +92,7 @@ def _backward(ctx, grad_total, *_):
     # (No in-place scaling here: the saved gradients are also outputs of the op.)
     grad_s = scale_rows(gs, grad_total) if ctx.grad_student else None
     grad_t = scale_rows(gt, grad_total) if ctx.grad_teacher else None
+    grad_s, grad_t = (_modes.first_order_only(g, OP) for g in (grad_s, grad_t))
     return grad_s, grad_t, None, None, None, None, None, None, None, None
 
 
@@ -117,6 +119,7 @@ class _DistillFunction(torch.autograd.Function):
         gs, gt = ctx.saved_tensors
         grad_s = None if gs is None else scale_rows(gs, grad_total, ctx, "student")
         grad_t = None if gt is None else scale_rows(gt, grad_total, ctx, "teacher")
+        grad_s, grad_t = (_modes.first_order_only(g, OP) for g in (grad_s, grad_t))
         return grad_s, grad_t, None, None, None, None, None, None, None
 
 
@@ -153,7 +156,7 @@ def fused_rows(
     vocab = student.shape[-1]
     s2, t2 = student.reshape(-1, vocab), teacher.reshape(-1, vocab)
     labels = None if labels is None else labels.reshape(-1)
-    if not torch.compiler.is_compiling():
+    if not _modes.registered_op(s2):
         loss, div_rows, ce_rows = _DistillFunction.apply(
             s2, t2, weight, temperature, divergence, beta, labels, ce_weight, reduce
         )

@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .. import _dispatch, _validate, reference
+from .. import _dispatch, _modes, _validate, reference
 from .. import spans as _spans
 from ._grad import scale_rows
 from ._linear import addmm32_, logits_fp32, mm32, pad_vocab, tensor_cores
@@ -24,6 +24,7 @@ from .sparse import TAILS, _validate_teacher
 #: the GEMMs to run at speed.
 CHUNK_BUDGET_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
 MIN_CHUNK_ROWS = 64
+OP = "kdcore::fused_linear_distill (fused_linear_distillation_loss)"
 
 
 def _matrix(name: str, x: object, dim: int) -> torch.Tensor:
@@ -174,7 +175,7 @@ class _FusedLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grads = [None if g is None else scale_rows(g, grad_out) for g in ctx.saved_tensors]
-        return (*grads, None)
+        return (*(_modes.first_order_only(g, OP) for g in grads), None)
 
 
 @torch.library.custom_op("kdcore::fused_linear_distill", mutates_args=())
@@ -239,6 +240,7 @@ def _op_setup(ctx, inputs, output) -> None:
 def _op_backward(ctx, grad_loss, *_):
     grads = [scale_rows(g, grad_loss) if want else None
              for g, want in zip(ctx.saved_tensors, ctx.wants, strict=True)]  # fmt: skip
+    grads = [_modes.first_order_only(g, OP) for g in grads]
     return (*grads, *([None] * 20))
 
 
@@ -388,7 +390,7 @@ def fused_linear_distillation_loss(
     vocab = max(vocab_s, vocab_t)
     if labels is not None:
         labels = _validate.labels(labels, lead, h)
-        if not torch.compiler.is_compiling():
+        if _modes.inspectable(labels, h):
             _check_label_range(labels, vocab_s, ignore_index)
     elif a > 0:
         raise ValueError(f"alpha={a} weights a hard-label term: pass labels")
@@ -441,9 +443,9 @@ def fused_linear_distillation_loss(
         None if topk is None else topk[0], None if topk is None else topk[1],
         safe, div_w, ce_w, t, t0, tail, code, beta, vocab, chunk, chunk_over,
     )  # fmt: skip
-    if _dispatch.select(h, w) not in ("rust", "triton"):
+    if _modes.backend(h, w) not in ("rust", "triton", "meta"):
         return _unfused(h2, w, student_bias, problem, divergence)
-    if not torch.compiler.is_compiling():
+    if not _modes.registered_op(h2):
         return _FusedLinearFunction.apply(h2, w, student_bias, problem)
     loss, *_ = fused_linear_op(
         h2, w, student_bias, *(getattr(problem, f.name) for f in fields(problem)),

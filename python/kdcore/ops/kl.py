@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .. import _dispatch, _validate, _weights, reference
+from .. import _dispatch, _modes, _validate, _weights, reference
 from .fused import fused_rows, loss_dtype
 
 
@@ -37,10 +37,10 @@ def divergence_loss(
     red = _validate.reduction(reduction)
     lead = student.shape[:-1]
     if labels is not None:
-        _validate.labels(labels, lead, student)
+        labels = _validate.labels(labels, lead, student)
     if mask is not None:
         _validate.mask(mask, lead, student)
-    if _dispatch.select(student, teacher) == "torch":
+    if _modes.backend(student, teacher) == "torch":
         wide = _dispatch.reference_dtype(student.device)
         loss = reference.divergence_loss(
             student.to(wide), teacher.to(wide), divergence=divergence, beta=beta,
@@ -56,7 +56,8 @@ def divergence_loss(
         student, teacher, weight, t, kernel_divergence(divergence, beta), beta=beta,
         reduce=red != "none",
     )  # fmt: skip
-    return result.loss.reshape(lead) if red == "none" else result.loss
+    loss = result.loss.to(loss_dtype(student, teacher))  # (meta float64: float32 fake rows)
+    return loss.reshape(lead) if red == "none" else loss
 
 
 def kl_loss(

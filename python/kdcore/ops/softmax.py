@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _dispatch, _validate, reference
+from .. import _dispatch, _modes, _validate, reference
 
 
 @torch.library.custom_op("kdcore::softmax", mutates_args=())
@@ -39,7 +39,22 @@ def _setup(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad):
     (y,) = ctx.saved_tensors
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # create_graph=True: the same gradient from differentiable torch ops, so
+        # a second backward (through y, saved with its history) is exact.
+        return _differentiable_backward(grad, y, ctx.temperature, ctx.log), None, None
     return softmax_backward_op(grad, y, ctx.temperature, ctx.log), None, None
+
+
+def _differentiable_backward(grad, y, temperature: float, log: bool) -> torch.Tensor:
+    """d/dx of softmax(x / T) (or log-softmax) from its output y, in float32 or wider."""
+    wide = torch.promote_types(y.dtype, torch.float32)
+    g, y = grad.to(wide), y.to(wide)
+    if log:
+        dx = g - y.exp() * g.sum(-1, keepdim=True)
+    else:
+        dx = y * (g - (g * y).sum(-1, keepdim=True))
+    return (dx / temperature).to(grad.dtype)
 
 
 softmax_op.register_autograd(_backward, setup_context=_setup)
@@ -50,7 +65,7 @@ def _apply(x: object, temperature: float, dim: int, log: bool) -> torch.Tensor:
     t = _validate.temperature(temperature)
     if not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
         raise ValueError(f"dim must be an int in [{-x.dim()}, {x.dim() - 1}], got {dim!r}")
-    if _dispatch.select(x) == "torch":
+    if _modes.backend(x) == "torch":
         fn = reference.log_softmax if log else reference.softmax
         return fn(x.to(_dispatch.reference_dtype(x.device)), t, dim).to(x.dtype)
     moved = x.movedim(dim, -1)

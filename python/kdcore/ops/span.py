@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .. import _dispatch, _validate, reference
+from .. import _dispatch, _modes, _validate, reference
 from .. import spans as _spans
 from .fused import DIVERGENCES, fused_rows, loss_dtype
 from .kl import beta_value, kernel_divergence
@@ -65,10 +65,10 @@ def span_loss(
         raise ValueError(f"normalize must be 'span' or 'token'; got {normalize!r}")
     weights = _spans.validate_weights(span_weights)
     span_ids = _spans.validate_spans(spans, student.shape[:-1], student)
-    if not torch.compiler.is_compiling():
+    if _modes.inspectable(student, span_ids):
         _spans.check_ids_have_weights(span_ids, weights)
     scale = t * t if scale_t2 else 1.0
-    if _dispatch.select(student, teacher) == "torch":
+    if _modes.backend(student, teacher) == "torch":
         wide = _dispatch.reference_dtype(student.device)
         result = reference.span_loss(
             student.to(wide), teacher.to(wide), span_ids, span_weights=weights,

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .. import _dispatch, _topk, _validate, _weights, reference
+from .. import _dispatch, _modes, _topk, _validate, _weights, reference
 from ._grad import scale_rows
 
 TAILS = ("bucket", "renormalize", "zero")
 # Stored log-probabilities a hair above 0 are rounding noise; above this, an error.
 _POSITIVE_SLACK = 1e-5
+OP = "kdcore::sparse_kl (sparse_kl_loss)"
 
 
 @torch.library.custom_op("kdcore::sparse_kl", mutates_args=())
@@ -48,7 +51,7 @@ def _setup(ctx, inputs, output) -> None:
 def _backward(ctx, grad_rows, _):
     (grad,) = ctx.saved_tensors
     grad_s = scale_rows(grad, grad_rows) if ctx.grad_student else None
-    return grad_s, None, None, None, None, None, None, None
+    return _modes.first_order_only(grad_s, OP), None, None, None, None, None, None, None
 
 
 sparse_kl_op.register_autograd(_backward, setup_context=_setup)
@@ -70,10 +73,12 @@ class _SparseKLFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
         grad_s = None if grad is None else scale_rows(grad, grad_loss, ctx, "student")
-        return grad_s, None, None, None, None, None, None, None
+        return _modes.first_order_only(grad_s, OP), None, None, None, None, None, None, None
 
 
-def _validate_teacher(ids, logprobs, student):
+def _validate_teacher(ids, logprobs, student, active=None):
+    """Shapes, dtypes, devices; then (eager only) ids in [0, V) and log-probs <= 0 in the
+    rows where ``active`` (leading shape; rows of weight 0 are never read)."""
     lead = student.shape[:-1]
     if not isinstance(ids, torch.Tensor) or not isinstance(logprobs, torch.Tensor):
         raise TypeError("teacher_ids and teacher_logprobs must be torch.Tensors")
@@ -95,16 +100,28 @@ def _validate_teacher(ids, logprobs, student):
         raise ValueError("the sparse teacher needs k >= 1 entries per position, got k = 0")
     for name, x in (("teacher_ids", ids), ("teacher_logprobs", logprobs)):
         _validate.same_device(name, x, student)
-    if torch.compiler.is_compiling():
+    if not _modes.inspectable(student, ids, logprobs):
         return logprobs
     vocab = student.shape[-1]
-    bad = (ids < 0) | (ids >= vocab)
+    read = torch.ones_like(ids, dtype=torch.bool) if active is None else active[..., None]
+    bad = read & ((ids < 0) | (ids >= vocab))
     if bool(bad.any()):
         raise ValueError(f"teacher_ids must be in [0, {vocab}), got {ids[bad][:5].tolist()}")
-    if bool((logprobs > _POSITIVE_SLACK).any()) or bool(torch.isnan(logprobs).any()):
-        seen = logprobs[(logprobs > _POSITIVE_SLACK) | torch.isnan(logprobs)][:5].tolist()
+    bad = read & ((logprobs > _POSITIVE_SLACK) | torch.isnan(logprobs))
+    if bool(bad.any()):
+        seen = logprobs[bad][:5].tolist()
         raise ValueError(f"teacher_logprobs must be log-probabilities (<= 0), got {seen}")
     return logprobs.clamp_max(0.0)
+
+
+def _unread_rows_neutral(ids, logprobs, weight, vocab: int):
+    """Rows of weight 0 get in-range ids and finite log-probs: the reference indexes
+    every row (an id out of range would raise there, a NaN would reach the gradient)."""
+    read = (weight != 0).reshape(ids.shape[:-1])[..., None]
+    k = ids.shape[-1]
+    neutral_ids = torch.arange(k, device=ids.device).remainder(vocab).to(ids.dtype)
+    neutral_lps = torch.full((), -math.log(k + 1), dtype=logprobs.dtype, device=logprobs.device)
+    return torch.where(read, ids, neutral_ids), torch.where(read, logprobs, neutral_lps)
 
 
 def _check_renormalizable(logprobs: torch.Tensor, active: torch.Tensor, tail: str) -> None:
@@ -164,27 +181,29 @@ def sparse_kl_loss(
     red = _validate.reduction(reduction)
     if tail not in TAILS:
         raise ValueError(f"tail must be one of {', '.join(TAILS)}; got {tail!r}")
-    logprobs = _validate_teacher(teacher_ids, teacher_logprobs, student)
     lead = student.shape[:-1]
     if labels is not None:
-        _validate.labels(labels, lead, student)
+        labels = _validate.labels(labels, lead, student)
     if mask is not None:
         _validate.mask(mask, lead, student)
     weight = _weights.row_weights(
         student, labels=labels, ignore_index=ignore_index, mask=mask, reduction=red,
         scale=t * t if scale_t2 else 1.0,
     )  # fmt: skip
+    active = None if labels is None and mask is None else (weight != 0).reshape(lead)
+    logprobs = _validate_teacher(teacher_ids, teacher_logprobs, student, active)
     k, vocab = teacher_ids.shape[-1], student.shape[-1]
     s2, ids, lps = student.reshape(-1, vocab), teacher_ids.reshape(-1, k), logprobs.reshape(-1, k)
-    backend = _dispatch.select(student)
-    compiling = torch.compiler.is_compiling()
-    if not compiling:  # rows of weight 0 are never read, so never checked
+    backend = _modes.backend(student)
+    compiling = _modes.registered_op(student)
+    if _modes.inspectable(student, ids, lps):  # rows of weight 0 are never read, so never checked
         active = weight.reshape(-1) != 0
         if backend == "torch":  # the kernels check these rows themselves
             _topk.check_rows(ids, lps, active, vocab)
         _check_renormalizable(lps, active, tail)
     if backend == "torch":
         wide = _dispatch.reference_dtype(student.device)
+        teacher_ids, logprobs = _unread_rows_neutral(teacher_ids, logprobs, weight, vocab)
         loss = reference.sparse_kl_loss(
             student.to(wide), teacher_ids, logprobs.to(wide), temperature=t,
             teacher_temperature=t0, tail=tail, labels=labels, ignore_index=ignore_index,

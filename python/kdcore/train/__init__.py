@@ -8,12 +8,13 @@
 from __future__ import annotations
 
 from .distiller import Distiller, TrainState, model_logits
-from .io import JsonlLog, atomic_save, load_checkpoint
+from .io import CheckpointError, JsonlLog, atomic_save, load_checkpoint, verify_checkpoint
 from .objective import MODES, Objective
 from .offline import topk_logprobs
 
 __all__ = [
     "MODES",
+    "CheckpointError",
     "Distiller",
     "JsonlLog",
     "Objective",
@@ -22,4 +23,5 @@ __all__ = [
     "load_checkpoint",
     "model_logits",
     "topk_logprobs",
+    "verify_checkpoint",
 ]

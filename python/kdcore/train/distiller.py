@@ -15,6 +15,7 @@ import inspect
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,11 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import _validate
 from ..spans import Span
-from .io import JsonlLog, atomic_save, load_checkpoint
+from .io import CheckpointError, JsonlLog, atomic_save, load_checkpoint
 from .objective import LossFn, Objective
 
 CHECKPOINT_NAME = "last.pt"
+#: What a checkpoint cannot resume without.
+_REQUIRED_KEYS = ("student", "optimizer", "state", "rng")
 
 
 @dataclass
@@ -183,6 +187,10 @@ class Distiller:
         self._loader_gens: list[torch.Generator] = []
         self._resumed_loader_rng: list[torch.Tensor] | None = None
         self._last_lr = float("nan")
+        # The largest micro-batch seen (checkpointed), and the one a resumed run
+        # compares its first batch with.
+        self._batch_size = 0
+        self._resumed_batch_size: int | None = None
         if teacher is not None:
             teacher.eval()
             teacher.requires_grad_(False)
@@ -224,6 +232,7 @@ class Distiller:
         Python numbers (one host sync per call, for logging).
         """
         self.student.train()
+        self._note_batch_size(batch)
         loss, comps = self.compute_loss(batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -231,7 +240,8 @@ class Distiller:
                 "the optimizer was not stepped"
             )
         (loss / self.grad_accum_steps).backward()
-        tokens = int((batch["labels"][:, 1:] != self.objective.ignore_index).sum())
+        labels = _validate.comparable_labels(batch["labels"][:, 1:])
+        tokens = int((labels != self.objective.ignore_index).sum())
         self.state.micro += 1
         self.state.tokens += tokens
         self._pending += 1
@@ -269,6 +279,43 @@ class Distiller:
         self._pending, self._window_loss = 0, 0.0
         self.state.step += 1
 
+    def _note_batch_size(self, batch: Mapping[str, Any]) -> None:
+        ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            return  # compute_loss says what is wrong
+        size = ids.shape[0]
+        resumed, self._resumed_batch_size = self._resumed_batch_size, None
+        if resumed and size != resumed:
+            warnings.warn(
+                f"resumed with micro-batches of {size} sequences, the checkpoint's run used "
+                f"{resumed}: the loss scale per step and the data order differ from that run",
+                stacklevel=3,
+            )
+        self._batch_size = max(self._batch_size, size)
+
+    def config(self) -> dict[str, Any]:
+        """The settings that shape training, as stored in checkpoints (a resume
+        under other settings warns, naming what changed)."""
+        o = self.objective
+        mode = o.mode if isinstance(o.mode, str) else getattr(o.mode, "__qualname__", "callable")
+        weights = o.span_weights
+        if weights is not None:
+            weights = {int(k): float(v) for k, v in weights.items()}
+        return {
+            "loss": mode,
+            "alpha": float(o.alpha),
+            "temperature": float(o.temperature),
+            "divergence": o.divergence,
+            "beta": float(o.beta),
+            "span_weights": weights,
+            "normalize": o.normalize,
+            "ignore_index": o.ignore_index,
+            "tail": o.tail,
+            "teacher_temperature": float(o.teacher_temperature),
+            "grad_accum_steps": self.grad_accum_steps,
+            "max_grad_norm": self.max_grad_norm,
+        }
+
     # --- checkpoints ----------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -285,6 +332,8 @@ class Distiller:
             "rng": torch.get_rng_state(),
             "epoch_rng": self._epoch_rng,
             "loader_rng": [g.get_state() for g in self._loader_gens],
+            "config": self.config(),
+            "batch_size": self._batch_size,
         }
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler.state_dict()
@@ -292,7 +341,16 @@ class Distiller:
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return state
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], *, source: str = "the state") -> None:
+        """Restores a :meth:`state_dict`; warns when it was taken under another
+        configuration (``source`` names it in messages)."""
+        missing = [k for k in _REQUIRED_KEYS if k not in state]
+        if missing:
+            raise CheckpointError(
+                f"{source} is not a Distiller checkpoint: it lacks {missing} "
+                f"(has {sorted(map(str, state))})"
+            )
+        self._warn_config_changes(state.get("config"), source)
         self.student.load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and "scheduler" in state:
@@ -307,6 +365,21 @@ class Distiller:
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self._pending, self._window_loss = 0, 0.0
+        self._batch_size = int(state.get("batch_size", 0))
+        self._resumed_batch_size = self._batch_size or None
+
+    def _warn_config_changes(self, saved: Any, source: str) -> None:
+        if not isinstance(saved, Mapping):
+            return  # a checkpoint of kdcore <= 0.1: no configuration stored
+        now = self.config()
+        changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items() if saved.get(k, v) != v]
+        if changed:
+            warnings.warn(
+                f"resuming from {source}, written under another configuration: "
+                + ", ".join(changed)
+                + "; the resumed run will not continue the same training",
+                stacklevel=3,
+            )
 
     def save(self, path: str | os.PathLike | None = None) -> Path:
         """Writes a checkpoint atomically (default ``checkpoint_dir/last.pt``)."""
@@ -318,7 +391,23 @@ class Distiller:
         return Path(path)
 
     def load(self, path: str | os.PathLike) -> None:
-        self.load_state_dict(load_checkpoint(path, map_location="cpu"))
+        """Restores a checkpoint written by :meth:`save` (its SHA-256 checked first).
+
+        Raises :class:`kdcore.train.CheckpointError` naming the file when it is
+        corrupted, truncated, not a Distiller checkpoint, or does not fit the
+        student / optimizer.
+        """
+        state = load_checkpoint(path, map_location="cpu")
+        try:
+            self.load_state_dict(state, source=f"checkpoint {path}")
+        except CheckpointError:
+            raise
+        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(
+                f"checkpoint {path} does not fit this Distiller ({type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}); "
+                "was it written for another student or optimizer?"
+            ) from exc
 
     # --- the loop ---------------------------------------------------------------
 

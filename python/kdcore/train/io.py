@@ -2,29 +2,154 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import pickle
+import struct
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .._files import atomic_write
+from .._files import atomic_write, remove_stale_temps
+
+#: Appended after torch.save's bytes (torch.load ignores it): a tag, the
+#: SHA-256 of those bytes and their length.
+_TRAILER = struct.Struct("<8s32sQ")
+_TAG = b"KDCKSUM1"
+_READ_CHUNK = 16 << 20
+#: What torch.load raises on a file that is not a complete checkpoint.
+_UNREADABLE = (
+    RuntimeError,
+    pickle.UnpicklingError,
+    EOFError,
+    zipfile.BadZipFile,
+    ValueError,
+    KeyError,
+    IndexError,
+    struct.error,
+    OSError,
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read; the message names the file."""
+
+
+class _HashingWriter:
+    """A write-only file object that hashes and counts what passes through it."""
+
+    def __init__(self, f) -> None:
+        self.f, self.hash, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.hash.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same directory, then rename:
-    a crash mid-write leaves the previous file intact."""
+    a crash mid-write leaves the previous file intact. A SHA-256 of the
+    contents goes at the end (checked by :func:`load_checkpoint`); temporary
+    files of earlier killed writes to ``path`` are removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: torch.save(obj, f))
+    remove_stale_temps(path)
+
+    def write(f) -> None:
+        out = _HashingWriter(f)
+        torch.save(obj, out)
+        f.write(_TRAILER.pack(_TAG, out.hash.digest(), out.size))
+
+    try:
+        atomic_write(path, write)
+    except (OSError, RuntimeError) as exc:  # torch reports a full disk as RuntimeError
+        message = (
+            f"could not write checkpoint {path}: {_first_line(exc)} (is the disk full or the "
+            "directory read-only?); the previous checkpoint, if any, is untouched"
+        )
+        if isinstance(exc, OSError):  # keeps its type (and errno: ENOSPC, EACCES, ...)
+            raise OSError(exc.errno, message) from exc
+        raise CheckpointError(message) from exc
+
+
+def verify_checkpoint(path: str | os.PathLike) -> bool:
+    """Checks ``path``'s stored SHA-256; False for a file without one (written by an
+    older kdcore), :class:`CheckpointError` naming the file if it does not match."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): it was never written")
+    if size < _TRAILER.size:
+        return False
+    with open(path, "rb") as f:
+        f.seek(size - _TRAILER.size)
+        tag, digest, length = _TRAILER.unpack(f.read(_TRAILER.size))
+        if tag != _TAG:
+            return False
+        if length != size - _TRAILER.size:
+            raise CheckpointError(
+                f"checkpoint {path} is damaged: {size - _TRAILER.size} bytes of data where "
+                f"{length} were written (truncated or appended to)"
+            )
+        f.seek(0)
+        h, left = hashlib.sha256(), length
+        while left:
+            chunk = f.read(min(left, _READ_CHUNK))
+            if not chunk:
+                break
+            h.update(chunk)
+            left -= len(chunk)
+    if h.digest() != digest:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupted: its contents do not match the SHA-256 stored "
+            "when it was written (a damaged disk or an incomplete copy); resume from "
+            "another checkpoint"
+        )
+    return True
 
 
 def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict:
-    """Loads a checkpoint written by :func:`atomic_save` (tensors and plain data only)."""
-    # Optimizer and RNG states are plain containers of tensors and numbers.
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """Loads a checkpoint written by :func:`atomic_save` (tensors and plain data only),
+    after checking its SHA-256. Raises :class:`CheckpointError` naming the file for a
+    corrupted, truncated or unreadable one (FileNotFoundError if it does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    remove_stale_temps(path)
+    if not verify_checkpoint(path):
+        warnings.warn(
+            f"checkpoint {path} carries no checksum (written by kdcore 0.1 or by plain "
+            "torch.save, or bytes were appended to it): it loads unverified",
+            stacklevel=2,
+        )
+    try:
+        # Optimizer and RNG states are plain containers of tensors and numbers.
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except _UNREADABLE as exc:
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read: it is not a complete checkpoint (truncated, "
+            f"overwritten or another kind of file); torch.load said {type(exc).__name__}: "
+            f"{_first_line(exc)}"
+        ) from exc
+    if not isinstance(obj, dict):
+        raise CheckpointError(
+            f"checkpoint {path} holds a {type(obj).__name__}, not the dict kdcore writes"
+        )
+    return obj
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else ""
 
 
 def _jsonable(value: Any) -> Any:

@@ -66,15 +66,18 @@ class Objective:
             raise ValueError(
                 f"loss must be one of {', '.join(MODES)} or a callable; got {self.mode!r}"
             )
-        if not 0.0 <= float(self.alpha) <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1]; got {self.alpha}")
-
         # Checked here, not at the first batch after minutes of work.
-        for name in ("temperature", "teacher_temperature"):
-            try:
-                _validate.temperature(getattr(self, name))
-            except (TypeError, ValueError) as exc:
-                raise type(exc)(f"{name}: {exc}") from None
+        _validate.loss_options(
+            alpha=self.alpha,
+            temperature=self.temperature,
+            divergence=self.divergence,
+            beta=self.beta,
+            span_weights=self.span_weights,
+            normalize=self.normalize,
+            ignore_index=self.ignore_index,
+            tail=self.tail,
+            teacher_temperature=self.teacher_temperature,
+        )
 
     @property
     def needs_teacher(self) -> bool:
@@ -85,7 +88,7 @@ class Objective:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss and detached components for full (unshifted) logits."""
         student = logits[:, :-1]
-        labels = batch["labels"][:, 1:]
+        labels = _validate.comparable_labels(batch["labels"][:, 1:])
         if teacher is not None:
             teacher = teacher[:, :-1]
         elif self.mode in ("token", "span") and self.alpha == 1.0:
