@@ -20,6 +20,7 @@ import contextlib
 import functools
 import importlib.util
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 
@@ -86,6 +87,16 @@ class FallbackWarning(UserWarning):
     """An op ran the slow reference implementation where a kernel should have run."""
 
 
+def _caller_stacklevel() -> int:
+    """The stacklevel of the first frame outside kdcore, so the warning names the
+    user's line whichever public function or module led here."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _warn_fallback(cause: str, fix: str) -> None:
     """Warns once per process and cause (not once per call: ops run every step)."""
     if cause in _warned:
@@ -96,7 +107,7 @@ def _warn_fallback(cause: str, fix: str) -> None:
         f"kernel: correct, but orders of magnitude slower and far more memory. {fix} "
         "(This warning is shown once per process.)",
         FallbackWarning,
-        stacklevel=4,
+        stacklevel=_caller_stacklevel(),
     )
 
 

@@ -27,6 +27,7 @@ def test_cuda_without_triton_warns_once_naming_cause_and_fix(fresh_warnings, mon
     with pytest.warns(_dispatch.FallbackWarning) as record:
         assert _dispatch.select(fake("cuda"), fake("cuda")) == "torch"
     (warning,) = record
+    assert warning.filename == __file__, "the warning points at the caller's line, not kdcore's"
     message = str(warning.message)
     assert "triton is not installed" in message and "pip install triton" in message
     assert "reference" in message
