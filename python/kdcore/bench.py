@@ -110,9 +110,14 @@ def _cases(ops, quick, gen):
         if "kl" in ops:
             for shape in n_kl:
                 t = torch.randn(shape, generator=gen).to(dtype)
-                yield Case("kl", "kl", shape, dtype,
-                           lambda s, t=t: kdcore.kl_loss(s, t, temperature=T),
-                           lambda s, t=t: torch_kd_loss(s, t))  # fmt: skip
+                yield Case(
+                    "kl",
+                    "kl",
+                    shape,
+                    dtype,
+                    lambda s, t=t: kdcore.kl_loss(s, t, temperature=T),
+                    lambda s, t=t: torch_kd_loss(s, t),
+                )
         if "family" in ops:
             t = torch.randn(fam, generator=gen).to(dtype)
             labels = torch.randint(0, fam[1], (fam[0],), generator=gen)
@@ -132,30 +137,61 @@ def _cases(ops, quick, gen):
                 return 0.5 * ce + 0.5 * T * T * reference.kl_div_rows(s, t, T).mean()
 
             yield from (
-                Case("family", "kl", fam, dtype,
-                     lambda s, t=t: kdcore.kl_loss(s, t, temperature=T),
-                     lambda s, t=t: reference.kl_loss(s, t, temperature=T)),
-                Case("family", "jsd b=0.5", fam, dtype,
-                     lambda s, t=t: kdcore.jsd_loss(s, t, beta=0.5, temperature=T),
-                     lambda s, t=t: reference.jsd_loss(s, t, beta=0.5, temperature=T)),
-                Case("family", "tvd", fam, dtype,
-                     lambda s, t=t: kdcore.tvd_loss(s, t, temperature=T),
-                     lambda s, t=t: reference.tvd_loss(s, t, temperature=T)),
-                Case("family", "distill a=0.5", fam, dtype,
-                     lambda s, t=t, y=labels: kdcore.distillation_loss(s, t, y, alpha=0.5,
-                                                                       temperature=T),
-                     torch_distill),
-                Case("family", "span", fam, dtype,
-                     lambda s, t=t, sp=spans: kdcore.span_loss(s, t, sp, temperature=T),
-                     torch_span),
-            )  # fmt: skip
+                Case(
+                    "family",
+                    "kl",
+                    fam,
+                    dtype,
+                    lambda s, t=t: kdcore.kl_loss(s, t, temperature=T),
+                    lambda s, t=t: reference.kl_loss(s, t, temperature=T),
+                ),
+                Case(
+                    "family",
+                    "jsd b=0.5",
+                    fam,
+                    dtype,
+                    lambda s, t=t: kdcore.jsd_loss(s, t, beta=0.5, temperature=T),
+                    lambda s, t=t: reference.jsd_loss(s, t, beta=0.5, temperature=T),
+                ),
+                Case(
+                    "family",
+                    "tvd",
+                    fam,
+                    dtype,
+                    lambda s, t=t: kdcore.tvd_loss(s, t, temperature=T),
+                    lambda s, t=t: reference.tvd_loss(s, t, temperature=T),
+                ),
+                Case(
+                    "family",
+                    "distill a=0.5",
+                    fam,
+                    dtype,
+                    lambda s, t=t, y=labels: kdcore.distillation_loss(
+                        s, t, y, alpha=0.5, temperature=T
+                    ),
+                    torch_distill,
+                ),
+                Case(
+                    "family",
+                    "span",
+                    fam,
+                    dtype,
+                    lambda s, t=t, sp=spans: kdcore.span_loss(s, t, sp, temperature=T),
+                    torch_span,
+                ),
+            )
         if "sparse" in ops:
             t = torch.randn(sparse, generator=gen).to(dtype)
             top = torch.log_softmax(t.float(), -1).topk(SPARSE_K, dim=-1)
             ids, lps = top.indices, top.values
-            yield Case("sparse", "dense kl", sparse, dtype,
-                       lambda s, t=t: kdcore.kl_loss(s, t, temperature=T),
-                       lambda s, t=t: reference.kl_loss(s, t, temperature=T))  # fmt: skip
+            yield Case(
+                "sparse",
+                "dense kl",
+                sparse,
+                dtype,
+                lambda s, t=t: kdcore.kl_loss(s, t, temperature=T),
+                lambda s, t=t: reference.kl_loss(s, t, temperature=T),
+            )
 
             def ours_sparse(s, ids=ids, lps=lps):
                 return kdcore.sparse_kl_loss(s, ids, lps, temperature=T)

@@ -11,8 +11,18 @@ import sys
 _SEED_LIMIT = 2**64
 _TEACHER_STEPS = 1500
 # Options of the demo run itself; --train-teacher does not use them.
-_DEMO_ONLY = ("quick", "out", "steps", "problems", "held_out", "temperature", "seed", "seeds",
-              "device", "teacher")  # fmt: skip
+_DEMO_ONLY = (
+    "quick",
+    "out",
+    "steps",
+    "problems",
+    "held_out",
+    "temperature",
+    "seed",
+    "seeds",
+    "device",
+    "teacher",
+)
 _TEACHER_ONLY = ("teacher_steps", "save_teacher")
 
 

@@ -12,10 +12,24 @@ import pytest
 def test_bench_quick_runs_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "kdcore", "bench", "--quick", "--no-compile", "--threads", "1",
-         "--ops", "kl,sparse", "--json", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "kdcore",
+            "bench",
+            "--quick",
+            "--no-compile",
+            "--threads",
+            "1",
+            "--ops",
+            "kl,sparse",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "kdcore f+b" in proc.stdout and "eager/kd" in proc.stdout
     data = json.loads(out.read_text())
@@ -31,8 +45,10 @@ def test_bench_quick_runs_and_writes_json(tmp_path):
 def test_unknown_ops_are_rejected():
     proc = subprocess.run(
         [sys.executable, "-m", "kdcore", "bench", "--ops", "gpu"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "--ops takes kl, family, sparse; got 'gpu'" in proc.stderr
 
@@ -123,13 +139,31 @@ def test_demo_options_reach_the_config(monkeypatch, tmp_path):
     monkeypatch.setattr(
         kdcore.demo.pipeline, "run_demo", lambda cfg, threads: seen.update(cfg=cfg, threads=threads)
     )
-    argv = ["demo", "--quick", "--temperature", "2.5", "--out", str(tmp_path), "--device", "cpu",
-            "--seed", "3", "--seeds", "2", "--threads", "1"]  # fmt: skip
+    argv = [
+        "demo",
+        "--quick",
+        "--temperature",
+        "2.5",
+        "--out",
+        str(tmp_path),
+        "--device",
+        "cpu",
+        "--seed",
+        "3",
+        "--seeds",
+        "2",
+        "--threads",
+        "1",
+    ]
     assert main(argv) == 0
     cfg = seen["cfg"]
     assert (cfg.temperature, cfg.out_dir, cfg.device, cfg.seed, cfg.seeds) == (
-        2.5, str(tmp_path), "cpu", 3, 2,
-    )  # fmt: skip
+        2.5,
+        str(tmp_path),
+        "cpu",
+        3,
+        2,
+    )
     assert (cfg.steps, cfg.held_out, cfg.student_problems) == (40, 40, 160)  # --quick sizes
     assert seen["threads"] == 1
 
@@ -144,8 +178,11 @@ def test_train_teacher_honours_threads(monkeypatch, tmp_path):
     seen = {}
 
     def retrain(steps, save_to):
-        seen.update(steps=steps, save_to=save_to, threads=(kdcore.get_num_threads(),
-                    torch.get_num_threads()))  # fmt: skip
+        seen.update(
+            steps=steps,
+            save_to=save_to,
+            threads=(kdcore.get_num_threads(), torch.get_num_threads()),
+        )
 
     monkeypatch.setattr(kdcore.demo.pipeline, "retrain_teacher", retrain)
     before = kdcore.get_num_threads(), torch.get_num_threads()
@@ -172,10 +209,25 @@ def test_bench_run_rejects_non_positive_counts():
 def test_bench_quick_honours_explicit_repeat(tmp_path, argv, repeat):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "kdcore", "bench", "--quick", "--no-compile", "--threads", "1",
-         "--ops", "kl", "--json", str(out), *argv],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "kdcore",
+            "bench",
+            "--quick",
+            "--no-compile",
+            "--threads",
+            "1",
+            "--ops",
+            "kl",
+            "--json",
+            str(out),
+            *argv,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     eager = max(3, repeat // 2)
     assert f"median of {repeat} runs ({eager} for torch eager)" in proc.stdout

@@ -180,8 +180,11 @@ def test_demo_quick_end_to_end(tmp_path):
     env = dict(os.environ, KDCORE_NUM_THREADS="2")
     proc = subprocess.run(
         [sys.executable, "-m", "kdcore", "demo", "--quick", "--out", str(out), "--threads", "2"],
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = proc.stdout
     for name in ("teacher", "sft", "token_kd", "span_kd"):
@@ -239,9 +242,16 @@ def test_seed_aggregate_is_mean_and_sample_sd():
     from kdcore.demo.pipeline import aggregate
 
     def row(model, seed, rate):
-        return {"model": model, "seed": seed, "success_rate": rate, "objective": "x",
-                "parameters": 10, "action_token_accuracy": 0.5, "mean_actions": 2.0,
-                "train_seconds": None if model == "teacher" else 3.0}  # fmt: skip
+        return {
+            "model": model,
+            "seed": seed,
+            "success_rate": rate,
+            "objective": "x",
+            "parameters": 10,
+            "action_token_accuracy": 0.5,
+            "mean_actions": 2.0,
+            "train_seconds": None if model == "teacher" else 3.0,
+        }
 
     rows = [row("teacher", None, 1.0)] + [row("sft", s, r) for s, r in ((0, 0.2), (1, 0.6))]
     teacher, sft = aggregate(rows)

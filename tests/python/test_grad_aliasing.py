@@ -23,13 +23,19 @@ def _losses():
     ids = torch.stack([torch.randperm(SHAPE[1])[:8] for _ in range(SHAPE[0])])
     lps = torch.log_softmax(torch.randn(SHAPE[0], 8), -1) - 0.1
     return {
-        "kl": (lambda s, t: kdcore.kl_loss(s, t, temperature=T),
-               lambda s, t: reference.kl_loss(s, t, temperature=T)),
-        "jsd": (lambda s, t: kdcore.jsd_loss(s, t, temperature=T),
-                lambda s, t: reference.jsd_loss(s, t, temperature=T)),
-        "sparse": (lambda s, t: kdcore.sparse_kl_loss(s, ids, lps, temperature=T),
-                   lambda s, t: reference.sparse_kl_loss(s, ids, lps, temperature=T)),
-    }  # fmt: skip
+        "kl": (
+            lambda s, t: kdcore.kl_loss(s, t, temperature=T),
+            lambda s, t: reference.kl_loss(s, t, temperature=T),
+        ),
+        "jsd": (
+            lambda s, t: kdcore.jsd_loss(s, t, temperature=T),
+            lambda s, t: reference.jsd_loss(s, t, temperature=T),
+        ),
+        "sparse": (
+            lambda s, t: kdcore.sparse_kl_loss(s, ids, lps, temperature=T),
+            lambda s, t: reference.sparse_kl_loss(s, ids, lps, temperature=T),
+        ),
+    }
 
 
 LOSSES = _losses()

@@ -158,8 +158,13 @@ def test_capture_takes_the_masked_tokens_left_or_right_padded(tmp_path):
     teacher = Toy()
     ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    offline.capture(teacher, [{"input_ids": ids, "attention_mask": mask, "labels": ids}],
-                    tmp_path, k=4, progress=False)  # fmt: skip
+    offline.capture(
+        teacher,
+        [{"input_ids": ids, "attention_mask": mask, "labels": ids}],
+        tmp_path,
+        k=4,
+        progress=False,
+    )
     ds = offline.TopKDataset(tmp_path)
     assert [len(ds[i]["teacher_ids"]) for i in range(2)] == [3, 5]
     logits = teacher(ids, mask)
@@ -284,8 +289,14 @@ def test_resume_after_an_interruption_gives_identical_shards(tmp_path_factory, a
     part = tmp_path_factory.mktemp("part")
     if kind == "batches":  # the batch iterator fails (or Ctrl-C) after `after` batches
         with pytest.raises(_Interrupted):
-            offline.capture(Toy(), _interrupting(batches(data), after), part, k=5,
-                            shard_tokens=20, progress=False)  # fmt: skip
+            offline.capture(
+                Toy(),
+                _interrupting(batches(data), after),
+                part,
+                k=5,
+                shard_tokens=20,
+                progress=False,
+            )
     else:  # killed after a shard file was written, before its manifest
         from kdcore.offline import manifest as mf
 
@@ -323,8 +334,11 @@ def test_resume_after_the_process_is_killed(tmp_path):
                         shard_tokens=20, progress=False)
     """)
     part = tmp_path / "part"
-    run = subprocess.run([sys.executable, "-c", script, str(part)], timeout=120,
-                         env={**os.environ, "KDCORE_NUM_THREADS": "1"})  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(part)],
+        timeout=120,
+        env={**os.environ, "KDCORE_NUM_THREADS": "1"},
+    )
     assert run.returncode == -9
     listed = json.loads((part / "manifest.json").read_text())
     assert not listed["complete"] and listed["shards"]
@@ -342,8 +356,9 @@ def test_resume_captures_damaged_shards_again(tmp_path):
     offline.capture(Toy(), batches(data), whole, k=5, shard_tokens=20, progress=False)
     part = tmp_path / "part"
     with pytest.raises(_Interrupted):
-        offline.capture(Toy(), _interrupting(batches(data), 8), part, k=5, shard_tokens=20,
-                        progress=False)  # fmt: skip
+        offline.capture(
+            Toy(), _interrupting(batches(data), 8), part, k=5, shard_tokens=20, progress=False
+        )
     listed = json.loads((part / "manifest.json").read_text())["shards"]
     assert len(listed) >= 3
     raw = bytearray((part / "shard-00001.kdtopk").read_bytes())
@@ -361,8 +376,9 @@ def test_resume_captures_damaged_shards_again(tmp_path):
 def test_resume_with_other_batches_or_settings_is_an_error(tmp_path):
     data = items(12, seed=6)
     with pytest.raises(_Interrupted):
-        offline.capture(Toy(), _interrupting(batches(data), 3), tmp_path, k=5, shard_tokens=20,
-                        progress=False)  # fmt: skip
+        offline.capture(
+            Toy(), _interrupting(batches(data), 3), tmp_path, k=5, shard_tokens=20, progress=False
+        )
     other = items(12, seed=7)
     with pytest.raises(ValueError, match="inputs of shard shard-00000.kdtopk differ"):
         offline.capture(Toy(), batches(other), tmp_path, k=5, shard_tokens=20, progress=False)
@@ -376,8 +392,9 @@ def test_resume_with_other_batches_or_settings_is_an_error(tmp_path):
     offline.capture(Toy(), batches(data), tmp_path, k=5, shard_tokens=20, progress=False)
     assert _files(tmp_path) == before
     with pytest.raises(ValueError, match="is complete"):
-        offline.capture(Toy(), batches(data + other), tmp_path, k=5, shard_tokens=20,
-                        progress=False)  # fmt: skip
+        offline.capture(
+            Toy(), batches(data + other), tmp_path, k=5, shard_tokens=20, progress=False
+        )
 
 
 def test_capture_argument_errors(tmp_path):
@@ -388,9 +405,17 @@ def test_capture_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="input_ids must be a"):
         offline.capture(Toy(), [{"input_ids": torch.arange(4)}], tmp_path / "b", progress=False)
     with pytest.raises(ValueError, match="has no tokens"):
-        offline.capture(Toy(), [{"input_ids": torch.ones(1, 3, dtype=torch.long),
-                                 "attention_mask": torch.zeros(1, 3)}], tmp_path / "c",
-                        progress=False)  # fmt: skip
+        offline.capture(
+            Toy(),
+            [
+                {
+                    "input_ids": torch.ones(1, 3, dtype=torch.long),
+                    "attention_mask": torch.zeros(1, 3),
+                }
+            ],
+            tmp_path / "c",
+            progress=False,
+        )
 
 
 # --- training from shards -------------------------------------------------------------
@@ -421,8 +446,9 @@ def _in_memory(data, teacher, quantise):
 
 def test_distiller_from_shards_equals_the_in_memory_topk_teacher(tmp_path):
     data = items(18, seed=8, min_len=2)
-    offline.capture(Toy(), batches(data), tmp_path, k=5, temperature=2.0, shard_tokens=25,
-                    progress=False)  # fmt: skip
+    offline.capture(
+        Toy(), batches(data), tmp_path, k=5, temperature=2.0, shard_tokens=25, progress=False
+    )
     ds = offline.TopKDataset(tmp_path, vocab_size=50, k=5, temperature=2.0, inputs=data)
     loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=collate)
     from_shards = _train(loader)
@@ -485,8 +511,7 @@ def test_import_from_prompt_logprobs_equals_a_capture(tmp_path):
         assert torch.equal(a["teacher_ids"], b["teacher_ids"])
         assert torch.equal(a["teacher_logprobs"], b["teacher_logprobs"])
     with pytest.raises(ValueError, match="fewer than k = 6"):
-        offline.import_prompt_logprobs(records, tmp_path / "x", k=6, vocab_size=50,
-                                       progress=False)  # fmt: skip
+        offline.import_prompt_logprobs(records, tmp_path / "x", k=6, vocab_size=50, progress=False)
     bad = [{"input_ids": [1, 2, 3], "prompt_logprobs": [None, {1: -0.1}]}]
     with pytest.raises(ValueError, match="3 prompt tokens but 2 positions"):
         offline.import_prompt_logprobs(bad, tmp_path / "y", k=1, vocab_size=50, progress=False)
@@ -505,8 +530,9 @@ def test_bytes_per_entry_at_a_262144_vocabulary(tmp_path):
             lps = torch.log_softmax(torch.randn(k, generator=g) * 3, -1) - 0.05
             positions.append(dict(zip(ids.tolist(), lps.tolist(), strict=True)))
         records.append((tokens, positions))
-    m = offline.import_prompt_logprobs(records, tmp_path, k=64, vocab_size=262144,
-                                       shard_tokens=1024, progress=False)  # fmt: skip
+    m = offline.import_prompt_logprobs(
+        records, tmp_path, k=64, vocab_size=262144, shard_tokens=1024, progress=False
+    )
     size = sum(p.stat().st_size for p in tmp_path.iterdir())
     entries = m["tokens"] * 64  # (token position, id, log-prob) entries described
     assert m["id_bits"] == 18 and m["value_bits"] == 14

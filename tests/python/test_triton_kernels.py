@@ -79,27 +79,29 @@ def _run_case(case, s, t, temperature, teacher_grad):
     mod = kdcore if s.dtype != torch.float64 else reference
     wrt = [s, t] if teacher_grad else [s]
     if case in ("kl", "reverse_kl"):
-        loss = mod.kl_loss(s, t, temperature=temperature, reverse=case == "reverse_kl",
-                           labels=labels)  # fmt: skip
+        loss = mod.kl_loss(
+            s, t, temperature=temperature, reverse=case == "reverse_kl", labels=labels
+        )
     elif case.startswith("jsd"):
         beta = {"jsd": 0.3, "jsd0": 0.0, "jsd1": 1.0}[case]
         loss = mod.jsd_loss(s, t, beta=beta, temperature=temperature, labels=labels)
     elif case == "tvd":
         loss = mod.tvd_loss(s, t, temperature=temperature, labels=labels)
     elif case == "distill":
-        loss = mod.distillation_loss(s, t, labels, alpha=0.3, temperature=temperature,
-                                     divergence="jsd", beta=0.6)  # fmt: skip
+        loss = mod.distillation_loss(
+            s, t, labels, alpha=0.3, temperature=temperature, divergence="jsd", beta=0.6
+        )
     elif case == "span":
         weights = {0: 0.0, 1: 1.0, 2: 2.0, 3: 0.5}
-        loss = mod.span_loss(s, t, spans, span_weights=weights, divergence="reverse_kl",
-                             temperature=temperature)  # fmt: skip
+        loss = mod.span_loss(
+            s, t, spans, span_weights=weights, divergence="reverse_kl", temperature=temperature
+        )
     else:
         top = torch.log_softmax(t.detach().double(), -1).topk(5, dim=-1)
         logprobs = top.values.float()
         if s.dtype == torch.float64:
             logprobs = logprobs.double()
-        loss = mod.sparse_kl_loss(s, top.indices, logprobs, temperature=temperature,
-                                  tail="bucket")  # fmt: skip
+        loss = mod.sparse_kl_loss(s, top.indices, logprobs, temperature=temperature, tail="bucket")
         wrt = [s]
     return loss, _grads(loss, wrt)
 
@@ -190,13 +192,15 @@ def test_bfloat16_stores_round_to_nearest_even():
     base = bf.to(torch.int16).view(torch.bfloat16).float()
     base = base[torch.isfinite(base)]
     ulp_bits = (base.view(torch.int32) & 0x7F800000).view(torch.float32) * 2.0**-7
-    x = torch.cat([
-        base + ulp_bits * 0.5,  # ties: to even
-        base + ulp_bits * 0.49,
-        base - ulp_bits * 0.51,
-        torch.randn(2000, generator=g) * 1e3,
-        torch.tensor([0.0, -0.0, math.inf, -math.inf, 3.4e38, -3.4e38, 1e-40, -1e-42, 3e4]),
-    ])  # fmt: skip
+    x = torch.cat(
+        [
+            base + ulp_bits * 0.5,  # ties: to even
+            base + ulp_bits * 0.49,
+            base - ulp_bits * 0.51,
+            torch.randn(2000, generator=g) * 1e3,
+            torch.tensor([0.0, -0.0, math.inf, -math.inf, 3.4e38, -3.4e38, 1e-40, -1e-42, 3e4]),
+        ]
+    )
     y = torch.empty(x.shape, dtype=torch.bfloat16)
     _round_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
     want = x.to(torch.bfloat16)
@@ -216,10 +220,14 @@ def _log2_kernel(X, Y):
 def test_float64_log2_is_exact_to_1e15():
     g = torch.Generator().manual_seed(1)
     scale = 10.0 ** torch.randint(-30, 30, (200,), generator=g).double()
-    x = torch.cat([
-        (torch.rand(200, generator=g, dtype=torch.float64) + 0.01) * scale,
-        torch.tensor([1.0, 2.0, 2**0.5, 2**0.5 * (1 - 2**-52), 262144.0, 1e-300], dtype=torch.float64),
-    ])  # fmt: skip
+    x = torch.cat(
+        [
+            (torch.rand(200, generator=g, dtype=torch.float64) + 0.01) * scale,
+            torch.tensor(
+                [1.0, 2.0, 2**0.5, 2**0.5 * (1 - 2**-52), 262144.0, 1e-300], dtype=torch.float64
+            ),
+        ]
+    )
     y = torch.empty_like(x)
     _log2_kernel[(x.numel(),)](x, y)
     want = torch.tensor([math.log2(v) for v in x.tolist()], dtype=torch.float64)

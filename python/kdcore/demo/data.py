@@ -94,9 +94,13 @@ def loader(dataset: Dataset, batch_size: int, seed: int) -> DataLoader:
 
 @torch.no_grad()
 def teacher_logits(
-    model: torch.nn.Module, items: list[Encoded], *, device=None, dtype=torch.bfloat16,
+    model: torch.nn.Module,
+    items: list[Encoded],
+    *,
+    device=None,
+    dtype=torch.bfloat16,
     batch_size: int = 64,
-) -> list[torch.Tensor]:  # fmt: skip
+) -> list[torch.Tensor]:
     """The teacher's logits on each trajectory, computed once, kept on the CPU in ``dtype``."""
     model.eval()
     out: list[torch.Tensor] = []

@@ -96,10 +96,16 @@ def _train_student(
     log = out / "logs" / (f"{name}.jsonl" if cfg.seeds == 1 else f"{name}_seed{seed}.jsonl")
     log.unlink(missing_ok=True)
     distiller = Distiller(
-        student, None, optimizer, loss=loss, temperature=cfg.temperature, alpha=0.0,
-        max_grad_norm=1.0, scheduler=cosine_schedule(optimizer, cfg.steps, warmup=20),
+        student,
+        None,
+        optimizer,
+        loss=loss,
+        temperature=cfg.temperature,
+        alpha=0.0,
+        max_grad_norm=1.0,
+        scheduler=cosine_schedule(optimizer, cfg.steps, warmup=20),
         log_path=log,
-    )  # fmt: skip
+    )
     data = loader(dataset, cfg.batch_size, seed)
     epochs = -(-cfg.steps // len(data))
     label = name if cfg.seeds == 1 else f"{name} seed {seed}"
@@ -124,7 +130,7 @@ def _row(name: str, model: TinyLM, result: Evaluation, seconds: float | None, wh
                 "answer": e.problem.answer,
                 "text": e.text,
                 "success": e.success,
-            }  # fmt: skip
+            }
             for e in result.episodes
         ],
     }
@@ -153,14 +159,20 @@ def aggregate(rows: list[dict]) -> list[dict]:
         mean = sum(rates) / len(rates)
         sd = (sum((x - mean) ** 2 for x in rates) / max(1, len(rates) - 1)) ** 0.5
         secs = [r["train_seconds"] for r in runs if r["train_seconds"] is not None]
-        out.append({
-            "model": name, "objective": runs[0]["objective"],
-            "parameters": runs[0]["parameters"], "seeds": [r.get("seed") for r in runs],
-            "success_rate": mean, "success_sd": sd, "success_by_seed": rates,
-            "action_token_accuracy": sum(r["action_token_accuracy"] for r in runs) / len(runs),
-            "mean_actions": sum(r["mean_actions"] for r in runs) / len(runs),
-            "train_seconds": sum(secs) / len(secs) if secs else None,
-        })  # fmt: skip
+        out.append(
+            {
+                "model": name,
+                "objective": runs[0]["objective"],
+                "parameters": runs[0]["parameters"],
+                "seeds": [r.get("seed") for r in runs],
+                "success_rate": mean,
+                "success_sd": sd,
+                "success_by_seed": rates,
+                "action_token_accuracy": sum(r["action_token_accuracy"] for r in runs) / len(runs),
+                "mean_actions": sum(r["mean_actions"] for r in runs) / len(runs),
+                "train_seconds": sum(secs) / len(secs) if secs else None,
+            }
+        )
     return out
 
 
@@ -192,14 +204,20 @@ def run_demo(cfg: DemoConfig, *, threads: int | None = None) -> dict[str, Any]:
     teacher = teacher.to(device)
     problems = student_problems(cfg.student_problems)
     test = held_out_problems(cfg.held_out, exclude=problems)
-    _say(f"[teacher] ({teacher.num_parameters() / 1e3:.0f}k parameters) acts on "
-         f"{len(problems)} training problems")  # fmt: skip
+    _say(
+        f"[teacher] ({teacher.num_parameters() / 1e3:.0f}k parameters) acts on "
+        f"{len(problems)} training problems"
+    )
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     episodes = []
     for start in range(0, len(problems), ROLLOUT_BATCH):  # bounded KV cache per batch
-        episodes += run_agent(teacher, problems[start : start + ROLLOUT_BATCH],
-                              tokenizer=TOKENIZER, temperature=cfg.rollout_temperature,
-                              generator=generator)  # fmt: skip
+        episodes += run_agent(
+            teacher,
+            problems[start : start + ROLLOUT_BATCH],
+            tokenizer=TOKENIZER,
+            temperature=cfg.rollout_temperature,
+            generator=generator,
+        )
     kept = [e.text for e in episodes if e.success]
     if len(kept) < cfg.batch_size:
         raise RuntimeError(f"the teacher solved only {len(kept)} training problems")
@@ -216,8 +234,15 @@ def run_demo(cfg: DemoConfig, *, threads: int | None = None) -> dict[str, Any]:
     }
     references = encode([oracle_trajectory(p) for p in test])
     t0 = time.perf_counter()
-    rows = [_row("teacher", teacher, evaluate(teacher, test, references), None,
-                 "SFT on oracle trajectories (shipped)")]  # fmt: skip
+    rows = [
+        _row(
+            "teacher",
+            teacher,
+            evaluate(teacher, test, references),
+            None,
+            "SFT on oracle trajectories (shipped)",
+        )
+    ]
     phase("teacher on held-out problems", t0)
     seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
     curves: dict[str, dict[str, list]] = {}
@@ -227,8 +252,9 @@ def run_demo(cfg: DemoConfig, *, threads: int | None = None) -> dict[str, Any]:
             t0 = time.perf_counter()
             model, trained = _train_student(name, cfg, seed, datasets[name], out, device)
             curves.setdefault(name, {})[str(seed)] = trained["curve"]
-            row = _row(name, model, evaluate(model, test, references), trained["seconds"],
-                       STUDENTS[name])  # fmt: skip
+            row = _row(
+                name, model, evaluate(model, test, references), trained["seconds"], STUDENTS[name]
+            )
             rows.append({**row, "seed": seed})
             phase(f"train + evaluate {name} (seed {seed})", t0)
 
@@ -240,7 +266,7 @@ def run_demo(cfg: DemoConfig, *, threads: int | None = None) -> dict[str, Any]:
             "meta": meta,
             "training_trajectories": len(kept),
             "training_problems": len(problems),
-        },  # fmt: skip
+        },
         "rows": rows,
         "aggregate": agg,
         "curves_by_seed": curves,
@@ -252,12 +278,13 @@ def run_demo(cfg: DemoConfig, *, threads: int | None = None) -> dict[str, Any]:
             "python": platform.python_version(),
             "device": str(device),
             "threads": get_num_threads(),
-        },  # fmt: skip
+        },
     }
     _write_json(out / "summary.json", summary)
     figure = _write_figure(out / "demo.png", summary, out / "summary.json")
-    _say(f"wrote {out / 'summary.json'}{figure} and logs/ "
-         f"({summary['total_seconds']:.0f} s in all)")  # fmt: skip
+    _say(
+        f"wrote {out / 'summary.json'}{figure} and logs/ ({summary['total_seconds']:.0f} s in all)"
+    )
     return summary
 
 
@@ -292,5 +319,7 @@ def retrain_teacher(steps: int, save_to: str, *, progress: bool = True) -> None:
     save_teacher(model, save_to, recipe)
     test = held_out_problems(200)
     result = evaluate(model, test, encode([oracle_trajectory(p) for p in test]))
-    _say(f"wrote {save_to}: held-out success {100 * result.success_rate:.1f}%, "
-         f"action-token accuracy {100 * result.action_token_accuracy:.1f}%")  # fmt: skip
+    _say(
+        f"wrote {save_to}: held-out success {100 * result.success_rate:.1f}%, "
+        f"action-token accuracy {100 * result.action_token_accuracy:.1f}%"
+    )

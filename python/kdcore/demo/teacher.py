@@ -54,21 +54,31 @@ def train_teacher(recipe: TeacherRecipe, *, progress: bool = True, log_path=None
     items = encode([oracle_trajectory(p) for p in teacher_problems()])
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
     distiller = Distiller(
-        model, None, optimizer, loss="sft", max_grad_norm=1.0,
-        scheduler=cosine_schedule(optimizer, recipe.steps), log_path=log_path,
-    )  # fmt: skip
+        model,
+        None,
+        optimizer,
+        loss="sft",
+        max_grad_norm=1.0,
+        scheduler=cosine_schedule(optimizer, recipe.steps),
+        log_path=log_path,
+    )
     data = loader(TrajectoryDataset(items), recipe.batch_size, recipe.seed)
     epochs = math.ceil(recipe.steps / len(data))
-    distiller.fit(data, epochs=epochs, max_steps=recipe.steps, progress=progress,
-                  description="teacher")  # fmt: skip
+    distiller.fit(
+        data, epochs=epochs, max_steps=recipe.steps, progress=progress, description="teacher"
+    )
     return model.eval()
 
 
 def save_teacher(model: TinyLM, path: str | os.PathLike, recipe: TeacherRecipe) -> None:
     state = {k: v.half() for k, v in model.state_dict().items()}
-    meta = {"config": model.cfg.to_dict(), "recipe": recipe.__dict__, "created": time.time(),
-            "command": f"kdcore demo --train-teacher --teacher-steps {recipe.steps} "
-                       f"--save-teacher {Path(path).name}"}  # fmt: skip
+    meta = {
+        "config": model.cfg.to_dict(),
+        "recipe": recipe.__dict__,
+        "created": time.time(),
+        "command": f"kdcore demo --train-teacher --teacher-steps {recipe.steps} "
+        f"--save-teacher {Path(path).name}",
+    }
     atomic_save({"state": state, "meta": meta}, path)
 
 

@@ -69,10 +69,13 @@ def capture(
             "tokenizer_fingerprint must be a str (kdcore.offline.tokenizer_fingerprint)"
         )
     settings = {
-        "source": "capture", "k": k, "temperature": t, "shard_tokens": shard_tokens,
+        "source": "capture",
+        "k": k,
+        "temperature": t,
+        "shard_tokens": shard_tokens,
         "teacher": teacher_name if teacher_name is not None else _teacher_name(teacher),
         "tokenizer_fingerprint": tokenizer_fingerprint,
-    }  # fmt: skip
+    }
     teacher.eval()
     total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
     units = _units(teacher, batches, k, t)

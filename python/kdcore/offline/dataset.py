@@ -67,8 +67,9 @@ class TopKDataset(torch.utils.data.Dataset):
         self._expect("vocab_size", vocab_size, self.vocab_size)
         self._expect("k", k, self.k)
         self._expect("temperature", temperature, self.temperature)
-        self._expect("tokenizer_fingerprint", tokenizer_fingerprint,
-                     manifest.get("tokenizer_fingerprint"))  # fmt: skip
+        self._expect(
+            "tokenizer_fingerprint", tokenizer_fingerprint, manifest.get("tokenizer_fingerprint")
+        )
         self._verify = bool(verify)
         self._entries = manifest["shards"]
         self._layouts = [self._check_layout(e) for e in self._entries]

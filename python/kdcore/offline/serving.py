@@ -63,10 +63,13 @@ def import_prompt_logprobs(
     if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 1:
         raise ValueError(f"shard_tokens must be a positive int; got {shard_tokens!r}")
     settings = {
-        "source": "prompt_logprobs", "k": k, "temperature": float(temperature),
-        "shard_tokens": shard_tokens, "teacher": teacher_name,
+        "source": "prompt_logprobs",
+        "k": k,
+        "temperature": float(temperature),
+        "shard_tokens": shard_tokens,
+        "teacher": teacher_name,
         "tokenizer_fingerprint": tokenizer_fingerprint,
-    }  # fmt: skip
+    }
     total = len(records) if hasattr(records, "__len__") else None  # type: ignore[arg-type]
     units = _units(records, k, vocab_size)
     return writer.run(

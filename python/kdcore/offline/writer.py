@@ -68,10 +68,18 @@ def run(
         state = _keep_intact(out_dir, old)
     else:
         state = {
-            "format": _manifest.FORMAT, "version": _manifest.VERSION, **settings,
-            "vocab_size": None, "id_bits": codec.ID_BITS, "value_bits": codec.VALUE_BITS,
-            "complete": False, "sequences": 0, "tokens": 0, "rows": 0, "shards": [],
-        }  # fmt: skip
+            "format": _manifest.FORMAT,
+            "version": _manifest.VERSION,
+            **settings,
+            "vocab_size": None,
+            "id_bits": codec.ID_BITS,
+            "value_bits": codec.VALUE_BITS,
+            "complete": False,
+            "sequences": 0,
+            "tokens": 0,
+            "rows": 0,
+            "shards": [],
+        }
     bar = _progress(total, description, progress)
     try:
         iterator = iter(units)
@@ -104,10 +112,12 @@ def _keep_intact(out_dir: str, state: dict) -> dict:
         if not intact:
             kept = state["shards"][:i]
             state.update(
-                shards=kept, complete=False,
+                shards=kept,
+                complete=False,
                 sequences=sum(e["sequences"] for e in kept),
-                tokens=sum(e["tokens"] for e in kept), rows=sum(e["rows"] for e in kept),
-            )  # fmt: skip
+                tokens=sum(e["tokens"] for e in kept),
+                rows=sum(e["rows"] for e in kept),
+            )
             break
     return state
 
@@ -194,9 +204,11 @@ def _flush(out_dir: str, state: dict, buf: _Buffer) -> None:
     file = shard.name(index)
     words = np.concatenate(buf.words) if buf.words else np.zeros((0, state["k"]), "<u4")
     size, digest = shard.write(
-        os.path.join(out_dir, file), np.asarray(buf.offsets, dtype=np.uint64),
-        b"".join(buf.fingerprints), words,
-    )  # fmt: skip
+        os.path.join(out_dir, file),
+        np.asarray(buf.offsets, dtype=np.uint64),
+        b"".join(buf.fingerprints),
+        words,
+    )
     sequences = len(buf.offsets) - 1
     state["shards"].append(
         {
@@ -208,7 +220,7 @@ def _flush(out_dir: str, state: dict, buf: _Buffer) -> None:
             "bytes": size,
             "sha256": digest,
             "inputs_sha256": buf.hash.hexdigest(),
-        }  # fmt: skip
+        }
     )
     state["sequences"] += sequences
     state["tokens"] += buf.tokens
