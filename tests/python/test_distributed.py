@@ -171,3 +171,24 @@ def test_a_dead_rank_ends_the_survivor_with_a_clear_error(tmp_path):
     assert out["error"] is not None, "the step completed without the other rank"
     assert "did not complete" in out["error"] and "died" in out["error"], out["error"]
     assert out["seconds"] < 30
+
+
+@pytest.mark.parametrize(("mode", "alpha"), [("token", 0.3), ("span", 0.3), ("sft", 0.0)])
+def test_one_process_accumulation_normalises_over_the_whole_step(mode, alpha):
+    # fit reads each step's micro-batches ahead: with uneven labelled tokens the
+    # step is the one on their concatenation, not the mean of per-batch means.
+    micros = rank_batches(1, False) + rank_batches(0, False)
+    student, teacher = TinyLM(1), TinyLM(2)
+    opt = sgd(student)
+    d = Distiller(student, teacher, opt, loss=mode, alpha=alpha, temperature=T,
+                  span_weights=SPAN_WEIGHTS, grad_accum_steps=4,
+                  scheduler=lambda_lr(opt))  # fmt: skip
+    d.fit(micros, progress=False)
+    steps = [{k: torch.cat([m[k] for m in micros[i : i + 4]]) for k in micros[0]} for i in (0, 4)]
+    reference = TinyLM(1)
+    hand_train(reference, steps, dense_loss(teacher, mode, alpha))
+    assert_params_close(student, reference)
+    if mode == "token":  # the mean of per-micro-batch means is a different step here
+        means = TinyLM(1)
+        hand_train(means, micros, dense_loss(teacher, mode, alpha), accum=4)
+        assert max_change(means, reference) > 1e-3

@@ -187,8 +187,10 @@ def default_chunk(width: int, device: torch.device) -> int:
     return max(MIN_CHUNK_ROWS, budget // (max(width, 1) * 4 * 3))
 
 
-def _all_reduce(x: torch.Tensor, op, group, size: int) -> torch.Tensor:
-    if size > 1:
+def _all_reduce(x: torch.Tensor, op, group) -> torch.Tensor:
+    """In place over ``group``; without a process group (one rank) nothing to do.
+    A one-rank group still runs it (the GPU check exercises NCCL that way)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(x, op=op, group=group)
     return x
 
@@ -198,8 +200,7 @@ def _weighted(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p * x, 0.0).sum(dim=1, dtype=torch.float64)
 
 
-def sharded_chunked(h, w, b, problem, vp: VocabParallel, size: int, chunk: int, want_h, want_w,
-                    want_b):  # fmt: skip
+def sharded_chunked(h, w, b, problem, vp: VocabParallel, chunk: int, want_h, want_w, want_b):
     """Loss and requested gradients over vocabulary shards; see the module docstring.
 
     Returns ``(loss (0-d), grad_h, grad_w, grad_b)`` like the row-chunk path:
@@ -209,7 +210,7 @@ def sharded_chunked(h, w, b, problem, vp: VocabParallel, size: int, chunk: int, 
     from torch.distributed import ReduceOp
 
     def reduce(x, op):
-        return _all_reduce(x, op, vp.group, size)
+        return _all_reduce(x, op, vp.group)
 
     wide = torch.float64 if h.dtype == torch.float64 else torch.float32
     rows, device = h.shape[0], h.device
@@ -309,17 +310,17 @@ class VocabParallelFunction(torch.autograd.Function):
     backward scales them by the loss's gradient."""
 
     @staticmethod
-    def forward(ctx, h, w, b, problem, vp, size, chunk):
+    def forward(ctx, h, w, b, problem, vp, chunk):
         want_b = b is not None and ctx.needs_input_grad[2]
         want_h, want_w = ctx.needs_input_grad[:2]
-        loss, *grads = sharded_chunked(h, w, b, problem, vp, size, chunk, want_h, want_w, want_b)
+        loss, *grads = sharded_chunked(h, w, b, problem, vp, chunk, want_h, want_w, want_b)
         ctx.save_for_backward(*grads)
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):
         grads = [None if g is None else g * grad_out.to(g.dtype) for g in ctx.saved_tensors]
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None)
 
 
 def vocab_parallel_loss(h2, w, b, problem, vp: VocabParallel, *, hidden, teacher_hidden, labels,
@@ -350,4 +351,4 @@ def vocab_parallel_loss(h2, w, b, problem, vp: VocabParallel, *, hidden, teacher
         _check_label_range(labels, vocab, ignore_index)
     if size == 1 and PLAIN_PATH_AT_SIZE_ONE:
         return None
-    return VocabParallelFunction.apply(h2, w, b, problem, vp, size, chunk)
+    return VocabParallelFunction.apply(h2, w, b, problem, vp, chunk)
