@@ -38,6 +38,7 @@ WORLD, ACCUM, STEPS = 2, 2, 2
 #: rank 0 holds few, rank 1 many, so a per-rank mean is far from the global one.
 LABELLED = {0: [2, 5, 3, 4], 1: [14, 9, 16, 11]}
 TOPK = 5
+MAX_NORM = 0.25  # below the gradient norms here: clipping acts on the global gradient
 
 
 def rank_batches(rank: int, topk: bool) -> list[dict]:
@@ -74,7 +75,7 @@ def _train_on_ranks(rank, world, mode, alpha, topk, how, tmp):
     d = Distiller(
         student, None if topk else TinyLM(2), opt, loss=mode, alpha=alpha, temperature=T,
         span_weights=SPAN_WEIGHTS, grad_accum_steps=ACCUM, scheduler=lambda_lr(opt),
-        log_path=os.path.join(tmp, "train.jsonl"), checkpoint_dir=os.path.join(tmp, "ckpt"),
+        max_grad_norm=MAX_NORM, log_path=os.path.join(tmp, "train.jsonl"), checkpoint_dir=os.path.join(tmp, "ckpt"),
     )  # fmt: skip
     d.fit(rank_batches(rank, topk), progress=False)
     trained = {k: v.detach().clone() for k, v in dist.model_state(student).items()}
@@ -107,8 +108,10 @@ def test_two_ranks_take_the_step_of_one_process_on_the_global_batch(
     reference = TinyLM(1)
     start = copy.deepcopy(reference)
     loss_fn = sparse_loss(mode, alpha) if topk else dense_loss(TinyLM(2), mode, alpha)
-    log = hand_train(reference, steps, loss_fn)  # float64 loss on the concatenated batch
+    # float64 loss on the concatenated batch
+    log = hand_train(reference, steps, loss_fn, max_norm=MAX_NORM)
     assert max_change(start, reference) > 1e-2
+    assert any(n > MAX_NORM for n in log["norms"]), "clipping never engaged: the check is void"
 
     got = TinyLM(0)
     got.load_state_dict(results[0]["params"])
