@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ._linear import mm32
+from ._linear import addmm32_, mm32, tensor_cores
 
 #: The divergences the sharded loss computes (JSD with β 0 or 1 is a KL).
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
@@ -212,12 +212,15 @@ def sharded_chunked(h, w, b, problem, vp: VocabParallel, chunk: int, want_h, wan
     def reduce(x, op):
         return _all_reduce(x, op, vp.group)
 
-    wide = torch.float64 if h.dtype == torch.float64 else torch.float32
+    wide = torch.float64 if torch.float64 in (h.dtype, w.dtype) else torch.float32
     rows, device = h.shape[0], h.device
     inv_t, code, beta = 1.0 / problem.temperature, problem.divergence, problem.beta
     hard = problem.labels is not None and problem.ce_weight is not None
     read = problem.rows_read()
-    w_mm = w.to(wide)
+    # GEMM operands as in the row-chunk path: a 16-bit shard stays 16-bit on
+    # CUDA (fp32 accumulation, the logit gradient rounded once to its dtype);
+    # elsewhere one fp32 (float64) copy of the shard.
+    w_mm = w if tensor_cores(w, w) else w.to(wide)
     b_w = None if b is None else b.to(wide)
     grad_h = torch.zeros(h.shape, dtype=wide, device=device) if want_h else None
     grad_w = torch.zeros(w.shape, dtype=wide, device=device) if want_w else None
@@ -227,7 +230,7 @@ def sharded_chunked(h, w, b, problem, vp: VocabParallel, chunk: int, want_h, wan
         r1 = min(rows, r0 + chunk)
         keep = read[r0:r1, None]
         # Rows no term reads may hold NaN: zeros keep it out of every sum.
-        h_c = torch.where(keep, h[r0:r1], 0.0).to(wide)
+        h_c = torch.where(keep, h[r0:r1], 0.0).to(w_mm.dtype)
         z_s = mm32(h_c, w_mm.t())
         if b_w is not None:
             z_s = z_s + b_w
@@ -290,9 +293,9 @@ def sharded_chunked(h, w, b, problem, vp: VocabParallel, chunk: int, want_h, wan
             g = soft.scatter_add(1, col[:, None], -onehot[:, None]) + g
         g = torch.where(keep, g, 0.0)
         if want_h:
-            grad_h[r0:r1] = mm32(g, w_mm)
+            grad_h[r0:r1] = mm32(g.to(w_mm.dtype), w_mm)
         if want_w:
-            grad_w.addmm_(g.t(), h_c)
+            addmm32_(grad_w, g.to(w_mm.dtype).t(), h_c)
         if want_b:
             grad_b += g.sum(0)
     if want_h:  # Σ over the vocabulary = Σ over the ranks' shards
@@ -323,6 +326,7 @@ class VocabParallelFunction(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
+@torch.compiler.disable  # collectives and host syncs: eager (a graph break under torch.compile)
 def vocab_parallel_loss(h2, w, b, problem, vp: VocabParallel, *, hidden, teacher_hidden, labels,
                         ignore_index: int, chunk_given: bool):  # fmt: skip
     """The loss over this rank's shard, or None where the group has one rank

@@ -123,6 +123,13 @@ class Distiller:
 
     Batches are mappings with ``input_ids`` and ``labels`` (aligned, shifted
     inside), optionally ``attention_mask``, ``spans``, ``teacher_logits``.
+
+    The loss of an optimizer step is normalised by the labelled tokens (per
+    span type for span normalisation) of all its micro-batches on all ranks.
+    Under ``torch.distributed`` the student is wrapped in
+    DistributedDataParallel or sharded with ``fully_shard`` (FSDP2); rank 0
+    writes checkpoints and logs; the Distiller's own collectives fail after
+    ``collective_timeout`` seconds (docs/scaling.md).
     """
 
     def __init__(

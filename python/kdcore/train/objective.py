@@ -159,7 +159,7 @@ class Objective:
         if self.mode == "span":
             if batch.get("spans") is None:
                 raise KeyError("loss='span' needs batch['spans'] (span ids per token)")
-            spans = batch["spans"][:, 1:]
+            spans = _spans.validate_spans(batch["spans"][:, 1:], labels.shape, student)
             _spans.check_ids_have_weights(spans, _spans.validate_weights(self.span_weights))
         if totals is None:
             totals = self.counts(batch)
