@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from ._grad import scale_rows
 from ._linear import addmm32_, mm32, tensor_cores
 
 #: The divergences the sharded loss computes (JSD with β 0 or 1 is a KL).
@@ -165,7 +166,7 @@ def check_shards(
             problems.append(f"rank {r}'s rows [{start}, {stop}) overlap another rank's (to {edge})")
         edge = max(edge, stop)
     names = ("rows of hidden states", "student weight hidden sizes", "teacher weight hidden sizes",
-             "loss options (temperature, divergence, beta, labels, teacher)",
+             "loss options or row weights (temperature, divergence, beta, labels, spans)",
              "hidden-state gradient requests", "weight gradient requests",
              "bias gradient requests")  # fmt: skip
     for index, name in enumerate(names, start=3):
@@ -322,7 +323,7 @@ class VocabParallelFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        grads = [None if g is None else g * grad_out.to(g.dtype) for g in ctx.saved_tensors]
+        grads = [None if g is None else scale_rows(g, grad_out) for g in ctx.saved_tensors]
         return (*grads, None, None, None)
 
 
@@ -345,7 +346,9 @@ def vocab_parallel_loss(h2, w, b, problem, vp: VocabParallel, *, hidden, teacher
     chunk = problem.chunk_size if chunk_given else default_chunk(vp.width, h2.device)
     options = (problem.temperature, problem.divergence, problem.beta,
                problem.labels is None, problem.ce_weight is None,
-               problem.teacher_logits is None, b is None, problem.teacher_bias is None)  # fmt: skip
+               problem.teacher_logits is None, b is None, problem.teacher_bias is None,
+               # the row weights carry labels, spans and the reduction (a host sync)
+               problem.div_weight.double().sum().item())  # fmt: skip
     vocab, size, chunk = check_shards(
         vp, vocab_s=w.shape[0], vocab_t=teacher_vocab, rows=h2.shape[0], hidden=hidden,
         teacher_hidden=teacher_hidden, options=options, want=want, chunk=chunk,
