@@ -195,3 +195,23 @@ def test_one_process_accumulation_normalises_over_the_whole_step(mode, alpha):
         means = TinyLM(1)
         hand_train(means, micros, dense_loss(teacher, mode, alpha), accum=4)
         assert max_change(means, reference) > 1e-3
+
+
+def test_distributed_sampler_epochs_and_timeout_argument():
+    class Sampler:
+        def __init__(self) -> None:
+            self.epochs: list[int] = []
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epochs.append(epoch)
+
+    class Loader(list):
+        sampler = Sampler()
+
+    loader = Loader(rank_batches(0, False)[:2])
+    student = TinyLM(1)
+    d = Distiller(student, None, sgd(student), loss="sft")
+    d.fit(loader, epochs=3, progress=False)
+    assert loader.sampler.epochs == [0, 1, 2]  # each epoch's order, as DistributedSampler needs
+    with pytest.raises(ValueError, match="collective_timeout"):
+        Distiller(student, None, sgd(student), loss="sft", collective_timeout=0)

@@ -233,6 +233,10 @@ def _sharded_on_ranks(rank, world):
             )  # fmt: skip
         ),
     }
+    other_labels = dict(case, labels=torch.roll(case["labels"], rank))  # rank 1's differ
+    errors["labels_across_ranks"] = _expect_error(
+        lambda: shard_loss(other_labels, opts, start, stop)
+    )
     after = shard_loss(case, opts, start, stop)  # the group still works
     return {"results": results, "errors": errors, "after": after}
 
@@ -255,6 +259,7 @@ def test_two_ranks_match_the_full_vocabulary_loss(tmp_path):
         assert "no rank holds vocabulary rows [15, 16)" in errors["gap"], errors
         assert "weight shard has 7 columns" in errors["weight_hidden"] or rank == 0, errors
         assert "rank 1 does not fit its own shard" in errors["weight_hidden"], errors
+        assert "row weights" in errors["labels_across_ranks"], errors
         assert (
             "student weight hidden sizes differ across ranks: [6, 7]"
             in (errors["hidden_across_ranks"])

@@ -327,6 +327,15 @@ class VocabParallelFunction(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
+def _rows_fingerprint(problem) -> list[float]:
+    """Position-weighted sums of the row weights and labels (a host sync): they
+    differ across ranks when the ranks' labels or spans do."""
+    position = torch.arange(1, problem.div_weight.shape[0] + 1, device=problem.div_weight.device)
+    rows = [problem.div_weight, problem.ce_weight, problem.labels]
+    sums = [(x.double() * position).sum() for x in rows if x is not None]
+    return torch.stack(sums).tolist()
+
+
 @torch.compiler.disable  # collectives and host syncs: eager (a graph break under torch.compile)
 def vocab_parallel_loss(h2, w, b, problem, vp: VocabParallel, *, hidden, teacher_hidden, labels,
                         ignore_index: int, chunk_given: bool):  # fmt: skip
@@ -347,8 +356,7 @@ def vocab_parallel_loss(h2, w, b, problem, vp: VocabParallel, *, hidden, teacher
     options = (problem.temperature, problem.divergence, problem.beta,
                problem.labels is None, problem.ce_weight is None,
                problem.teacher_logits is None, b is None, problem.teacher_bias is None,
-               # the row weights carry labels, spans and the reduction (a host sync)
-               problem.div_weight.double().sum().item())  # fmt: skip
+               _rows_fingerprint(problem))  # fmt: skip
     vocab, size, chunk = check_shards(
         vp, vocab_s=w.shape[0], vocab_t=teacher_vocab, rows=h2.shape[0], hidden=hidden,
         teacher_hidden=teacher_hidden, options=options, want=want, chunk=chunk,
