@@ -336,11 +336,11 @@ def _rows_fingerprint(problem) -> list[float]:
     return torch.stack(sums).tolist()
 
 
-@torch.compiler.disable  # collectives and host syncs: eager (a graph break under torch.compile)
 def vocab_parallel_loss(h2, w, b, problem, vp: VocabParallel, *, hidden, teacher_hidden, labels,
                         ignore_index: int, chunk_given: bool):  # fmt: skip
     """The loss over this rank's shard, or None where the group has one rank
-    (its shard is the whole vocabulary: the plain fused path runs)."""
+    (its shard is the whole vocabulary: the plain fused path runs). Eager
+    mode: collectives and host syncs."""
     from .distillation import _check_label_range
 
     def needs(x):
