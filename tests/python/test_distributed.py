@@ -75,7 +75,8 @@ def _train_on_ranks(rank, world, mode, alpha, topk, how, tmp):
     d = Distiller(
         student, None if topk else TinyLM(2), opt, loss=mode, alpha=alpha, temperature=T,
         span_weights=SPAN_WEIGHTS, grad_accum_steps=ACCUM, scheduler=lambda_lr(opt),
-        max_grad_norm=MAX_NORM, log_path=os.path.join(tmp, "train.jsonl"), checkpoint_dir=os.path.join(tmp, "ckpt"),
+        max_grad_norm=MAX_NORM, log_path=os.path.join(tmp, "train.jsonl"),
+        checkpoint_dir=os.path.join(tmp, "ckpt"),
     )  # fmt: skip
     d.fit(rank_batches(rank, topk), progress=False)
     trained = {k: v.detach().clone() for k, v in dist.model_state(student).items()}
@@ -99,11 +100,26 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("mode", "alpha", "topk", "how"), CASES)
-def test_two_ranks_take_the_step_of_one_process_on_the_global_batch(
-    tmp_path, mode, alpha, topk, how
-):
-    results = values(run(_train_on_ranks, WORLD, tmp_path, mode, alpha, topk, how, str(tmp_path)))
+def _every_case(rank, world, tmp):
+    """All CASES in one pair of processes (starting processes is the slow part)."""
+    return [
+        _train_on_ranks(rank, world, *case, os.path.join(tmp, str(i)))
+        for i, case in enumerate(CASES)
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ranks")
+    return tmp, values(run(_every_case, WORLD, tmp, str(tmp), timeout_s=240))
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=["-".join(map(str, c)) for c in CASES])
+def test_two_ranks_take_the_step_of_one_process_on_the_global_batch(trained, index):
+    mode, alpha, topk, _ = CASES[index]
+    tmp, outs = trained
+    tmp = tmp / str(index)
+    results = [out[index] for out in outs]
     steps = global_batches(topk)
     reference = TinyLM(1)
     start = copy.deepcopy(reference)
@@ -117,10 +133,10 @@ def test_two_ranks_take_the_step_of_one_process_on_the_global_batch(
     got.load_state_dict(results[0]["params"])
     assert_params_close(got, reference)
     assert all(r["resumed_equal"] and r["step"] == STEPS for r in results)
-    files = os.listdir(tmp_path / "ckpt")
+    files = os.listdir(tmp / "ckpt")
     assert files == ["last.pt"], files
     # One log, written by rank 0, with the global step's loss and tokens.
-    records = read_log(tmp_path / "train.jsonl")
+    records = read_log(tmp / "train.jsonl")
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     for rec, batch, loss in zip(records, steps, log["loss"], strict=True):
         assert rec["tokens"] == n_tokens(batch)
