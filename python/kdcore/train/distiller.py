@@ -227,19 +227,20 @@ class Distiller:
             return model_logits(self.teacher, batch)
 
     def compute_loss(
-        self, batch: Mapping[str, Any], totals: torch.Tensor | None = None
+        self, batch: Mapping[str, Any], totals: torch.Tensor | None = None, scale: float = 1.0
     ) -> tuple[torch.Tensor, dict]:
         """The loss and its detached components on one batch (no backward).
 
         ``totals``: the denominators of the optimizer step (see
         :meth:`step_totals`); None normalises over this batch alone.
+        ``scale`` multiplies the loss (not the components).
         """
         _check_batch(batch)
         batch = self._to_device(batch)
         teacher = self._teacher_logits(batch)
         with self._autocast():
             logits = model_logits(self.student, batch)
-        return self.objective(logits, teacher, batch, totals)
+        return self.objective(logits, teacher, batch, totals, scale)
 
     def step_totals(self, batches: Iterable[Mapping[str, Any]]) -> torch.Tensor | None:
         """The loss's denominators over ``batches`` on every rank: labelled
@@ -282,22 +283,22 @@ class Distiller:
     def _step(self, batch, totals: torch.Tensor | None, fraction: float) -> dict[str, Any]:
         """One micro-batch whose loss weighs ``fraction`` of a step normalised by ``totals``."""
         self.student.train()
-        loss, comps = self.compute_loss(batch, totals)
+        if totals is None:  # a callable's own mean per micro-batch; DDP averages it over ranks
+            fraction = factor = 1.0 / self.grad_accum_steps
+        else:  # the factor goes into the row weights: no extra pass over the gradients
+            factor = fraction * self._rank_factor
+        loss, comps = self.compute_loss(batch, totals, factor)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite loss {loss.item()} at micro-batch {self.state.micro}; "
                 "the optimizer was not stepped"
             )
-        if totals is None:  # a callable's own mean per micro-batch; DDP averages it over ranks
-            fraction = factor = 1.0 / self.grad_accum_steps
-        else:
-            factor = fraction * self._rank_factor
-        (loss * factor if factor != 1.0 else loss).backward()
+        loss.backward()
         tokens = int((batch["labels"][:, 1:] != self.objective.ignore_index).sum())
         self.state.micro += 1
         self.state.tokens += tokens
         self._pending += 1
-        share = loss.item() * fraction
+        share = loss.item() / factor * fraction  # this micro-batch's share of the step's loss
         self._window_loss += share
         stepped = self._pending == self.grad_accum_steps
         if stepped:

@@ -138,6 +138,7 @@ class Objective:
         teacher: torch.Tensor | None,
         batch: Mapping,
         totals: torch.Tensor | None = None,
+        scale: float = 1.0,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss and detached components for full (unshifted) logits.
 
@@ -145,6 +146,8 @@ class Objective:
         (:meth:`counts` summed over its micro-batches and ranks); the loss
         and every component are then this batch's share of the step's values
         (they sum to them). None: this batch's own counts (its mean loss).
+        ``scale`` multiplies the loss (not the components) inside the row
+        weights, so the kernels' gradients need no second pass.
         """
         student = logits[:, :-1]
         labels = batch["labels"][:, 1:]
@@ -154,90 +157,103 @@ class Objective:
             teacher = student.detach()  # the divergence has weight 0: CE alone, span-weighted
         if callable(self.mode):
             out = self.mode(student, teacher, batch)
-            return out if isinstance(out, tuple) else (out, {})
+            loss, comps = out if isinstance(out, tuple) else (out, {})
+            return (loss * scale if scale != 1.0 else loss), comps
         spans = None
         if self.mode == "span":
             if batch.get("spans") is None:
                 raise KeyError("loss='span' needs batch['spans'] (span ids per token)")
             spans = _spans.validate_spans(batch["spans"][:, 1:], labels.shape, student)
             _spans.check_ids_have_weights(spans, _spans.validate_weights(self.span_weights))
-        if totals is None:
-            totals = self.counts(batch)
-        scale = self.row_scale(labels, spans, totals.to(labels.device))
+        local = self.counts(batch)
+        totals = local if totals is None else totals.to(local.device)
         if self.mode == "sft":
             safe = torch.where(labels != self.ignore_index, labels, 0)
             ce_rows = F.cross_entropy(
                 student.reshape(-1, student.shape[-1]).float(), safe.reshape(-1), reduction="none"
             )
-            ce = (ce_rows * scale.reshape(-1)).sum()
-            return ce, {"ce": ce.detach()}
+            ce = (ce_rows * self.row_scale(labels, None, totals).reshape(-1)).sum()
+            return ce * scale if scale != 1.0 else ce, {"ce": ce.detach()}
         if "teacher_ids" in batch:
-            div_rows = self._sparse_rows(student, scale, batch)
-            ce_rows = None
-            if self.alpha > 0:
-                safe = torch.where(labels != self.ignore_index, labels, 0)
-                ce_rows = F.cross_entropy(
-                    student.reshape(-1, student.shape[-1]).float(), safe.reshape(-1),
-                    reduction="none",
-                ).reshape(labels.shape)  # fmt: skip
-                rows = (1.0 - self.alpha) * div_rows + self.alpha * ce_rows
-            else:
-                rows = (1.0 - self.alpha) * div_rows
-        else:
-            if teacher is None:
-                raise ValueError(
-                    f"loss={self.mode!r} needs a teacher model, batch['teacher_logits'] or a "
-                    "stored top-k teacher (batch['teacher_ids'] and batch['teacher_logprobs'])"
-                )
-            rows, parts = distillation_loss(
-                student, teacher, labels, alpha=self.alpha, temperature=self.temperature,
-                divergence=self.divergence, beta=self.beta, ignore_index=self.ignore_index,
-                reduction="none", return_components=True,
-            )  # fmt: skip
-            div_rows, ce_rows = parts["divergence"], parts["ce"]
-        loss = (rows * scale).sum()
-        dense = "teacher_ids" not in batch
-        return loss, self._components(div_rows, ce_rows, scale, spans, totals, dense)
+            return self._sparse(student, labels, spans, totals, scale, batch)
+        if teacher is None:
+            raise ValueError(
+                f"loss={self.mode!r} needs a teacher model, batch['teacher_logits'] or a "
+                "stored top-k teacher (batch['teacher_ids'] and batch['teacher_logprobs'])"
+            )
+        return self._dense(student, teacher, labels, spans, local, totals, scale)
 
-    def _components(self, div_rows, ce_rows, scale, spans, totals, dense: bool) -> dict:
-        """Detached shares of the step's CE, divergence and per-span mean divergences
-        (NaN for a term of weight 0 or a span without tokens in the step)."""
-        nan = torch.full((), math.nan, dtype=torch.float32, device=scale.device)
+    def _slot_weights(self, totals: torch.Tensor) -> dict[int, float]:
+        """The weight of one row of each slot (span id; 0 without spans) in the step."""
+        if self.mode != "span":
+            return {0: 1.0 / max(float(totals[0]), 1.0)}
+        weights = _spans.validate_weights(self.span_weights)
+        if self.normalize == "span":
+            return {k: w / max(float(totals[k]), 1.0) for k, w in weights.items()}
+        return {k: w / max(float(totals[-1]), 1.0) for k, w in weights.items()}
 
-        def share(rows, weight):
-            if weight == 0 or rows is None:
-                return nan
-            return torch.where(scale > 0, rows.detach().float() * scale, 0.0).sum()
-
-        comps: dict = {"divergence": share(div_rows, 1.0 - self.alpha)}
-        if dense or self.alpha > 0:  # a dense loss reports both terms
-            comps["ce"] = share(ce_rows, self.alpha)
+    def _dense(self, student, teacher, labels, spans, local, totals, scale):
+        """distillation_loss with the step's row weights inside the kernel: a
+        slot's span weight becomes (its row weight) × (its rows here), which
+        the per-span normalisation divides back by the rows here."""
+        per_row = self._slot_weights(totals)
+        here = {k: float(local[k]) if spans is not None else float(local[0]) for k in per_row}
+        kernel_weights = {k: scale * c * here[k] for k, c in per_row.items()}
+        ids = spans if spans is not None else torch.zeros_like(labels)
+        loss, parts = distillation_loss(
+            student, teacher, labels, alpha=self.alpha, temperature=self.temperature,
+            divergence=self.divergence, beta=self.beta, ignore_index=self.ignore_index,
+            spans=ids, span_weights=kernel_weights, normalize="span", return_components=True,
+        )  # fmt: skip
+        comps = {"ce": parts["ce"] / scale, "divergence": parts["divergence"] / scale}
         if spans is None:
-            return comps
-        _, index = self._span_index(spans)
-        scored = scale.reshape(-1) > 0  # labelled rows of a span of positive weight
+            return loss, comps
+        nan = torch.full((), math.nan, dtype=torch.float32, device=student.device)
         for k, w in sorted(_spans.validate_weights(self.span_weights).items()):
             if w <= 0:
                 continue
-            n = totals[k] if k < totals.numel() - 1 else totals.new_zeros(())
-            if self.alpha == 1.0 or n <= 0:
-                comps[_spans.span_name(k)] = nan
-                continue
-            sel = (index == k) & scored
-            d = div_rows.detach().reshape(-1).double()
-            comps[_spans.span_name(k)] = (torch.where(sel, d, 0.0).sum() / n).float()
-        return comps
+            name = _spans.span_name(k)
+            if self.alpha == 1.0 or float(totals[k]) <= 0:
+                comps[name] = nan  # not computed, or no such tokens in the whole step
+            elif here[k] == 0:
+                comps[name] = torch.zeros((), dtype=torch.float32, device=student.device)
+            else:  # this batch's mean -> its share of the step's mean
+                comps[name] = parts[name] * (here[k] / float(totals[k]))
+        return loss, comps
 
-    def _sparse_rows(self, student, scale, batch) -> torch.Tensor:
-        """Per-row sparse KL (T² included) against the stored top-k teacher."""
+    def _sparse(self, student, labels, spans, totals, scale, batch):
+        """Per-row sparse KL (T² included) against the stored top-k teacher,
+        weighted here by the step's row weights (for the CE term too)."""
         if self.divergence != "kl":
             raise ValueError(
                 f"a stored top-k teacher trains with divergence='kl'; got {self.divergence!r}"
             )
-        ids = batch["teacher_ids"][:, :-1]
-        logprobs = batch["teacher_logprobs"][:, :-1]
-        return sparse_kl_loss(
-            student, ids, logprobs, temperature=self.temperature,
-            teacher_temperature=self.teacher_temperature, tail=self.tail,
-            mask=(scale > 0), reduction="none",
+        w_row = self.row_scale(labels, spans, totals)
+        rows = sparse_kl_loss(
+            student, batch["teacher_ids"][:, :-1], batch["teacher_logprobs"][:, :-1],
+            temperature=self.temperature, teacher_temperature=self.teacher_temperature,
+            tail=self.tail, mask=(w_row > 0), reduction="none",
         )  # fmt: skip
+        div = torch.where(w_row > 0, rows * w_row, 0.0).sum()
+        comps: dict = {"divergence": div.detach()}
+        loss = (1.0 - self.alpha) * div
+        if self.alpha > 0:
+            safe = torch.where(labels != self.ignore_index, labels, 0)
+            ce_rows = F.cross_entropy(
+                student.reshape(-1, student.shape[-1]).float(), safe.reshape(-1), reduction="none"
+            )
+            ce = (ce_rows * w_row.reshape(-1)).sum()
+            comps["ce"] = ce.detach()
+            loss = loss + self.alpha * ce
+        if spans is not None:
+            _, index = self._span_index(spans)
+            scored = w_row.reshape(-1) > 0
+            d = rows.detach().reshape(-1).double()
+            for k, w in sorted(_spans.validate_weights(self.span_weights).items()):
+                if w > 0:
+                    n = float(totals[k])
+                    share = torch.where((index == k) & scored, d, 0.0).sum() / n if n > 0 else None
+                    comps[_spans.span_name(k)] = (
+                        share.float() if share is not None else torch.tensor(math.nan)
+                    )
+        return (loss * scale if scale != 1.0 else loss), comps
