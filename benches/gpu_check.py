@@ -20,7 +20,8 @@ compilation).
    torch.compile of it (vs Liger-Kernel's KLDiv when importable), against the
    copy floor (read student, read teacher, write gradient at the device-copy
    bandwidth measured in this run); then JSD, distillation_loss and span_loss
-   relative to KL at 8192 x 128256.
+   relative to KL at 8192 x 128256; the fused linear loss, plain and with
+   kdcore.VocabParallel on a one-rank NCCL group.
 
 Prints a table and writes JSON. Exits 1 if a correctness check failed.
 """
@@ -316,6 +317,10 @@ def correctness(quick: bool) -> None:
     _triton.set_block(None)
     check("rows x V > 2^31 (int64 offsets), last rows vs reference", int64_offsets, gen)
     free()
+    shape = {} if DEV == "cuda" else {"rows": 16, "vocab": 300, "hs": 32, "ht": 24}
+    check("fused linear with VocabParallel on a one-rank group vs float64", vocab_parallel_check,
+          **shape)  # fmt: skip
+    free()
 
 
 # ------------------------------------------------------------- benchmarks
@@ -502,6 +507,107 @@ def fused_linear_case(args, results: list[dict], rows=8192, vocab=128256, hs=204
         free()
 
 
+def one_rank_group() -> None:
+    """A process group of this process alone (NCCL on CUDA, gloo on the CPU)."""
+    import socket
+
+    dist = torch.distributed
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    backend = "nccl" if DEV == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def vocab_parallel_check(rows=256, vocab=32000, hs=1024, ht=1536):
+    """kdcore.VocabParallel on a one-rank group: the sharded arithmetic (forced;
+    its all-reduces go through NCCL) against float64 on the full vocabulary,
+    forward / reverse KL and JSD with hard labels, bf16 inputs."""
+    import kdcore
+    from kdcore.ops import vocab_parallel as vp_module
+
+    one_rank_group()
+    gen = torch.Generator(device=DEV).manual_seed(5)
+    h = (torch.randn(rows, hs, generator=gen, device=DEV) * 0.5).to(torch.bfloat16)
+    w = (torch.randn(vocab, hs, generator=gen, device=DEV) / hs**0.5).to(torch.bfloat16)
+    b = (torch.randn(vocab, generator=gen, device=DEV) * 0.1).to(torch.bfloat16)
+    th = (torch.randn(rows, ht, generator=gen, device=DEV) * 0.5).to(torch.bfloat16)
+    tw = (torch.randn(vocab, ht, generator=gen, device=DEV) / ht**0.5).to(torch.bfloat16)
+    labels = torch.randint(0, vocab, (rows,), generator=gen, device=DEV)
+    labels[::7] = -100
+    problems = []
+    for divergence, beta in (("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)):
+        hk, wk, bk = (x.clone().requires_grad_() for x in (h, w, b))
+        vp_module.PLAIN_PATH_AT_SIZE_ONE = False
+        try:
+            loss = kdcore.fused_linear_distillation_loss(
+                hk, wk, student_bias=bk, teacher_hidden=th, teacher_weight=tw, labels=labels,
+                alpha=0.3, divergence=divergence, beta=beta, temperature=T,
+                vocab_parallel=kdcore.VocabParallel(0, vocab),
+            )  # fmt: skip
+            grads = torch.autograd.grad(loss, (hk, wk, bk))
+        finally:
+            vp_module.PLAIN_PATH_AT_SIZE_ONE = True
+        wide = [x.double().detach().requires_grad_() for x in (h, w, b)]
+        ref = kdcore.reference.distillation_loss(
+            wide[0] @ wide[1].t() + wide[2], th.double() @ tw.double().t(), labels, alpha=0.3,
+            divergence=divergence, beta=beta, temperature=T,
+        )  # fmt: skip
+        refs = torch.autograd.grad(ref, wide)
+        if abs(loss.item() - ref.item()) > 1e-4 * abs(ref.item()) + 1e-5:
+            problems.append(f"{divergence}: loss {loss.item()} vs {ref.item()}")
+        for name, got, exp in zip(("hidden", "weight", "bias"), grads, refs, strict=True):
+            err = (got.double() - exp).abs().max().item()
+            if err > 2**-7 * exp.abs().max().item():  # bf16 result + bf16 GEMM operands
+                problems.append(f"{divergence}: grad {name} error {err:.3e}")
+    return problems
+
+
+def vocab_parallel_case(args, results: list[dict], rows=8192, vocab=128256, hs=2048, ht=4096):
+    """Time of the fused linear loss with VocabParallel(0, V) on a one-rank group
+    (the plain path: the cost of the checks alone) and of the sharded arithmetic
+    forced there, next to the plain loss."""
+    import kdcore
+    from kdcore.ops import vocab_parallel as vp_module
+
+    one_rank_group()
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    h = (torch.randn(rows, hs, generator=gen, device="cuda") * 0.5).to(torch.bfloat16)
+    w = (torch.randn(vocab, hs, generator=gen, device="cuda") / hs**0.5).to(torch.bfloat16)
+    th = (torch.randn(rows, ht, generator=gen, device="cuda") * 0.5).to(torch.bfloat16)
+    tw = (torch.randn(vocab, ht, generator=gen, device="cuda") / ht**0.5).to(torch.bfloat16)
+    h.requires_grad_()
+    w.requires_grad_()
+
+    def run(vp):
+        loss = kdcore.fused_linear_distillation_loss(
+            h, w, teacher_hidden=th, teacher_weight=tw, temperature=T, vocab_parallel=vp
+        )
+        return torch.autograd.grad(loss, (h, w))
+
+    variants = (("kdcore fused linear kl (plain)", None, True),
+                ("kdcore fused linear kl (VocabParallel, 1 rank)", kdcore.VocabParallel(0, vocab),
+                 True),
+                ("kdcore fused linear kl (sharded arithmetic, 1 rank)",
+                 kdcore.VocabParallel(0, vocab), False))  # fmt: skip
+    for name, vp, plain in variants:
+        row = {"shape": [rows, hs, ht, vocab], "impl": name}
+        vp_module.PLAIN_PATH_AT_SIZE_ONE = plain
+        try:
+            ms, gib = measure(lambda vp=vp: run(vp), args.rep_ms)
+            row.update(ms=round(ms, 3), peak_extra_gib=round(gib, 3))
+        except Exception as exc:
+            traceback.print_exc()
+            row["error"] = repr(exc)[:300]
+        finally:
+            vp_module.PLAIN_PATH_AT_SIZE_ONE = True
+        results.append(row)
+        log(row)
+        free()
+
+
 def gemm_paths() -> dict:
     """Whether this torch runs the 16-bit x 16-bit -> fp32 GEMMs the fused
     linear loss asks for (else it widens the operands: slower, more memory)."""
@@ -534,6 +640,8 @@ def benchmarks(args, tbps: float, results: list[dict]) -> None:
         bench_shape(args, rows, vocab, i == 0, tbps, results)
         free()
     fused_linear_case(args, results)
+    free()
+    vocab_parallel_case(args, results)
     free()
 
 

@@ -18,6 +18,7 @@ from .ops.kl import jsd_loss, kl_loss, tvd_loss
 from .ops.softmax import log_softmax, softmax
 from .ops.span import span_loss
 from .ops.sparse import sparse_kl_loss
+from .ops.vocab_parallel import VocabParallel
 from .spans import DEFAULT_SPAN_WEIGHTS, Span
 
 __version__ = "0.1.0"
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_SPAN_WEIGHTS",
     "Span",
+    "VocabParallel",
     "distillation_loss",
     "empty_cache",
     "fused_linear_distillation_loss",

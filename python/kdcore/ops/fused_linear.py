@@ -18,6 +18,7 @@ from .fused import DIVERGENCES
 from .fused_linear_vocab import default_slice, vocab_chunked
 from .kl import beta_value, kernel_divergence
 from .sparse import TAILS, _validate_teacher
+from .vocab_parallel import VocabParallel, reject_unsupported, vocab_parallel_loss
 
 #: fp32 bytes of logits (student, teacher, gradient) one chunk may hold: a
 #: CPU chunk stays in cache-friendly sizes, a GPU chunk must be big enough for
@@ -277,6 +278,7 @@ def fused_linear_distillation_loss(
     pad_vocab: bool = False,
     chunk_size: int | None = None,
     chunk_over: str = "rows",
+    vocab_parallel: VocabParallel | None = None,
 ) -> torch.Tensor:
     r"""``distillation_loss`` on ``student_hidden @ student_weight.T (+ bias)``
     without ever holding the full (tokens × vocab) logits.
@@ -315,12 +317,29 @@ def fused_linear_distillation_loss(
     ``"sum"``; ``"none"`` is not offered (the weight gradient is summed over
     rows as it is computed). ``alpha > 0`` needs ``labels``.
     On devices without a kernel (and for float64) the unfused reference runs.
+
+    ``vocab_parallel=kdcore.VocabParallel(start, stop, group)``: a
+    tensor-parallel head. Each rank of ``group`` passes its rows
+    ``[start, stop)`` of ``student_weight`` (and ``teacher_weight`` or the
+    columns of ``teacher_logits``) and of the biases; ``student_hidden`` and
+    ``labels`` (global token ids) are the same on every rank. Row maxima,
+    log-partitions and divergence sums are all-reduced over the group
+    (kdcore.ops.vocab_parallel), so every rank gets the full-vocabulary loss;
+    the hidden-state gradient is all-reduced too (the full gradient on every
+    rank: do not reduce it again), the weight and bias gradients are this
+    rank's slices. ``"kl"``, ``"reverse_kl"``, ``"jsd"``, hard labels and
+    spans; eager mode. A group of one rank runs the plain path.
     """
+    if vocab_parallel is not None:
+        reject_unsupported(
+            vocab_parallel, teacher_topk=teacher_topk, chunk_over=chunk_over,
+            pad_vocab=pad_vocab, divergence=divergence,
+        )  # fmt: skip
     h = _matrix("student_hidden", student_hidden, student_hidden.dim())
     if h.dim() < 2:
         raise ValueError(f"student_hidden must have shape (..., H), got {tuple(h.shape)}")
     w = _matrix("student_weight", student_weight, 2)
-    if w.shape[1] != h.shape[-1]:
+    if w.shape[1] != h.shape[-1] and vocab_parallel is None:  # sharded: checked on every rank
         raise ValueError(
             f"student_weight must have shape (V, {h.shape[-1]}) for student_hidden "
             f"{tuple(h.shape)}, got {tuple(w.shape)}"
@@ -372,7 +391,8 @@ def fused_linear_distillation_loss(
             raise ValueError("teacher_hidden and teacher_weight go together")
         th = _matrix("teacher_hidden", teacher_hidden, teacher_hidden.dim())
         tw = _matrix("teacher_weight", teacher_weight, 2)
-        if th.shape[:-1] != lead or tw.shape[1] != th.shape[-1]:
+        sizes_differ = tw.shape[1] != th.shape[-1] and vocab_parallel is None
+        if th.shape[:-1] != lead or sizes_differ:
             raise ValueError(
                 f"teacher_hidden {tuple(th.shape)} and teacher_weight {tuple(tw.shape)} do not "
                 f"fit student_hidden {tuple(h.shape)}"
@@ -382,7 +402,7 @@ def fused_linear_distillation_loss(
             _bias("teacher_bias", teacher_bias, vocab_t, "teacher_weight")
     if teacher_bias is not None and teacher_weight is None:
         raise ValueError("teacher_bias goes with teacher_hidden and teacher_weight")
-    if vocab_s != vocab_t and not pad_vocab:
+    if vocab_s != vocab_t and not pad_vocab and vocab_parallel is None:  # sharded: collective
         raise ValueError(
             f"student vocabulary {vocab_s} != teacher vocabulary {vocab_t}; pass pad_vocab=True "
             "to pad the smaller one with -inf logits (zero probability)"
@@ -390,8 +410,8 @@ def fused_linear_distillation_loss(
     vocab = max(vocab_s, vocab_t)
     if labels is not None:
         labels = _validate.labels(labels, lead, h)
-        if _modes.inspectable(labels, h):
-            _check_label_range(labels, vocab_s, ignore_index)
+        if _modes.inspectable(labels, h) and vocab_parallel is None:
+            _check_label_range(labels, vocab_s, ignore_index)  # sharded: global ids
     elif a > 0:
         raise ValueError(f"alpha={a} weights a hard-label term: pass labels")
 
@@ -443,6 +463,15 @@ def fused_linear_distillation_loss(
         None if topk is None else topk[0], None if topk is None else topk[1],
         safe, div_w, ce_w, t, t0, tail, code, beta, vocab, chunk, chunk_over,
     )  # fmt: skip
+    if vocab_parallel is not None:
+        t_sizes = (0, 0) if teacher_hidden is None else (th.shape[-1], tw.shape[1])
+        loss = vocab_parallel_loss(
+            h2, w, student_bias, problem, vocab_parallel, hidden=(h.shape[-1], w.shape[1]),
+            teacher_hidden=t_sizes, labels=labels, ignore_index=ignore_index,
+            chunk_given=chunk_size is not None,
+        )  # fmt: skip
+        if loss is not None:
+            return loss
     if _modes.backend(h, w) not in ("rust", "triton", "meta"):
         return _unfused(h2, w, student_bias, problem, divergence)
     if not _modes.registered_op(h2):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import math
 import os
 import time
@@ -26,6 +27,7 @@ from torch import nn
 
 from .. import _validate
 from ..spans import Span
+from . import distributed as dist
 from .io import CheckpointError, JsonlLog, atomic_save, load_checkpoint
 from .objective import LossFn, Objective
 
@@ -48,8 +50,9 @@ class TrainState:
 
 
 def _takes_attention_mask(model: nn.Module) -> bool:
+    # A DDP wrapper's forward(*inputs, **kwargs) says nothing: ask the model inside.
     try:
-        params = inspect.signature(model.forward).parameters.values()
+        params = inspect.signature(dist.unwrap(model).forward).parameters.values()
     except (TypeError, ValueError):
         return True
     return any(p.name == "attention_mask" or p.kind is p.VAR_KEYWORD for p in params)
@@ -124,6 +127,13 @@ class Distiller:
 
     Batches are mappings with ``input_ids`` and ``labels`` (aligned, shifted
     inside), optionally ``attention_mask``, ``spans``, ``teacher_logits``.
+
+    The loss of an optimizer step is normalised by the labelled tokens (per
+    span type for span normalisation) of all its micro-batches on all ranks.
+    Under ``torch.distributed`` the student is wrapped in
+    DistributedDataParallel or sharded with ``fully_shard`` (FSDP2); rank 0
+    writes checkpoints and logs; the Distiller's own collectives fail after
+    ``collective_timeout`` seconds (docs/scaling.md).
     """
 
     def __init__(
@@ -150,6 +160,7 @@ class Distiller:
         log_path: str | os.PathLike | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_every: int = 0,
+        collective_timeout: float = dist.DEFAULT_TIMEOUT_S,
     ) -> None:
         if optimizer is None:
             raise ValueError("Distiller needs an optimizer over the student's parameters")
@@ -161,6 +172,9 @@ class Distiller:
             raise ValueError(f"checkpoint_every must be >= 0; got {checkpoint_every}")
         if checkpoint_every and checkpoint_dir is None:
             raise ValueError("checkpoint_every needs a checkpoint_dir")
+        if not collective_timeout > 0:
+            raise ValueError(f"collective_timeout must be > 0 seconds; got {collective_timeout!r}")
+        dist.check_student(student)
         self.objective = Objective(
             mode=loss, alpha=alpha, temperature=temperature, divergence=divergence, beta=beta,
             span_weights=span_weights, normalize=normalize, ignore_index=ignore_index,
@@ -175,6 +189,10 @@ class Distiller:
         self.log_path = None if log_path is None else Path(log_path)
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.checkpoint_every = checkpoint_every
+        self.collective_timeout = float(collective_timeout)
+        # DDP and FSDP2 average gradients over ranks; the loss is this rank's
+        # share of the global sum, so it is scaled back to a sum.
+        self._rank_factor = dist.world_size() if dist.averages_gradients(student) else 1
         self.state = TrainState()
         self._pending = 0  # micro-batches accumulated since the last optimizer step
         self._window_loss = 0.0  # their summed losses (ReduceLROnPlateau's metric)
@@ -216,55 +234,103 @@ class Distiller:
         with torch.no_grad(), self._autocast():
             return model_logits(self.teacher, batch)
 
-    def compute_loss(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict]:
-        """The loss and its detached components on one batch (no backward)."""
+    def compute_loss(
+        self, batch: Mapping[str, Any], totals: torch.Tensor | None = None, scale: float = 1.0
+    ) -> tuple[torch.Tensor, dict]:
+        """The loss and its detached components on one batch (no backward).
+
+        ``totals``: the denominators of the optimizer step (see
+        :meth:`step_totals`); None normalises over this batch alone.
+        ``scale`` multiplies the loss (not the components).
+        """
         _check_batch(batch)
         batch = self._to_device(batch)
         teacher = self._teacher_logits(batch)
         with self._autocast():
             logits = model_logits(self.student, batch)
-        return self.objective(logits, teacher, batch)
+        return self.objective(logits, teacher, batch, totals, scale)
 
-    def step(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+    def step_totals(self, batches: Iterable[Mapping[str, Any]]) -> torch.Tensor | None:
+        """The loss's denominators over ``batches`` on every rank: labelled
+        tokens (per span type with ``loss="span"``), summed over the batches
+        and all-reduced over the process group (None for a callable loss)."""
+        counts = None
+        for batch in batches:
+            _check_batch(batch)
+            c = self.objective.counts(batch)
+            if c is None:
+                return None
+            counts = c.cpu() if counts is None else counts + c.cpu()
+        if counts is None:
+            raise ValueError("step_totals needs at least one batch")
+        return dist.all_reduce_sum(counts, "the step's token counts", self.collective_timeout)
+
+    def step(
+        self, batch: Mapping[str, Any], *, totals: torch.Tensor | None = None
+    ) -> dict[str, Any]:
         """Forward, loss and backward on one micro-batch; optimizer step when due.
 
+        The loss is normalised by ``totals`` — by default this micro-batch's
+        labelled tokens over all ranks, each of the ``grad_accum_steps``
+        micro-batches then weighing ``1 / grad_accum_steps``. Pass
+        ``totals=distiller.step_totals(window)`` for each micro-batch of a
+        ``window`` (the step's micro-batches on this rank) to normalise over
+        the whole step, as ``fit`` does.
+
         Returns ``{"loss", <components>, "tokens", "stepped", "step"}`` as
-        Python numbers (one host sync per call, for logging).
+        Python numbers (one host sync per call, for logging): ``loss`` and
+        the components are this micro-batch's share of the step's values on
+        this rank (with one process and no accumulation: the batch's loss).
         """
+        _check_batch(batch)
+        if totals is None:
+            totals = self.step_totals([batch])
+            return self._step(batch, totals, 1.0 / self.grad_accum_steps)
+        return self._step(batch, totals, 1.0)
+
+    def _step(self, batch, totals: torch.Tensor | None, fraction: float) -> dict[str, Any]:
+        """One micro-batch whose loss weighs ``fraction`` of a step normalised by ``totals``."""
         self.student.train()
         self._note_batch_size(batch)
-        loss, comps = self.compute_loss(batch)
+        if totals is None:  # a callable's own mean per micro-batch; DDP averages it over ranks
+            fraction = factor = 1.0 / self.grad_accum_steps
+        else:  # the factor goes into the row weights: no extra pass over the gradients
+            factor = fraction * self._rank_factor
+        loss, comps = self.compute_loss(batch, totals, factor)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite loss {loss.item()} at micro-batch {self.state.micro}; "
                 "the optimizer was not stepped"
             )
-        (loss / self.grad_accum_steps).backward()
+        loss.backward()
         labels = _validate.comparable_labels(batch["labels"][:, 1:])
         tokens = int((labels != self.objective.ignore_index).sum())
         self.state.micro += 1
         self.state.tokens += tokens
         self._pending += 1
-        self._window_loss += loss.item()
+        share = loss.item() / factor * fraction  # this micro-batch's share of the step's loss
+        self._window_loss += share
         stepped = self._pending == self.grad_accum_steps
         if stepped:
             self._optimizer_step()
         record = {
-            "loss": loss.item(),
+            "loss": share,
             "tokens": tokens,
             "stepped": stepped,
             "step": self.state.step,
         }
-        record.update({_component_name(k): float(v) for k, v in comps.items()})
+        record.update({_component_name(k): float(v) * fraction for k, v in comps.items()})
         return record
 
-    def _rescale_partial_window(self) -> None:
-        """Gradients of an incomplete window become the mean over its micro-batches
-        (each loss was divided by grad_accum_steps, not by the micro-batches there)."""
+    def _rescale_partial_window(self) -> float:
+        """Gradients of an incomplete window become its full step (each
+        micro-batch weighed 1 / grad_accum_steps, not 1 / the micro-batches there)."""
         factor = self.grad_accum_steps / self._pending
         for p in self.student.parameters():
             if p.grad is not None:
                 p.grad.mul_(factor)
+        self._window_loss *= factor
+        return factor
 
     def _optimizer_step(self) -> None:
         self._last_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
@@ -272,7 +338,10 @@ class Distiller:
             nn.utils.clip_grad_norm_(self.student.parameters(), self.max_grad_norm)
         self.optimizer.step()
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            self.scheduler.step(self._window_loss / self._pending)  # the step's mean loss
+            # The step's loss over every rank: all ranks step their schedulers alike.
+            metric = torch.tensor([self._window_loss], dtype=torch.float64)
+            metric = dist.all_reduce_sum(metric, "the step's loss", self.collective_timeout)
+            self.scheduler.step(float(metric))
         elif self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -325,9 +394,11 @@ class Distiller:
                 f"{self._pending} micro-batches are accumulated but not stepped; "
                 "checkpoint at an optimizer-step boundary"
             )
+        # Under a process group: a collective (every rank calls it); the
+        # student's full state without DDP's "module." prefix, gathered for FSDP2.
         state = {
-            "student": self.student.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "student": dist.model_state(self.student),
+            "optimizer": dist.optimizer_state(self.student, self.optimizer),
             "state": asdict(self.state),
             "rng": torch.get_rng_state(),
             "epoch_rng": self._epoch_rng,
@@ -339,6 +410,8 @@ class Distiller:
             state["scheduler"] = self.scheduler.state_dict()
         if torch.cuda.is_available() and self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        if dist.active():  # every rank's random state (dropout differs per rank)
+            state["rank_rng"] = dist.gather_objects(torch.get_rng_state())
         return state
 
     def load_state_dict(self, state: Mapping[str, Any], *, source: str = "the state") -> None:
@@ -351,8 +424,8 @@ class Distiller:
                 f"(has {sorted(map(str, state))})"
             )
         self._warn_config_changes(state.get("config"), source)
-        self.student.load_state_dict(state["student"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        dist.load_model_state(self.student, state["student"])
+        dist.load_optimizer_state(self.student, self.optimizer, state["optimizer"])
         if self.scheduler is not None and "scheduler" in state:
             self.scheduler.load_state_dict(state["scheduler"])
         self.state = TrainState(**state["state"])
@@ -361,7 +434,9 @@ class Distiller:
             epoch_rng = {"torch": epoch_rng, "loaders": []}
         self._epoch_rng = epoch_rng
         self._resumed_loader_rng = state.get("loader_rng")
-        torch.set_rng_state(state["rng"])
+        rank_rng = state.get("rank_rng")
+        same_world = isinstance(rank_rng, list) and len(rank_rng) == dist.world_size()
+        torch.set_rng_state(rank_rng[dist.rank()] if same_world else state["rng"])
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self._pending, self._window_loss = 0, 0.0
@@ -382,12 +457,18 @@ class Distiller:
             )
 
     def save(self, path: str | os.PathLike | None = None) -> Path:
-        """Writes a checkpoint atomically (default ``checkpoint_dir/last.pt``)."""
+        """Writes a checkpoint atomically (default ``checkpoint_dir/last.pt``).
+
+        Under a process group every rank calls it; rank 0 writes the file and
+        the others wait until it is there."""
         if path is None:
             if self.checkpoint_dir is None:
                 raise ValueError("save() needs a path or a checkpoint_dir")
             path = self.checkpoint_dir / CHECKPOINT_NAME
-        atomic_save(self.state_dict(), path)
+        state = self.state_dict()
+        if dist.rank() == 0:
+            atomic_save(state, path)
+        dist.barrier("the checkpoint write", self.collective_timeout)
         return Path(path)
 
     def load(self, path: str | os.PathLike) -> None:
@@ -455,28 +536,37 @@ class Distiller:
         if total is None and hasattr(loader, "__len__"):
             total = math.ceil(len(loader) * epochs / self.grad_accum_steps)  # type: ignore[arg-type]
         log = None
-        if self.log_path is not None:
+        main = dist.rank() == 0  # the log and the progress bar are rank 0's
+        if self.log_path is not None and main:
             log = JsonlLog(self.log_path, after_step=self.state.step)
-        bar = _progress(total, self.state.step, description, progress)
+        bar = _progress(total, self.state.step, description, progress and main)
         started, window = time.perf_counter() - self.state.seconds, _Window()
         self._loader_gens = _loader_generators(loader)
         try:
             while self.state.epoch < epochs and not _done(self.state, max_steps):
-                for batch in self._epoch_batches(loader):
-                    record = self.step(batch)
-                    self.state.micro_in_epoch += 1
-                    window.add(record)
-                    if record["stepped"]:
-                        self._finish_step(window, log, bar, started)
-                        if _done(self.state, max_steps):
-                            break
+                batches = self._epoch_batches(loader)
+                while part := list(
+                    itertools.islice(batches, self.grad_accum_steps - self._pending)
+                ):
+                    # The loss is normalised over the step's micro-batches on every
+                    # rank, read ahead; a step across an epoch boundary weighs its
+                    # two parts by their micro-batches.
+                    totals = self.step_totals(part)
+                    for batch in part:
+                        record = self._step(batch, totals, len(part) / self.grad_accum_steps)
+                        self.state.micro_in_epoch += 1
+                        window.add(record)
+                        if record["stepped"]:
+                            self._finish_step(window, log, bar, started)
+                    if _done(self.state, max_steps):
+                        break
                 else:
                     self.state.epoch += 1
                     self.state.micro_in_epoch = 0
             if self._pending:  # the loader ended inside an accumulation window
-                self._rescale_partial_window()
+                scale = self._rescale_partial_window()
                 self._optimizer_step()
-                self._finish_step(window, log, bar, started)
+                self._finish_step(window, log, bar, started, scale)
             if self.checkpoint_dir is not None:
                 self.save()
         finally:
@@ -509,6 +599,9 @@ class Distiller:
 
     def _epoch_batches(self, loader: Iterable) -> Iterable:
         """The loader's batches for the current epoch, resumed mid-epoch if needed."""
+        sampler = getattr(loader, "sampler", None)
+        if callable(getattr(sampler, "set_epoch", None)):  # DistributedSampler: this epoch's order
+            sampler.set_epoch(self.state.epoch)
         skip, gens = self.state.micro_in_epoch, self._loader_gens
         resumed_rng, self._resumed_loader_rng = self._resumed_loader_rng, None
         replay = skip and self._epoch_rng is not None
@@ -534,8 +627,8 @@ class Distiller:
             torch.set_rng_state(now)
         return iterator
 
-    def _finish_step(self, window: _Window, log, bar, started: float) -> None:
-        record = window.flush()
+    def _finish_step(self, window: _Window, log, bar, started: float, scale: float = 1.0) -> None:
+        record = window.flush(scale, self.collective_timeout)
         self.state.seconds = time.perf_counter() - started
         record.update(
             step=self.state.step,
@@ -578,16 +671,22 @@ class _Window:
     def add(self, record: dict) -> None:
         self.records.append(record)
 
-    def flush(self) -> dict[str, Any]:
-        now = time.perf_counter()
+    def flush(
+        self, scale: float = 1.0, timeout_s: float = dist.DEFAULT_TIMEOUT_S
+    ) -> dict[str, Any]:
+        """The step's record: the micro-batches' shares summed (times ``scale``)
+        and, under a process group, summed over ranks (every rank calls it)."""
         skip = ("stepped", "step", "tokens")
         keys = list(dict.fromkeys(k for r in self.records for k in r if k not in skip))
-        # A span component is NaN in a micro-batch without that span: the mean
-        # is over the micro-batches that have it (NaN only if none has).
-        out: dict[str, Any] = {
-            k: _mean_of_present([r.get(k, math.nan) for r in self.records]) for k in keys
-        }
-        tokens = sum(r["tokens"] for r in self.records)
+        # A span component is NaN in a micro-batch of a step without that span:
+        # the sum is over the micro-batches that have it (NaN only if none has).
+        values = [_sum_of_present([r.get(k, math.nan) for r in self.records]) * scale for k in keys]
+        values.append(float(sum(r["tokens"] for r in self.records)))
+        summed = torch.tensor(values, dtype=torch.float64)
+        summed = dist.all_reduce_sum(summed, "the step's log record", timeout_s).tolist()
+        now = time.perf_counter()
+        out: dict[str, Any] = dict(zip(keys, summed[:-1], strict=True))
+        tokens = int(summed[-1])
         out["tokens"] = tokens
         out["tokens_per_s"] = tokens / max(now - self.start, 1e-9)
         self.last_loss = out["loss"]
@@ -595,9 +694,9 @@ class _Window:
         return out
 
 
-def _mean_of_present(values: list[float]) -> float:
+def _sum_of_present(values: list[float]) -> float:
     present = [v for v in values if not math.isnan(v)]
-    return sum(present) / len(present) if present else float("nan")
+    return sum(present) if present else float("nan")
 
 
 class _NoBar:
