@@ -15,7 +15,7 @@ import torch
 
 from dist_harness import run, values
 from kdcore.train import Distiller
-from test_train import (
+from train_helpers import (
     SPAN_WEIGHTS,
     PlainLM,
     T,

@@ -18,6 +18,7 @@ from kdcore.train import Distiller, load_checkpoint, model_logits
 from train_helpers import (
     SPAN_WEIGHTS,
     D,
+    PlainLM,
     T,
     TinyLM,
     V,
@@ -25,10 +26,13 @@ from train_helpers import (
     ce_rows,
     combine,
     dense_loss,
+    equal_count_batch,
     hand_train,
     kd_rows,
     lambda_lr,
     make_batch,
+    max_change,
+    n_tokens,
     one_thread,  # noqa: F401 (autouse: one thread per test)
     read_log,
     resumable,
@@ -70,24 +74,6 @@ class Poisoned(TinyLM):
 # --- data ----------------------------------------------------------------------------
 
 
-def equal_count_batch(seed: int, labelled: int, b: int = 2, length: int = 10) -> dict:
-    """A micro-batch with exactly ``labelled`` scored tokens (labels[:, 1:] != -100)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, V, (b, length), generator=g)
-    labels = torch.full_like(ids, -100)
-    labels[:, 0] = ids[:, 0]  # position 0 is never scored (the shift drops it)
-    flat = torch.randperm(b * (length - 1), generator=g)[:labelled]
-    scored = labels[:, 1:].reshape(-1)
-    scored[flat] = ids[:, 1:].reshape(-1)[flat]
-    labels[:, 1:] = scored.reshape(b, length - 1)
-    spans = torch.randint(0, 4, (b, length), generator=g)
-    return {"input_ids": ids, "labels": labels, "spans": spans}
-
-
-def n_tokens(batch: dict) -> int:
-    return int((batch["labels"][:, 1:] != -100).sum())
-
-
 class ListDataset(torch.utils.data.Dataset):
     def __init__(self, n: int, length: int = 12, seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)
@@ -116,12 +102,6 @@ def shuffled_loader(n: int = 10, batch_size: int = 2, seed: int | None = None):
 
 
 # --- the hand-written loop -----------------------------------------------------------------
-
-
-def max_change(a: nn.Module, b: nn.Module) -> float:
-    return max(
-        (x - y).abs().max().item() for x, y in zip(a.parameters(), b.parameters(), strict=True)
-    )
 
 
 def assert_same_state(a, b, where="") -> None:
@@ -801,17 +781,6 @@ def test_a_last_partial_window_steps_on_the_mean_of_its_micro_batches():
         opt.step()
         opt.zero_grad()
     assert_params_close(student, expected)
-
-
-class PlainLM(nn.Module):
-    """forward(input_ids) only, like nn.Sequential: no attention_mask argument."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Embedding(V, D), nn.Linear(D, V))
-
-    def forward(self, input_ids):
-        return self.net(input_ids)
 
 
 def test_plain_modules_are_called_without_the_attention_mask():

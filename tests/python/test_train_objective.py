@@ -9,8 +9,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
-from torch import nn
 
 from kdcore import Span
 from kdcore.train import Distiller
@@ -20,8 +18,6 @@ from train_helpers import (
     TinyLM,
     V,
     assert_params_close,
-    ce_rows,
-    combine,
     dense_loss,
     hand_train,
     lambda_lr,
@@ -29,45 +25,11 @@ from train_helpers import (
     one_thread,  # noqa: F401 (autouse: one thread per test)
     read_log,
     sgd,
-    shifted,
+    sparse_loss,
+    with_top_k,
 )
 
 # --- independent float64 sparse KL (a stored top-k teacher) ---------------------------
-
-
-def sparse_bucket_rows(student, ids, logprobs, temperature, teacher_temperature):
-    """T² · KL over the k ids plus one tail bucket, teacher re-tempered by T0 / T, float64."""
-    ratio = teacher_temperature / temperature
-    p = logprobs.double().exp()
-    tail = (1.0 - p.sum(-1)).clamp_min(0.0)
-    pw, tw = p**ratio, tail**ratio
-    z = pw.sum(-1) + tw
-    p, tail = pw / z.unsqueeze(-1), tw / z
-    q = torch.softmax(student / temperature, dim=-1)
-    q_ids = q.gather(-1, ids)
-    q_tail = 1.0 - q_ids.sum(-1)
-    rows = (p * (p.log() - q_ids.log())).sum(-1) + tail * (tail.log() - q_tail.log())
-    return temperature**2 * rows
-
-
-def sparse_loss(mode, alpha, weights=SPAN_WEIGHTS, teacher_temperature=1.0):
-    def fn(logits, batch):
-        student, labels = shifted(logits, batch)
-        ids = batch["teacher_ids"][:, :-1]
-        lps = batch["teacher_logprobs"][:, :-1]
-        kd = sparse_bucket_rows(student, ids, lps, T, teacher_temperature)
-        ce = ce_rows(student, labels)
-        return combine(alpha * ce + (1.0 - alpha) * kd, kd, batch, mode, weights)
-
-    return fn
-
-
-def with_top_k(batch: dict, teacher: nn.Module, k: int, teacher_temperature: float = 1.0):
-    """The batch plus a stored teacher: top-k of its log_softmax, aligned with the logits."""
-    with torch.no_grad():
-        logits = teacher.eval()(batch["input_ids"]).double()
-    top = torch.log_softmax(logits / teacher_temperature, dim=-1).topk(k, dim=-1)
-    return dict(batch, teacher_ids=top.indices, teacher_logprobs=top.values.float())
 
 
 # --- alpha = 1: hard labels only ----------------------------------------------------------

@@ -216,3 +216,73 @@ def resumable(tmp, seed, *, accum=1, every=1, teacher=None):
         checkpoint_every=every,
         log_path=tmp / "log.jsonl",
     )
+
+
+def sparse_loss(mode, alpha, weights=SPAN_WEIGHTS, teacher_temperature=1.0):
+    def fn(logits, batch):
+        student, labels = shifted(logits, batch)
+        ids = batch["teacher_ids"][:, :-1]
+        lps = batch["teacher_logprobs"][:, :-1]
+        kd = sparse_bucket_rows(student, ids, lps, T, teacher_temperature)
+        ce = ce_rows(student, labels)
+        return combine(alpha * ce + (1.0 - alpha) * kd, kd, batch, mode, weights)
+
+    return fn
+
+
+def with_top_k(batch: dict, teacher: nn.Module, k: int, teacher_temperature: float = 1.0):
+    """The batch plus a stored teacher: top-k of its log_softmax, aligned with the logits."""
+    with torch.no_grad():
+        logits = teacher.eval()(batch["input_ids"]).double()
+    top = torch.log_softmax(logits / teacher_temperature, dim=-1).topk(k, dim=-1)
+    return dict(batch, teacher_ids=top.indices, teacher_logprobs=top.values.float())
+
+
+def equal_count_batch(seed: int, labelled: int, b: int = 2, length: int = 10) -> dict:
+    """A micro-batch with exactly ``labelled`` scored tokens (labels[:, 1:] != -100)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (b, length), generator=g)
+    labels = torch.full_like(ids, -100)
+    labels[:, 0] = ids[:, 0]  # position 0 is never scored (the shift drops it)
+    flat = torch.randperm(b * (length - 1), generator=g)[:labelled]
+    scored = labels[:, 1:].reshape(-1)
+    scored[flat] = ids[:, 1:].reshape(-1)[flat]
+    labels[:, 1:] = scored.reshape(b, length - 1)
+    spans = torch.randint(0, 4, (b, length), generator=g)
+    return {"input_ids": ids, "labels": labels, "spans": spans}
+
+
+def n_tokens(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def max_change(a: nn.Module, b: nn.Module) -> float:
+    return max(
+        (x - y).abs().max().item() for x, y in zip(a.parameters(), b.parameters(), strict=True)
+    )
+
+
+class PlainLM(nn.Module):
+    """forward(input_ids) only, like nn.Sequential: no attention_mask argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Embedding(V, D), nn.Linear(D, V))
+
+    def forward(self, input_ids):
+        return self.net(input_ids)
+
+
+def sparse_bucket_rows(student, ids, logprobs, temperature, teacher_temperature):
+    """T² · KL over the k ids plus one tail bucket, teacher re-tempered by T0 / T, float64."""
+    ratio = teacher_temperature / temperature
+    p = logprobs.double().exp()
+    tail = (1.0 - p.sum(-1)).clamp_min(0.0)
+    pw, tw = p**ratio, tail**ratio
+    z = pw.sum(-1) + tw
+    p, tail = pw / z.unsqueeze(-1), tw / z
+    q = torch.softmax(student / temperature, dim=-1)
+    q_ids = q.gather(-1, ids)
+    q_tail = 1.0 - q_ids.sum(-1)
+    rows = (p * (p.log() - q_ids.log())).sum(-1) + tail * (tail.log() - q_tail.log())
+    return temperature**2 * rows

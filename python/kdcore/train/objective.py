@@ -94,7 +94,7 @@ class Objective:
         """
         if callable(self.mode):
             return None
-        labels = batch["labels"][:, 1:]
+        labels = _validate.comparable_labels(batch["labels"][:, 1:])
         valid = labels != self.ignore_index
         if self.mode != "span":
             return valid.sum(dtype=torch.float64).reshape(1)
