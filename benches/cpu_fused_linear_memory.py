@@ -53,9 +53,15 @@ def measure(variant: str, what: str) -> None:
 
     def fused_vocab():
         return kdcore.fused_linear_distillation_loss(
-            h, w, teacher_hidden=th, teacher_weight=tw, labels=labels, alpha=0.5, temperature=temp,
+            h,
+            w,
+            teacher_hidden=th,
+            teacher_weight=tw,
+            labels=labels,
+            alpha=0.5,
+            temperature=temp,
             chunk_over="vocab",
-        )  # fmt: skip
+        )
 
     def unfused_kdcore():
         with torch.no_grad():
@@ -70,8 +76,12 @@ def measure(variant: str, what: str) -> None:
         kd = F.kl_div(ls, lt, log_target=True, reduction="batchmean") * temp**2
         return 0.5 * F.cross_entropy(zs, labels) + 0.5 * kd
 
-    fn = {"fused": fused, "fused_vocab": fused_vocab, "unfused_kdcore": unfused_kdcore,
-          "unfused_eager": unfused_eager}  # fmt: skip
+    fn = {
+        "fused": fused,
+        "fused_vocab": fused_vocab,
+        "unfused_kdcore": unfused_kdcore,
+        "unfused_eager": unfused_eager,
+    }
     step = fn[variant]
     if what == "peak":
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -91,9 +101,12 @@ def measure(variant: str, what: str) -> None:
 
 def child(variant: str, what: str, env: dict) -> float:
     out = subprocess.run(
-        [sys.executable, __file__, variant, what], check=True, env=env, capture_output=True,
+        [sys.executable, __file__, variant, what],
+        check=True,
+        env=env,
+        capture_output=True,
         text=True,
-    )  # fmt: skip
+    )
     return float(out.stdout.split()[-1])
 
 

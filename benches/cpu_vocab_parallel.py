@@ -48,9 +48,15 @@ def main() -> None:
 
     def run(vp):
         loss = kdcore.fused_linear_distillation_loss(
-            h, w, teacher_hidden=th, teacher_weight=tw, labels=labels, alpha=0.3,
-            temperature=2.0, vocab_parallel=vp,
-        )  # fmt: skip
+            h,
+            w,
+            teacher_hidden=th,
+            teacher_weight=tw,
+            labels=labels,
+            alpha=0.3,
+            temperature=2.0,
+            vocab_parallel=vp,
+        )
         return torch.autograd.grad(loss, (h, w))
 
     whole = kdcore.VocabParallel(0, args.vocab)
@@ -62,8 +68,11 @@ def main() -> None:
         vp_module.PLAIN_PATH_AT_SIZE_ONE = True
     shape = f"{args.rows} x {args.hidden} x {args.vocab}, fp32, {torch.get_num_threads()} threads"
     print(f"fused linear loss + gradients, {shape}")
-    for name, t in (("plain", plain), ("VocabParallel(0, V), one process", routed),
-                    ("sharded arithmetic forced", sharded)):  # fmt: skip
+    for name, t in (
+        ("plain", plain),
+        ("VocabParallel(0, V), one process", routed),
+        ("sharded arithmetic forced", sharded),
+    ):
         print(f"  {name:<34} {t * 1e3:9.1f} ms  {t / plain:5.2f}x plain")
 
 

@@ -82,8 +82,9 @@ def check(name: str, fn, *args, **kwargs) -> None:
         traceback.print_exc()
         problems = [f"raised {exc!r}"[:400]]
     ok = not problems
-    CHECKS.append({"check": name, "ok": ok, "problems": problems,
-                   "s": round(time.monotonic() - t0, 2)})  # fmt: skip
+    CHECKS.append(
+        {"check": name, "ok": ok, "problems": problems, "s": round(time.monotonic() - t0, 2)}
+    )
     log(("PASS " if ok else "FAIL ") + name + ("" if ok else ": " + "; ".join(problems)))
 
 
@@ -96,8 +97,9 @@ def logits(shape, dtype, gen, scale=2.0, banned=0.0):
     return x.to(dtype)
 
 
-def compare(op, s, t, dtypes, *extra, teacher_grad=True, grad_out=None, floor=2e-6, ulps=1.0,
-            **kwargs):  # fmt: skip
+def compare(
+    op, s, t, dtypes, *extra, teacher_grad=True, grad_out=None, floor=2e-6, ulps=1.0, **kwargs
+):
     """kdcore.<op> against reference.<op> (float64) on (s, t, *extra, **kwargs).
 
     ``t=None``: the op takes no teacher logits (sparse_kl_loss). Returns problems.
@@ -191,8 +193,7 @@ def grad_outputs(gen):
     t = logits((6, 5008), torch.bfloat16, gen)
     go = torch.rand(6, generator=gen, device=DEV) + 0.5
     dts = (torch.bfloat16, torch.bfloat16)
-    problems = compare("kl_loss", s, t, dts, grad_out=go, ulps=2.0, temperature=T,
-                       reduction="none")  # fmt: skip
+    problems = compare("kl_loss", s, t, dts, grad_out=go, ulps=2.0, temperature=T, reduction="none")
     x = s.clone().requires_grad_()
     loss = kdcore.kl_loss(x, t, temperature=T)
     (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
@@ -280,32 +281,92 @@ def correctness(quick: bool) -> None:
             check(f"softmax {tag}", softmax_case, s, False, gen)
             check(f"log_softmax {tag}", softmax_case, s, True, gen)
             for reverse in (False, True):
-                check(f"kl_loss reverse={reverse} {tag}", compare, "kl_loss", s,
-                      t if reverse else t_fwd, dts, temperature=T, reverse=reverse,
-                      labels=labels)  # fmt: skip
+                check(
+                    f"kl_loss reverse={reverse} {tag}",
+                    compare,
+                    "kl_loss",
+                    s,
+                    t if reverse else t_fwd,
+                    dts,
+                    temperature=T,
+                    reverse=reverse,
+                    labels=labels,
+                )
             for beta in (0.0, 0.3, 1.0):
-                check(f"jsd_loss beta={beta} {tag}", compare, "jsd_loss", s,
-                      t_fwd if beta == 0.0 else t, dts, beta=beta, temperature=T)  # fmt: skip
-            check(f"tvd_loss {tag}", compare, "tvd_loss", s, t, dts, temperature=T,
-                  labels=labels)  # fmt: skip
-            check(f"distillation_loss (jsd + CE at T=1) {tag}", compare, "distillation_loss",
-                  s, t, dts, labels, teacher_grad=False, floor=4e-6, alpha=0.4, temperature=T,
-                  divergence="jsd")  # fmt: skip
-            check(f"span_loss (kl) {tag}", compare, "span_loss", s, t_fwd, dts, spans,
-                  teacher_grad=False, span_weights=weights, temperature=T)  # fmt: skip
+                check(
+                    f"jsd_loss beta={beta} {tag}",
+                    compare,
+                    "jsd_loss",
+                    s,
+                    t_fwd if beta == 0.0 else t,
+                    dts,
+                    beta=beta,
+                    temperature=T,
+                )
+            check(f"tvd_loss {tag}", compare, "tvd_loss", s, t, dts, temperature=T, labels=labels)
+            check(
+                f"distillation_loss (jsd + CE at T=1) {tag}",
+                compare,
+                "distillation_loss",
+                s,
+                t,
+                dts,
+                labels,
+                teacher_grad=False,
+                floor=4e-6,
+                alpha=0.4,
+                temperature=T,
+                divergence="jsd",
+            )
+            check(
+                f"span_loss (kl) {tag}",
+                compare,
+                "span_loss",
+                s,
+                t_fwd,
+                dts,
+                spans,
+                teacher_grad=False,
+                span_weights=weights,
+                temperature=T,
+            )
             top = torch.log_softmax(t.double() / 1.5, -1).topk(min(64, shape[-1]), dim=-1)
             for tail in ("bucket", "renormalize", "zero"):
-                check(f"sparse_kl_loss tail={tail} {tag}", compare, "sparse_kl_loss", s, None,
-                      (dtype,), top.indices, top.values.float(), floor=3e-6 * T,
-                      temperature=T, teacher_temperature=1.5, tail=tail)  # fmt: skip
+                check(
+                    f"sparse_kl_loss tail={tail} {tag}",
+                    compare,
+                    "sparse_kl_loss",
+                    s,
+                    None,
+                    (dtype,),
+                    top.indices,
+                    top.values.float(),
+                    floor=3e-6 * T,
+                    temperature=T,
+                    teacher_temperature=1.5,
+                    tail=tail,
+                )
             del s, t, t_fwd
             free()
         big_s = logits((8, 4096), dtype, gen, scale=3e4).clamp(-3e4, 3e4)
         big_t = logits((8, 4096), dtype, gen, scale=3e4).clamp(-3e4, 3e4)
-        for op, kwargs in [("kl_loss", {}), ("kl_loss", {"reverse": True}),
-                           ("jsd_loss", {"beta": 0.4}), ("tvd_loss", {})]:  # fmt: skip
-            check(f"{op} {kwargs} logits of ±3e4 {dn}", compare, op, big_s, big_t,
-                  (dtype, dtype), floor=1e-6, temperature=T, **kwargs)  # fmt: skip
+        for op, kwargs in [
+            ("kl_loss", {}),
+            ("kl_loss", {"reverse": True}),
+            ("jsd_loss", {"beta": 0.4}),
+            ("tvd_loss", {}),
+        ]:
+            check(
+                f"{op} {kwargs} logits of ±3e4 {dn}",
+                compare,
+                op,
+                big_s,
+                big_t,
+                (dtype, dtype),
+                floor=1e-6,
+                temperature=T,
+                **kwargs,
+            )
         check(f"log_softmax logits of ±3e4 {dn}", softmax_case, big_s, True, gen)
         far_s = logits((4, 3008), dtype, gen, scale=400.0)
         far_t = logits((4, 3008), dtype, gen, scale=400.0)
@@ -318,8 +379,11 @@ def correctness(quick: bool) -> None:
     check("rows x V > 2^31 (int64 offsets), last rows vs reference", int64_offsets, gen)
     free()
     shape = {} if DEV == "cuda" else {"rows": 16, "vocab": 300, "hs": 32, "ht": 24}
-    check("fused linear with VocabParallel on a one-rank group vs float64", vocab_parallel_check,
-          **shape)  # fmt: skip
+    check(
+        "fused linear with VocabParallel on a one-rank group vs float64",
+        vocab_parallel_check,
+        **shape,
+    )
     free()
 
 
@@ -362,8 +426,10 @@ def implementations(args, rows: int, vocab: int, first: bool, gen) -> list:
     """(name, loss_fn(s, t)) to time at one shape."""
     import kdcore
 
-    impls = [("kdcore kl", lambda a, b: kdcore.kl_loss(a, b, temperature=T)),
-             ("torch eager", kd_eager)]  # fmt: skip
+    impls = [
+        ("kdcore kl", lambda a, b: kdcore.kl_loss(a, b, temperature=T)),
+        ("torch eager", kd_eager),
+    ]
     if not args.no_compile:
         impls.append(("torch.compile", torch.compile(kd_eager, dynamic=False)))
     try:
@@ -382,10 +448,12 @@ def implementations(args, rows: int, vocab: int, first: bool, gen) -> list:
         spans = torch.randint(0, 4, (rows,), generator=gen, device="cuda")
         impls += [
             ("kdcore jsd(0.5)", lambda a, b: kdcore.jsd_loss(a, b, beta=0.5, temperature=T)),
-            ("kdcore distillation(kl)", lambda a, b, y=labels: kdcore.distillation_loss(
-                a, b, y, alpha=0.5, temperature=T)),
+            (
+                "kdcore distillation(kl)",
+                lambda a, b, y=labels: kdcore.distillation_loss(a, b, y, alpha=0.5, temperature=T),
+            ),
             ("kdcore span(kl)", lambda a, b, z=spans: kdcore.span_loss(a, b, z, temperature=T)),
-        ]  # fmt: skip
+        ]
     return impls
 
 
@@ -422,8 +490,10 @@ def tuned_config() -> dict:
 
     tuned = _triton._modules().tuned["distill"]
     timings = getattr(tuned, "configs_timings", None) or {}
-    return {"best": str(getattr(tuned, "best_config", None)),
-            "timings_ms": {str(c): round(v[0], 4) for c, v in timings.items()}}  # fmt: skip
+    return {
+        "best": str(getattr(tuned, "best_config", None)),
+        "timings_ms": {str(c): round(v[0], 4) for c, v in timings.items()},
+    }
 
 
 def fused_linear_case(args, results: list[dict], rows=8192, vocab=128256, hs=2048, ht=4096):
@@ -466,8 +536,7 @@ def fused_linear_case(args, results: list[dict], rows=8192, vocab=128256, hs=204
         loss = fused(h, w, th, tw, chunk_over)
         gh, gw = torch.autograd.grad(loss, (h, w))
         h64, w64 = h.double().detach().requires_grad_(), w.double().detach().requires_grad_()
-        ref = kdcore.reference.kl_loss(h64 @ w64.t(), th.double() @ tw.double().t(),
-                                       temperature=T)  # fmt: skip
+        ref = kdcore.reference.kl_loss(h64 @ w64.t(), th.double() @ tw.double().t(), temperature=T)
         rh, rw = torch.autograd.grad(ref, (h64, w64))
         problems = []
         if abs(loss.item() - ref.item()) > 1e-4 * abs(ref.item()) + 1e-5:
@@ -479,8 +548,9 @@ def fused_linear_case(args, results: list[dict], rows=8192, vocab=128256, hs=204
         return problems
 
     for mode in ("rows", "vocab"):
-        check(f"fused linear + KL, {mode} chunks (256 rows, V=128256) vs float64", small_check,
-              mode)  # fmt: skip
+        check(
+            f"fused linear + KL, {mode} chunks (256 rows, V=128256) vs float64", small_check, mode
+        )
     paths = gemm_paths()
     results.append({"shape": [], "impl": "16-bit GEMMs, fp32 out", "note": str(paths), **paths})
     log(results[-1])
@@ -488,16 +558,19 @@ def fused_linear_case(args, results: list[dict], rows=8192, vocab=128256, hs=204
     h, w, th, tw = make(rows)
     # Row chunks: every chunk reads and writes the fp32 weight-gradient
     # accumulator (1 GiB here), so bigger chunks trade memory for traffic.
-    variants = (("kdcore fused linear kl (row chunks)", fused),
-                ("kdcore fused linear kl (row chunks of 512)", fused_rows(512)),
-                ("kdcore fused linear kl (row chunks of 1024)", fused_rows(1024)),
-                ("kdcore fused linear kl (vocab chunks)", fused_vocab),
-                ("torch eager linear+kl", eager))  # fmt: skip
+    variants = (
+        ("kdcore fused linear kl (row chunks)", fused),
+        ("kdcore fused linear kl (row chunks of 512)", fused_rows(512)),
+        ("kdcore fused linear kl (row chunks of 1024)", fused_rows(1024)),
+        ("kdcore fused linear kl (vocab chunks)", fused_vocab),
+        ("torch eager linear+kl", eager),
+    )
     for name, fn in variants:
         row = {"shape": [rows, hs, ht, vocab], "impl": name}
         try:
-            ms, gib = measure(lambda fn=fn: torch.autograd.grad(fn(h, w, th, tw), (h, w)),
-                              args.rep_ms)  # fmt: skip
+            ms, gib = measure(
+                lambda fn=fn: torch.autograd.grad(fn(h, w, th, tw), (h, w)), args.rep_ms
+            )
             row.update(ms=round(ms, 3), peak_extra_gib=round(gib, 3))
         except Exception as exc:
             traceback.print_exc()
@@ -543,18 +616,31 @@ def vocab_parallel_check(rows=256, vocab=32000, hs=1024, ht=1536):
         vp_module.PLAIN_PATH_AT_SIZE_ONE = False
         try:
             loss = kdcore.fused_linear_distillation_loss(
-                hk, wk, student_bias=bk, teacher_hidden=th, teacher_weight=tw, labels=labels,
-                alpha=0.3, divergence=divergence, beta=beta, temperature=T,
+                hk,
+                wk,
+                student_bias=bk,
+                teacher_hidden=th,
+                teacher_weight=tw,
+                labels=labels,
+                alpha=0.3,
+                divergence=divergence,
+                beta=beta,
+                temperature=T,
                 vocab_parallel=kdcore.VocabParallel(0, vocab),
-            )  # fmt: skip
+            )
             grads = torch.autograd.grad(loss, (hk, wk, bk))
         finally:
             vp_module.PLAIN_PATH_AT_SIZE_ONE = True
         wide = [x.double().detach().requires_grad_() for x in (h, w, b)]
         ref = kdcore.reference.distillation_loss(
-            wide[0] @ wide[1].t() + wide[2], th.double() @ tw.double().t(), labels, alpha=0.3,
-            divergence=divergence, beta=beta, temperature=T,
-        )  # fmt: skip
+            wide[0] @ wide[1].t() + wide[2],
+            th.double() @ tw.double().t(),
+            labels,
+            alpha=0.3,
+            divergence=divergence,
+            beta=beta,
+            temperature=T,
+        )
         refs = torch.autograd.grad(ref, wide)
         if abs(loss.item() - ref.item()) > 1e-4 * abs(ref.item()) + 1e-5:
             problems.append(f"{divergence}: loss {loss.item()} vs {ref.item()}")
@@ -587,11 +673,15 @@ def vocab_parallel_case(args, results: list[dict], rows=8192, vocab=128256, hs=2
         )
         return torch.autograd.grad(loss, (h, w))
 
-    variants = (("kdcore fused linear kl (plain)", None, True),
-                ("kdcore fused linear kl (VocabParallel, 1 rank)", kdcore.VocabParallel(0, vocab),
-                 True),
-                ("kdcore fused linear kl (sharded arithmetic, 1 rank)",
-                 kdcore.VocabParallel(0, vocab), False))  # fmt: skip
+    variants = (
+        ("kdcore fused linear kl (plain)", None, True),
+        ("kdcore fused linear kl (VocabParallel, 1 rank)", kdcore.VocabParallel(0, vocab), True),
+        (
+            "kdcore fused linear kl (sharded arithmetic, 1 rank)",
+            kdcore.VocabParallel(0, vocab),
+            False,
+        ),
+    )
     for name, vp, plain in variants:
         row = {"shape": [rows, hs, ht, vocab], "impl": name}
         vp_module.PLAIN_PATH_AT_SIZE_ONE = plain
@@ -656,8 +746,9 @@ def autotune_choices() -> dict:
             out[f"{name} {key}"] = str(config)
         timings = getattr(tuned, "configs_timings", None) or {}
         if timings:
-            out[f"{name} last timings"] = {str(c): [round(v, 4) for v in ts]
-                                           for c, ts in timings.items()}  # fmt: skip
+            out[f"{name} last timings"] = {
+                str(c): [round(v, 4) for v in ts] for c, ts in timings.items()
+            }
     return out
 
 
@@ -671,8 +762,10 @@ def table(results: list[dict]) -> str:
         shape = "x".join(map(str, r["shape"]))
         if "ms" in r:
             floor, size = num(r, "x_floor", ">9.2f"), num(r, "x_grad_size", ">8.2f")
-            lines.append(f"{shape:>22}  {r['impl']:<26}{r['ms']:>9.3f}{floor}"
-                         f"{r['peak_extra_gib']:>11.3f}{size}")  # fmt: skip
+            lines.append(
+                f"{shape:>22}  {r['impl']:<26}{r['ms']:>9.3f}{floor}"
+                f"{r['peak_extra_gib']:>11.3f}{size}"
+            )
         else:
             why = r.get("error") or r.get("skipped") or r.get("note")
             lines.append(f"{shape:>22}  {r['impl']:<26}  {why}")
@@ -685,8 +778,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer correctness shapes")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile baselines")
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench rep per case")
-    parser.add_argument("--budget-s", type=float, default=200.0,
-                        help="after this many seconds only kdcore cases are timed")  # fmt: skip
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=200.0,
+        help="after this many seconds only kdcore cases are timed",
+    )
     args = parser.parse_args()
     if DEV == "cpu":  # smoke test of the checks under the Triton interpreter
         correctness(quick=True)
@@ -700,9 +797,13 @@ def main() -> int:
 
     import kdcore
 
-    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "triton": triton.__version__, "kdcore": kdcore.__file__,
-            "python": sys.version.split()[0]}  # fmt: skip
+    info = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "kdcore": kdcore.__file__,
+        "python": sys.version.split()[0],
+    }
     log(info)
     tbps = copy_bandwidth()
     free()
@@ -723,9 +824,15 @@ def main() -> int:
     print(f"\ncorrectness: {len(CHECKS) - len(failed)}/{len(CHECKS)} passed")
     for c in failed:
         print("  FAILED", c["check"], "; ".join(c["problems"]))
-    out = {**info, "copy_TBps": round(tbps, 3), "checks": CHECKS, "timings": results,
-           "autotune": autotune_choices(), "ok": not failed,
-           "wall_s": round(time.monotonic() - STARTED, 1)}  # fmt: skip
+    out = {
+        **info,
+        "copy_TBps": round(tbps, 3),
+        "checks": CHECKS,
+        "timings": results,
+        "autotune": autotune_choices(),
+        "ok": not failed,
+        "wall_s": round(time.monotonic() - STARTED, 1),
+    }
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1, default=str)
     log(f"wrote {args.out}")

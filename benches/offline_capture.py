@@ -107,14 +107,18 @@ def main() -> None:
         )
         capture_s = time.perf_counter() - start
         size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
-        print(f"capture: {tokens} tokens, V = {args.vocab}, k = {args.k}, "
-              f"{len(manifest['shards'])} shards, {args.threads} threads")  # fmt: skip
+        print(
+            f"capture: {tokens} tokens, V = {args.vocab}, k = {args.k}, "
+            f"{len(manifest['shards'])} shards, {args.threads} threads"
+        )
         print(f"  capture throughput      {tokens / capture_s:10.0f} tokens/s ({capture_s:.2f} s)")
         print(f"  teacher forward alone   {tokens / forward_s:10.0f} tokens/s")
         print(f"  top-k of the logits     {rows / topk_s:10.0f} tokens/s")
         print(f"  encoding the entries    {rows * args.k / encode_s:10.0f} entries/s")
-        print(f"  on disk                 {size / tokens:10.1f} bytes/token, "
-              f"{size / (tokens * args.k):.4f} bytes/entry (all files)")  # fmt: skip
+        print(
+            f"  on disk                 {size / tokens:10.1f} bytes/token, "
+            f"{size / (tokens * args.k):.4f} bytes/entry (all files)"
+        )
         print(f"  bf16 logits would be    {2 * args.vocab:10d} bytes/token")
 
         data = offline.TopKDataset(out, vocab_size=args.vocab, k=args.k, inputs=items)
@@ -135,10 +139,14 @@ def main() -> None:
         load_s = (time.perf_counter() - start) / len(loader)
         params = sum(p.numel() for p in teacher.parameters())
         print(f"training step (student hidden 128, batch {args.batch} x {args.length}):")
-        print(f"  from shards (sparse KL)        {shard_step * 1e3:8.1f} ms "
-              f"(+ {load_s * 1e3:.1f} ms to load and collate a batch)")  # fmt: skip
-        print(f"  teacher in memory (dense KL)   {teacher_step * 1e3:8.1f} ms "
-              f"(teacher: {params / 1e6:.1f}M parameters held)")  # fmt: skip
+        print(
+            f"  from shards (sparse KL)        {shard_step * 1e3:8.1f} ms "
+            f"(+ {load_s * 1e3:.1f} ms to load and collate a batch)"
+        )
+        print(
+            f"  teacher in memory (dense KL)   {teacher_step * 1e3:8.1f} ms "
+            f"(teacher: {params / 1e6:.1f}M parameters held)"
+        )
     finally:
         shutil.rmtree(out, ignore_errors=True)
 

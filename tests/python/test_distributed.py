@@ -73,19 +73,35 @@ def _train_on_ranks(rank, world, mode, alpha, topk, how, tmp):
     student = _wrap(TinyLM(1), how)
     opt = sgd(student)
     d = Distiller(
-        student, None if topk else TinyLM(2), opt, loss=mode, alpha=alpha, temperature=T,
-        span_weights=SPAN_WEIGHTS, grad_accum_steps=ACCUM, scheduler=lambda_lr(opt),
-        max_grad_norm=MAX_NORM, log_path=os.path.join(tmp, "train.jsonl"),
+        student,
+        None if topk else TinyLM(2),
+        opt,
+        loss=mode,
+        alpha=alpha,
+        temperature=T,
+        span_weights=SPAN_WEIGHTS,
+        grad_accum_steps=ACCUM,
+        scheduler=lambda_lr(opt),
+        max_grad_norm=MAX_NORM,
+        log_path=os.path.join(tmp, "train.jsonl"),
         checkpoint_dir=os.path.join(tmp, "ckpt"),
-    )  # fmt: skip
+    )
     d.fit(rank_batches(rank, topk), progress=False)
     trained = {k: v.detach().clone() for k, v in dist.model_state(student).items()}
     # Resume on every rank from rank 0's file into a differently initialised student.
     fresh = _wrap(TinyLM(7), how)
     opt2 = sgd(fresh)
-    d2 = Distiller(fresh, None if topk else TinyLM(2), opt2, loss=mode, alpha=alpha,
-                   temperature=T, span_weights=SPAN_WEIGHTS, grad_accum_steps=ACCUM,
-                   scheduler=lambda_lr(opt2))  # fmt: skip
+    d2 = Distiller(
+        fresh,
+        None if topk else TinyLM(2),
+        opt2,
+        loss=mode,
+        alpha=alpha,
+        temperature=T,
+        span_weights=SPAN_WEIGHTS,
+        grad_accum_steps=ACCUM,
+        scheduler=lambda_lr(opt2),
+    )
     d2.load(os.path.join(tmp, "ckpt", "last.pt"))
     resumed = {k: v.detach().clone() for k, v in dist.model_state(fresh).items()}
     same = all(torch.equal(trained[k], resumed[k]) for k in trained)
@@ -199,9 +215,17 @@ def test_one_process_accumulation_normalises_over_the_whole_step(mode, alpha):
     micros = rank_batches(1, False) + rank_batches(0, False)
     student, teacher = TinyLM(1), TinyLM(2)
     opt = sgd(student)
-    d = Distiller(student, teacher, opt, loss=mode, alpha=alpha, temperature=T,
-                  span_weights=SPAN_WEIGHTS, grad_accum_steps=4,
-                  scheduler=lambda_lr(opt))  # fmt: skip
+    d = Distiller(
+        student,
+        teacher,
+        opt,
+        loss=mode,
+        alpha=alpha,
+        temperature=T,
+        span_weights=SPAN_WEIGHTS,
+        grad_accum_steps=4,
+        scheduler=lambda_lr(opt),
+    )
     d.fit(micros, progress=False)
     steps = [{k: torch.cat([m[k] for m in micros[i : i + 4]]) for k in micros[0]} for i in (0, 4)]
     reference = TinyLM(1)

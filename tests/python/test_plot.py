@@ -17,8 +17,10 @@ STUDENTS = ("sft", "token_kd", "span_kd")
 
 def make_summary(seeds=(0, 1, 2), steps=20):
     """A summary shaped like run_demo's, with distinct made-up numbers per seed."""
-    curves, aggregate = {}, [{"model": "teacher", "success_rate": 1.0, "success_sd": 0.0,
-                              "success_by_seed": [1.0]}]  # fmt: skip
+    curves, aggregate = (
+        {},
+        [{"model": "teacher", "success_rate": 1.0, "success_sd": 0.0, "success_by_seed": [1.0]}],
+    )
     for i, name in enumerate(STUDENTS):
         curves[name] = {
             str(seed): [(step, 3.0 / (step + i + seed)) for step in range(1, steps + 1)]

@@ -64,7 +64,7 @@ def test_triton_kernels_under_the_interpreter():
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-        )  # fmt: skip
+        )
         for name, files in SHARDS.items()
     }
     failed = []
@@ -152,9 +152,13 @@ def test_triton_kernels_compile_for_the_gpu():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     out = subprocess.run(
-        [sys.executable, "-c", COMPILE_SCRIPT], cwd=HERE.parent, env=env, capture_output=True,
-        text=True, timeout=TIMEOUT_S,
-    )  # fmt: skip
+        [sys.executable, "-c", COMPILE_SCRIPT],
+        cwd=HERE.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     report = out.stdout + out.stderr
     if "ptxas" in report and "not found" in report.lower():
         pytest.skip(f"no ptxas for sm_90 in this triton: NOT compiled\n{report[-2000:]}")

@@ -176,10 +176,17 @@ class Distiller:
             raise ValueError(f"collective_timeout must be > 0 seconds; got {collective_timeout!r}")
         dist.check_student(student)
         self.objective = Objective(
-            mode=loss, alpha=alpha, temperature=temperature, divergence=divergence, beta=beta,
-            span_weights=span_weights, normalize=normalize, ignore_index=ignore_index,
-            tail=tail, teacher_temperature=teacher_temperature,
-        )  # fmt: skip
+            mode=loss,
+            alpha=alpha,
+            temperature=temperature,
+            divergence=divergence,
+            beta=beta,
+            span_weights=span_weights,
+            normalize=normalize,
+            ignore_index=ignore_index,
+            tail=tail,
+            teacher_temperature=teacher_temperature,
+        )
         self.student, self.teacher = student, teacher
         self.optimizer, self.scheduler = optimizer, scheduler
         self.grad_accum_steps, self.max_grad_norm = grad_accum_steps, max_grad_norm
@@ -716,6 +723,10 @@ def _progress(total: int | None, initial: int, description: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(
-        total=total, initial=initial, desc=description, unit="step", dynamic_ncols=True,
+        total=total,
+        initial=initial,
+        desc=description,
+        unit="step",
+        dynamic_ncols=True,
         mininterval=0.5,
-    )  # fmt: skip
+    )

@@ -204,10 +204,19 @@ class Objective:
         kernel_weights = {k: scale * c * here[k] for k, c in per_row.items()}
         ids = spans if spans is not None else torch.zeros_like(labels)
         loss, parts = distillation_loss(
-            student, teacher, labels, alpha=self.alpha, temperature=self.temperature,
-            divergence=self.divergence, beta=self.beta, ignore_index=self.ignore_index,
-            spans=ids, span_weights=kernel_weights, normalize="span", return_components=True,
-        )  # fmt: skip
+            student,
+            teacher,
+            labels,
+            alpha=self.alpha,
+            temperature=self.temperature,
+            divergence=self.divergence,
+            beta=self.beta,
+            ignore_index=self.ignore_index,
+            spans=ids,
+            span_weights=kernel_weights,
+            normalize="span",
+            return_components=True,
+        )
         comps = {"ce": parts["ce"] / scale, "divergence": parts["divergence"] / scale}
         if spans is None:
             return loss, comps
@@ -233,10 +242,15 @@ class Objective:
             )
         w_row = self.row_scale(labels, spans, totals)
         rows = sparse_kl_loss(
-            student, batch["teacher_ids"][:, :-1], batch["teacher_logprobs"][:, :-1],
-            temperature=self.temperature, teacher_temperature=self.teacher_temperature,
-            tail=self.tail, mask=(w_row > 0), reduction="none",
-        )  # fmt: skip
+            student,
+            batch["teacher_ids"][:, :-1],
+            batch["teacher_logprobs"][:, :-1],
+            temperature=self.temperature,
+            teacher_temperature=self.teacher_temperature,
+            tail=self.tail,
+            mask=(w_row > 0),
+            reduction="none",
+        )
         div = torch.where(w_row > 0, rows * w_row, 0.0).sum()
         comps: dict = {"divergence": div.detach()}
         loss = (1.0 - self.alpha) * div
