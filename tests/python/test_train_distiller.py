@@ -408,16 +408,16 @@ def test_resume_after_a_crash_loses_no_finished_step(tmp_path):
 
 
 def test_checkpoints_only_at_optimizer_step_boundaries(tmp_path, monkeypatch):
-    import kdcore.train.distiller as distiller_module
+    import kdcore.train.checkpointing as checkpointing
 
     saved = []
-    real = distiller_module.atomic_save
+    real = checkpointing.atomic_save
 
     def spy(obj, path):
         saved.append(dict(obj["state"]))
         real(obj, path)
 
-    monkeypatch.setattr(distiller_module, "atomic_save", spy)
+    monkeypatch.setattr(checkpointing, "atomic_save", spy)
     d = resumable(tmp_path, 1, accum=2, every=1)
     batches = [make_batch(s) for s in range(5)]
     d.fit(batches, epochs=2, progress=False)  # 10 micro-batches -> 5 steps

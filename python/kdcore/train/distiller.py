@@ -11,14 +11,11 @@ logits in whatever dtype they come and accumulate in fp32.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import itertools
 import math
 import os
 import time
-import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,83 +25,11 @@ from torch import nn
 from .. import _validate
 from ..spans import Span
 from . import distributed as dist
-from .io import CheckpointError, JsonlLog, atomic_save, load_checkpoint
+from .batches import check_batch, loader_generators, model_logits, set_generator_states
+from .checkpointing import Checkpointing, TrainState
+from .io import JsonlLog
 from .objective import LossFn, Objective
-
-CHECKPOINT_NAME = "last.pt"
-#: What a checkpoint cannot resume without.
-_REQUIRED_KEYS = ("student", "optimizer", "state", "rng")
-
-
-@dataclass
-class TrainState:
-    """Where training is: optimizer steps, micro-batches, epoch position, tokens,
-    and the seconds ``fit`` has trained (across resumes)."""
-
-    step: int = 0
-    micro: int = 0
-    epoch: int = 0
-    micro_in_epoch: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-
-
-def _takes_attention_mask(model: nn.Module) -> bool:
-    # A DDP wrapper's forward(*inputs, **kwargs) says nothing: ask the model inside.
-    try:
-        params = inspect.signature(dist.unwrap(model).forward).parameters.values()
-    except (TypeError, ValueError):
-        return True
-    return any(p.name == "attention_mask" or p.kind is p.VAR_KEYWORD for p in params)
-
-
-def model_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Logits of ``model`` on ``batch``: plain modules and Hugging Face models alike.
-
-    ``attention_mask`` is passed only to models whose ``forward`` takes it.
-    """
-    mask = batch.get("attention_mask")
-    ids = batch["input_ids"]
-    if mask is None or not _takes_attention_mask(model):
-        out = model(ids)
-    else:
-        out = model(ids, attention_mask=mask)
-    return out.logits if hasattr(out, "logits") else out
-
-
-def _loader_generators(loader: Any) -> list[torch.Generator]:
-    """The random generators a DataLoader draws its order from, besides torch's
-    global one (``DataLoader(generator=...)``, a sampler's own ``generator``)."""
-    found: list[torch.Generator] = []
-    for owner in (loader, getattr(loader, "sampler", None)):
-        g = getattr(owner, "generator", None)
-        if isinstance(g, torch.Generator) and all(g is not f for f in found):
-            found.append(g)
-    return found
-
-
-def _check_batch(batch: Any) -> None:
-    if not isinstance(batch, Mapping):
-        raise TypeError(
-            "a batch is a mapping with 'input_ids' and 'labels' (and optionally 'spans', "
-            f"'attention_mask', ...); got {type(batch).__name__}"
-        )
-    if "input_ids" not in batch or "labels" not in batch:
-        raise KeyError(f"a batch needs 'input_ids' and 'labels'; got keys {sorted(batch)}")
-    ids = batch["input_ids"]
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
-        raise ValueError(
-            f"input_ids must be a (batch, sequence) tensor; got {shape} "
-            "(one sequence: add a batch dimension, or use kdcore.agent.collate)"
-        )
-    for key in ("labels", "spans", "attention_mask"):
-        value = batch.get(key)
-        if isinstance(value, torch.Tensor) and value.shape != ids.shape:
-            raise ValueError(
-                f"{key} {tuple(value.shape)} must match input_ids {tuple(ids.shape)} "
-                "(aligned; the shift happens inside)"
-            )
+from .progress import StepWindow, progress_bar
 
 
 def _component_name(key: Any) -> str:
@@ -113,7 +38,7 @@ def _component_name(key: Any) -> str:
     return f"span_{key}" if isinstance(key, int) else str(key)
 
 
-class Distiller:
+class Distiller(Checkpointing):
     """Distils ``teacher`` into ``student`` with one of kdcore's losses.
 
     ``loss``: ``"span"`` (default; span-weighted, per-span normalised — needs
@@ -250,7 +175,7 @@ class Distiller:
         :meth:`step_totals`); None normalises over this batch alone.
         ``scale`` multiplies the loss (not the components).
         """
-        _check_batch(batch)
+        check_batch(batch)
         batch = self._to_device(batch)
         teacher = self._teacher_logits(batch)
         with self._autocast():
@@ -263,7 +188,7 @@ class Distiller:
         and all-reduced over the process group (None for a callable loss)."""
         counts = None
         for batch in batches:
-            _check_batch(batch)
+            check_batch(batch)
             c = self.objective.counts(batch)
             if c is None:
                 return None
@@ -289,7 +214,7 @@ class Distiller:
         the components are this micro-batch's share of the step's values on
         this rank (with one process and no accumulation: the batch's loss).
         """
-        _check_batch(batch)
+        check_batch(batch)
         if totals is None:
             totals = self.step_totals([batch])
             return self._step(batch, totals, 1.0 / self.grad_accum_steps)
@@ -355,147 +280,7 @@ class Distiller:
         self._pending, self._window_loss = 0, 0.0
         self.state.step += 1
 
-    def _note_batch_size(self, batch: Mapping[str, Any]) -> None:
-        ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-            return  # compute_loss says what is wrong
-        size = ids.shape[0]
-        resumed, self._resumed_batch_size = self._resumed_batch_size, None
-        if resumed and size != resumed:
-            warnings.warn(
-                f"resumed with micro-batches of {size} sequences, the checkpoint's run used "
-                f"{resumed}: the loss scale per step and the data order differ from that run",
-                stacklevel=3,
-            )
-        self._batch_size = max(self._batch_size, size)
-
-    def config(self) -> dict[str, Any]:
-        """The settings that shape training, as stored in checkpoints (a resume
-        under other settings warns, naming what changed)."""
-        o = self.objective
-        mode = o.mode if isinstance(o.mode, str) else getattr(o.mode, "__qualname__", "callable")
-        weights = o.span_weights
-        if weights is not None:
-            weights = {int(k): float(v) for k, v in weights.items()}
-        return {
-            "loss": mode,
-            "alpha": float(o.alpha),
-            "temperature": float(o.temperature),
-            "divergence": o.divergence,
-            "beta": float(o.beta),
-            "span_weights": weights,
-            "normalize": o.normalize,
-            "ignore_index": o.ignore_index,
-            "tail": o.tail,
-            "teacher_temperature": float(o.teacher_temperature),
-            "grad_accum_steps": self.grad_accum_steps,
-            "max_grad_norm": self.max_grad_norm,
-        }
-
     # --- checkpoints ----------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly (taken at an optimizer-step boundary)."""
-        if self._pending:
-            raise RuntimeError(
-                f"{self._pending} micro-batches are accumulated but not stepped; "
-                "checkpoint at an optimizer-step boundary"
-            )
-        # Under a process group: a collective (every rank calls it); the
-        # student's full state without DDP's "module." prefix, gathered for FSDP2.
-        state = {
-            "student": dist.model_state(self.student),
-            "optimizer": dist.optimizer_state(self.student, self.optimizer),
-            "state": asdict(self.state),
-            "rng": torch.get_rng_state(),
-            "epoch_rng": self._epoch_rng,
-            "loader_rng": [g.get_state() for g in self._loader_gens],
-            "config": self.config(),
-            "batch_size": self._batch_size,
-        }
-        if self.scheduler is not None:
-            state["scheduler"] = self.scheduler.state_dict()
-        if torch.cuda.is_available() and self.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        if dist.active():  # every rank's random state (dropout differs per rank)
-            state["rank_rng"] = dist.gather_objects(torch.get_rng_state())
-        return state
-
-    def load_state_dict(self, state: Mapping[str, Any], *, source: str = "the state") -> None:
-        """Restores a :meth:`state_dict`; warns when it was taken under another
-        configuration (``source`` names it in messages)."""
-        missing = [k for k in _REQUIRED_KEYS if k not in state]
-        if missing:
-            raise CheckpointError(
-                f"{source} is not a Distiller checkpoint: it lacks {missing} "
-                f"(has {sorted(map(str, state))})"
-            )
-        self._warn_config_changes(state.get("config"), source)
-        dist.load_model_state(self.student, state["student"])
-        dist.load_optimizer_state(self.student, self.optimizer, state["optimizer"])
-        if self.scheduler is not None and "scheduler" in state:
-            self.scheduler.load_state_dict(state["scheduler"])
-        self.state = TrainState(**state["state"])
-        epoch_rng = state.get("epoch_rng")
-        if isinstance(epoch_rng, torch.Tensor):  # checkpoints of kdcore <= 0.1: global RNG only
-            epoch_rng = {"torch": epoch_rng, "loaders": []}
-        self._epoch_rng = epoch_rng
-        self._resumed_loader_rng = state.get("loader_rng")
-        rank_rng = state.get("rank_rng")
-        same_world = isinstance(rank_rng, list) and len(rank_rng) == dist.world_size()
-        torch.set_rng_state(rank_rng[dist.rank()] if same_world else state["rng"])
-        if "cuda_rng" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
-        self._pending, self._window_loss = 0, 0.0
-        self._batch_size = int(state.get("batch_size", 0))
-        self._resumed_batch_size = self._batch_size or None
-
-    def _warn_config_changes(self, saved: Any, source: str) -> None:
-        if not isinstance(saved, Mapping):
-            return  # a checkpoint of kdcore <= 0.1: no configuration stored
-        now = self.config()
-        changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items() if saved.get(k, v) != v]
-        if changed:
-            warnings.warn(
-                f"resuming from {source}, written under another configuration: "
-                + ", ".join(changed)
-                + "; the resumed run will not continue the same training",
-                stacklevel=3,
-            )
-
-    def save(self, path: str | os.PathLike | None = None) -> Path:
-        """Writes a checkpoint atomically (default ``checkpoint_dir/last.pt``).
-
-        Under a process group every rank calls it; rank 0 writes the file and
-        the others wait until it is there."""
-        if path is None:
-            if self.checkpoint_dir is None:
-                raise ValueError("save() needs a path or a checkpoint_dir")
-            path = self.checkpoint_dir / CHECKPOINT_NAME
-        state = self.state_dict()
-        if dist.rank() == 0:
-            atomic_save(state, path)
-        dist.barrier("the checkpoint write", self.collective_timeout)
-        return Path(path)
-
-    def load(self, path: str | os.PathLike) -> None:
-        """Restores a checkpoint written by :meth:`save` (its SHA-256 checked first).
-
-        Raises :class:`kdcore.train.CheckpointError` naming the file when it is
-        corrupted, truncated, not a Distiller checkpoint, or does not fit the
-        student / optimizer.
-        """
-        state = load_checkpoint(path, map_location="cpu")
-        try:
-            self.load_state_dict(state, source=f"checkpoint {path}")
-        except CheckpointError:
-            raise
-        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-            raise CheckpointError(
-                f"checkpoint {path} does not fit this Distiller ({type(exc).__name__}: "
-                f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}); "
-                "was it written for another student or optimizer?"
-            ) from exc
 
     # --- the loop ---------------------------------------------------------------
 
@@ -546,9 +331,9 @@ class Distiller:
         main = dist.rank() == 0  # the log and the progress bar are rank 0's
         if self.log_path is not None and main:
             log = JsonlLog(self.log_path, after_step=self.state.step)
-        bar = _progress(total, self.state.step, description, progress and main)
-        started, window = time.perf_counter() - self.state.seconds, _Window()
-        self._loader_gens = _loader_generators(loader)
+        bar = progress_bar(total, self.state.step, description, progress and main)
+        started, window = time.perf_counter() - self.state.seconds, StepWindow()
+        self._loader_gens = loader_generators(loader)
         try:
             while self.state.epoch < epochs and not _done(self.state, max_steps):
                 batches = self._epoch_batches(loader)
@@ -587,23 +372,6 @@ class Distiller:
             "loss": window.last_loss,
         }
 
-    def _maybe_resume(self, resume: bool | str | os.PathLike) -> bool:
-        """Loads the checkpoint ``resume`` names, if any; whether one was loaded."""
-        if resume is False:
-            return False
-        if resume is True:
-            if self.checkpoint_dir is None:
-                raise ValueError("resume=True needs a checkpoint_dir (or pass a checkpoint path)")
-            path = self.checkpoint_dir / CHECKPOINT_NAME
-            if not path.exists():
-                return False  # nothing to resume: a fresh start
-        else:
-            path = Path(resume)
-            if not path.exists():
-                raise FileNotFoundError(f"resume checkpoint {path} does not exist")
-        self.load(path)
-        return True
-
     def _epoch_batches(self, loader: Iterable) -> Iterable:
         """The loader's batches for the current epoch, resumed mid-epoch if needed."""
         sampler = getattr(loader, "sampler", None)
@@ -615,10 +383,10 @@ class Distiller:
         if replay:  # the order the interrupted epoch had
             now = torch.get_rng_state()
             torch.set_rng_state(self._epoch_rng["torch"])
-            _set_states(gens, self._epoch_rng["loaders"])
+            set_generator_states(gens, self._epoch_rng["loaders"])
         else:
             if resumed_rng is not None:  # resumed at an epoch boundary
-                _set_states(gens, resumed_rng)
+                set_generator_states(gens, resumed_rng)
             self._epoch_rng = {
                 "torch": torch.get_rng_state(),
                 "loaders": [g.get_state() for g in gens],
@@ -634,7 +402,9 @@ class Distiller:
             torch.set_rng_state(now)
         return iterator
 
-    def _finish_step(self, window: _Window, log, bar, started: float, scale: float = 1.0) -> None:
+    def _finish_step(
+        self, window: StepWindow, log, bar, started: float, scale: float = 1.0
+    ) -> None:
         record = window.flush(scale, self.collective_timeout)
         self.state.seconds = time.perf_counter() - started
         record.update(
@@ -651,82 +421,5 @@ class Distiller:
             self.save()
 
 
-def _set_states(generators: list[torch.Generator], states: list[torch.Tensor]) -> None:
-    if not states:
-        return  # a checkpoint without loader states (older kdcore): their current order
-    if len(states) != len(generators):
-        raise RuntimeError(
-            f"the checkpoint holds {len(states)} loader random states, but this loader has "
-            f"{len(generators)} generators: it is not the loader of the checkpoint"
-        )
-    for g, state in zip(generators, states, strict=True):
-        g.set_state(state)
-
-
 def _done(state: TrainState, max_steps: int | None) -> bool:
     return max_steps is not None and state.step >= max_steps
-
-
-class _Window:
-    """Averages the micro-batch records of one optimizer step."""
-
-    def __init__(self) -> None:
-        self.records: list[dict] = []
-        self.start = time.perf_counter()
-        self.last_loss = float("nan")
-
-    def add(self, record: dict) -> None:
-        self.records.append(record)
-
-    def flush(
-        self, scale: float = 1.0, timeout_s: float = dist.DEFAULT_TIMEOUT_S
-    ) -> dict[str, Any]:
-        """The step's record: the micro-batches' shares summed (times ``scale``)
-        and, under a process group, summed over ranks (every rank calls it)."""
-        skip = ("stepped", "step", "tokens")
-        keys = list(dict.fromkeys(k for r in self.records for k in r if k not in skip))
-        # A span component is NaN in a micro-batch of a step without that span:
-        # the sum is over the micro-batches that have it (NaN only if none has).
-        values = [_sum_of_present([r.get(k, math.nan) for r in self.records]) * scale for k in keys]
-        values.append(float(sum(r["tokens"] for r in self.records)))
-        summed = torch.tensor(values, dtype=torch.float64)
-        summed = dist.all_reduce_sum(summed, "the step's log record", timeout_s).tolist()
-        now = time.perf_counter()
-        out: dict[str, Any] = dict(zip(keys, summed[:-1], strict=True))
-        tokens = int(summed[-1])
-        out["tokens"] = tokens
-        out["tokens_per_s"] = tokens / max(now - self.start, 1e-9)
-        self.last_loss = out["loss"]
-        self.records, self.start = [], now
-        return out
-
-
-def _sum_of_present(values: list[float]) -> float:
-    present = [v for v in values if not math.isnan(v)]
-    return sum(present) if present else float("nan")
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def set_postfix(self, **kwargs: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int | None, initial: int, description: str, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc=description,
-        unit="step",
-        dynamic_ncols=True,
-        mininterval=0.5,
-    )
