@@ -190,9 +190,11 @@ def test_float64_mask_weights_are_normalised_in_float64(scale):
     s, t = logits(11), logits(12)
     w = torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)
     rows = torch.nn.functional.kl_div(
-        torch.log_softmax(s.double(), -1), torch.log_softmax(t.double(), -1),
-        log_target=True, reduction="none",
-    ).sum(-1)  # fmt: skip
+        torch.log_softmax(s.double(), -1),
+        torch.log_softmax(t.double(), -1),
+        log_target=True,
+        reduction="none",
+    ).sum(-1)
     want = (rows * w).sum() / w.sum()
     got = kdcore.kl_loss(s, t, mask=w * scale)
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
@@ -554,11 +556,16 @@ def _nested(depth: int) -> str:
 def test_deeply_nested_tool_call_json_is_a_trajectory_error(where):
     args = _nested(100_000)
     if where == "tool_calls":
-        message = {"role": "assistant", "content": None,
-                   "tool_calls": [{"function": {"name": "f", "arguments": args}}]}  # fmt: skip
+        message = {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"function": {"name": "f", "arguments": args}}],
+        }
     else:
-        message = {"role": "assistant",
-                   "content": f'<tool_call>{{"name": "f", "arguments": {args}}}</tool_call>'}  # fmt: skip
+        message = {
+            "role": "assistant",
+            "content": f'<tool_call>{{"name": "f", "arguments": {args}}}</tool_call>',
+        }
     with pytest.raises(TrajectoryError, match="nested too deeply"):
         render_chat([{"role": "user", "content": "hi"}, message])
 
@@ -569,8 +576,11 @@ def test_deeply_nested_tool_call_dict_is_a_trajectory_error():
     for _ in range(5000):
         inner["a"] = {}
         inner = inner["a"]
-    message = {"role": "assistant", "content": None,
-               "tool_calls": [{"function": {"name": "f", "arguments": args}}]}  # fmt: skip
+    message = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"function": {"name": "f", "arguments": args}}],
+    }
     with pytest.raises(TrajectoryError, match="nested too deeply"):
         render_chat([{"role": "user", "content": "hi"}, message])
 

@@ -25,10 +25,22 @@ def _kl(p_logits, q_logits, temperature):
     return sum(a * math.log(a / b) for a, b in zip(p, q, strict=True) if a > 0)
 
 
-STUDENT = [[0.1, 2.0, -1.0], [1.0, 0.0, 0.5], [3.0, -2.0, 0.0],
-           [0.0, 0.0, 1.0], [2.0, 2.0, -3.0], [-1.0, 0.5, 0.2]]  # fmt: skip
-TEACHER = [[1.0, 0.0, 0.0], [0.5, 0.5, 2.0], [2.0, -1.0, 1.0],
-           [1.5, -0.5, 0.0], [0.0, 3.0, 0.0], [0.3, 0.2, -2.0]]  # fmt: skip
+STUDENT = [
+    [0.1, 2.0, -1.0],
+    [1.0, 0.0, 0.5],
+    [3.0, -2.0, 0.0],
+    [0.0, 0.0, 1.0],
+    [2.0, 2.0, -3.0],
+    [-1.0, 0.5, 0.2],
+]
+TEACHER = [
+    [1.0, 0.0, 0.0],
+    [0.5, 0.5, 2.0],
+    [2.0, -1.0, 1.0],
+    [1.5, -0.5, 0.0],
+    [0.0, 3.0, 0.0],
+    [0.3, 0.2, -2.0],
+]
 SPANS = [Span.PROMPT, Span.REASON, Span.REASON, Span.ACT, Span.OBSERVATION, Span.ACT]
 
 
@@ -40,9 +52,13 @@ def test_span_normalization_matches_hand_computed_span_means(backend, temperatur
     act = (d[3] + d[5]) / 2
     expected = 0.5 * reason + 2.0 * act
     loss, comps = kdcore.span_loss(
-        torch.tensor(STUDENT), torch.tensor(TEACHER), torch.tensor(SPANS),
-        span_weights=weights, temperature=temperature, return_components=True,
-    )  # fmt: skip
+        torch.tensor(STUDENT),
+        torch.tensor(TEACHER),
+        torch.tensor(SPANS),
+        span_weights=weights,
+        temperature=temperature,
+        return_components=True,
+    )
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     assert set(comps) == {Span.REASON, Span.ACT}
     assert comps[Span.REASON].item() == pytest.approx(reason, rel=1e-6)
@@ -54,9 +70,12 @@ def test_token_normalization_matches_hand_computation(backend):
     d = [_kl(t, s, 1.0) for s, t in zip(STUDENT, TEACHER, strict=True)]
     expected = (0.5 * (d[1] + d[2]) + 2.0 * (d[3] + d[5])) / 4
     loss = kdcore.span_loss(
-        torch.tensor(STUDENT), torch.tensor(TEACHER), torch.tensor(SPANS),
-        span_weights=weights, normalize="token",
-    )  # fmt: skip
+        torch.tensor(STUDENT),
+        torch.tensor(TEACHER),
+        torch.tensor(SPANS),
+        span_weights=weights,
+        normalize="token",
+    )
     assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 
@@ -80,20 +99,35 @@ def test_default_weights_learn_reasoning_and_actions_only(backend):
         st.sampled_from([0.0, 0.3, 1.0, 2.5]),
         min_size=5,
         max_size=5,
-    ),  # fmt: skip
+    ),
     scale_t2=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_matches_float64_reference(
-    backend, lead, vocab, s_dtype, t_dtype, temperature, divergence, normalize, weights,
-    scale_t2, seed,
-):  # fmt: skip
+    backend,
+    lead,
+    vocab,
+    s_dtype,
+    t_dtype,
+    temperature,
+    divergence,
+    normalize,
+    weights,
+    scale_t2,
+    seed,
+):
     g = torch.Generator().manual_seed(seed)
     s = make_logits((*lead, vocab), s_dtype, scale=2.0, generator=g)
     t = make_logits((*lead, vocab), t_dtype, scale=2.0, generator=g)
     ids = torch.tensor([0, 1, 2, 3, 7])[torch.randint(0, 5, lead, generator=g)]
-    kwargs = dict(span_weights=weights, divergence=divergence, temperature=temperature,
-                  normalize=normalize, scale_t2=scale_t2, return_components=True)  # fmt: skip
+    kwargs = dict(
+        span_weights=weights,
+        divergence=divergence,
+        temperature=temperature,
+        normalize=normalize,
+        scale_t2=scale_t2,
+        return_components=True,
+    )
     s_k = s.clone().requires_grad_()
     loss, comps = kdcore.span_loss(s_k, t, ids, **kwargs)
     s64 = s.double().requires_grad_()
@@ -177,8 +211,9 @@ def test_gradcheck_float64(normalize, divergence):
     spans = torch.tensor([0, 1, 1, 2, 3])
 
     def fn(a, b):
-        return kdcore.span_loss(a, b, spans, divergence=divergence, beta=0.3, temperature=1.5,
-                                normalize=normalize)  # fmt: skip
+        return kdcore.span_loss(
+            a, b, spans, divergence=divergence, beta=0.3, temperature=1.5, normalize=normalize
+        )
 
     assert torch.autograd.gradcheck(fn, (s, t))
 
@@ -191,8 +226,15 @@ def test_span_module_passes_beta():
     got = module(s, t, spans)
     expected = kdcore.span_loss(s, t, spans, divergence="jsd", beta=0.1, temperature=2.0)
     assert torch.equal(got, expected)
-    ref = reference.span_loss(s.double(), t.double(), spans, divergence="jsd", beta=0.1,
-                              temperature=2.0, span_weights=kdcore.DEFAULT_SPAN_WEIGHTS)  # fmt: skip
+    ref = reference.span_loss(
+        s.double(),
+        t.double(),
+        spans,
+        divergence="jsd",
+        beta=0.1,
+        temperature=2.0,
+        span_weights=kdcore.DEFAULT_SPAN_WEIGHTS,
+    )
     assert_loss_close(got, ref, (torch.float32, torch.float32))
     # beta really reaches the kernel: the default beta=0.5 gives another value.
     default = kdcore.span_loss(s, t, spans, divergence="jsd", temperature=2.0)

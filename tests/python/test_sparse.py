@@ -32,19 +32,36 @@ def _top_k(teacher_logits, k, temperature=1.0):
     seed=st.integers(0, 2**31 - 1),
 )
 def test_matches_float64_reference(
-    backend, lead, vocab, k_frac, dtype, tail, temperature, teacher_temperature, reduction,
-    masking, seed,
-):  # fmt: skip
+    backend,
+    lead,
+    vocab,
+    k_frac,
+    dtype,
+    tail,
+    temperature,
+    teacher_temperature,
+    reduction,
+    masking,
+    seed,
+):
     g = torch.Generator().manual_seed(seed)
     s = make_logits((*lead, vocab), dtype, scale=2.0, generator=g)
-    ids, lps = _top_k(make_logits((*lead, vocab), torch.float32, scale=3.0, generator=g),
-                      max(1, int(vocab * k_frac)), teacher_temperature)  # fmt: skip
+    ids, lps = _top_k(
+        make_logits((*lead, vocab), torch.float32, scale=3.0, generator=g),
+        max(1, int(vocab * k_frac)),
+        teacher_temperature,
+    )
     labels = None
     if masking:
         labels = torch.randint(0, 5, lead, generator=g)
         labels[torch.rand(lead, generator=g) < 0.3] = -100
-    kwargs = dict(temperature=temperature, teacher_temperature=teacher_temperature, tail=tail,
-                  labels=labels, reduction=reduction)  # fmt: skip
+    kwargs = dict(
+        temperature=temperature,
+        teacher_temperature=teacher_temperature,
+        tail=tail,
+        labels=labels,
+        reduction=reduction,
+    )
     s_k, s64 = s.clone().requires_grad_(), s.double().requires_grad_()
     loss = kdcore.sparse_kl_loss(s_k, ids, lps, **kwargs)
     ref = reference.sparse_kl_loss(s64, ids, lps.double(), **kwargs)

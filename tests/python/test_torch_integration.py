@@ -23,8 +23,18 @@ def _kl_samples():
         labels = torch.tensor([0, 5, 36, 2, 1])
         for div in ("kl", "reverse_kl", "tvd", "jsd"):
             yield (s.clone().requires_grad_(), t, w, 2.0, div, 0.3, None, None, True, False)
-            yield (s.clone().requires_grad_(), t.clone().requires_grad_(), w, 0.5, div, 0.3,
-                   labels, w * 0.5, True, True)  # fmt: skip
+            yield (
+                s.clone().requires_grad_(),
+                t.clone().requires_grad_(),
+                w,
+                0.5,
+                div,
+                0.3,
+                labels,
+                w * 0.5,
+                True,
+                True,
+            )
             yield (s, t, w, 1.0, div, 0.3, labels, w, False, False)
 
 
