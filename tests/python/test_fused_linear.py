@@ -485,9 +485,9 @@ def test_row_chunks_with_16bit_gemm_operands(monkeypatch, teacher_as, pad, alpha
     # the kernel, weight gradient accumulated in fp32), run on the CPU: only
     # the cuBLAS calls differ (they widen here). Gradients within bf16 GEMM
     # accuracy of float64: 2^-7 of their largest entry.
-    from kdcore.ops import fused_linear
+    from kdcore.ops import _fused_linear_rows
 
-    monkeypatch.setattr(fused_linear, "tensor_cores", lambda a, b: a.dtype in _linear.HALF)
+    monkeypatch.setattr(_fused_linear_rows, "tensor_cores", lambda a, b: a.dtype in _linear.HALF)
     g = torch.Generator().manual_seed(seed)
     rows, hidden, vocab = 9, 16, 50
     h = torch.randn(rows, hidden, generator=g).to(torch.bfloat16)
