@@ -22,8 +22,17 @@ from kdcore.ops import vocab_parallel as vp_module
 SPAN_WEIGHTS = {0: 0.0, 1: 1.0, 2: 0.5, 3: 0.0}
 
 
-def make_case(seed, *, rows=11, hidden=6, vocab=37, t_hidden=5, dtype=torch.float32,
-              bias=True, teacher_bias=False):  # fmt: skip
+def make_case(
+    seed,
+    *,
+    rows=11,
+    hidden=6,
+    vocab=37,
+    t_hidden=5,
+    dtype=torch.float32,
+    bias=True,
+    teacher_bias=False,
+):
     g = torch.Generator().manual_seed(seed)
     case = {
         "h": torch.randn(rows, hidden, generator=g).to(dtype),
@@ -54,10 +63,17 @@ def reference_loss(case, opts):
         z_t = z_t + case["tb"].double()
     spans = case["spans"] if opts["spans"] else None
     loss = reference.distillation_loss(
-        z, z_t, case["labels"], alpha=opts["alpha"], temperature=opts["temperature"],
-        divergence=opts["divergence"], beta=opts["beta"], spans=spans,
-        span_weights=SPAN_WEIGHTS if spans is not None else None, reduction="mean",
-    )  # fmt: skip
+        z,
+        z_t,
+        case["labels"],
+        alpha=opts["alpha"],
+        temperature=opts["temperature"],
+        divergence=opts["divergence"],
+        beta=opts["beta"],
+        spans=spans,
+        span_weights=SPAN_WEIGHTS if spans is not None else None,
+        reduction="mean",
+    )
     wrt = [h, w] + ([b] if b is not None else [])
     return loss.detach(), torch.autograd.grad(loss, wrt)
 
@@ -75,12 +91,20 @@ def shard_loss(case, opts, start, stop, group=None, *, w=None, h=None):
         if case["tb"] is not None:
             teacher["teacher_bias"] = case["tb"][start:stop]
     loss = kdcore.fused_linear_distillation_loss(
-        hk, wk, student_bias=bk, labels=case["labels"], alpha=opts["alpha"],
-        temperature=opts["temperature"], divergence=opts["divergence"], beta=opts["beta"],
+        hk,
+        wk,
+        student_bias=bk,
+        labels=case["labels"],
+        alpha=opts["alpha"],
+        temperature=opts["temperature"],
+        divergence=opts["divergence"],
+        beta=opts["beta"],
         spans=case["spans"] if opts["spans"] else None,
-        span_weights=SPAN_WEIGHTS if opts["spans"] else None, chunk_size=opts.get("chunk"),
-        vocab_parallel=VocabParallel(start, stop, group), **teacher,
-    )  # fmt: skip
+        span_weights=SPAN_WEIGHTS if opts["spans"] else None,
+        chunk_size=opts.get("chunk"),
+        vocab_parallel=VocabParallel(start, stop, group),
+        **teacher,
+    )
     wrt = [hk, wk] + ([bk] if bk is not None else [])
     return loss.detach(), torch.autograd.grad(loss, wrt)
 
@@ -117,12 +141,28 @@ def check_against_reference(got, ref, dtype, start=None, stop=None):
     seed=st.integers(0, 2**31 - 1),
 )
 def test_sharded_arithmetic_on_one_rank_matches_float64(
-    dtype, teacher_as, divergence, beta, alpha, spans, bias, teacher_bias, chunk, temperature,
+    dtype,
+    teacher_as,
+    divergence,
+    beta,
+    alpha,
+    spans,
+    bias,
+    teacher_bias,
+    chunk,
+    temperature,
     seed,
-):  # fmt: skip
+):
     case = make_case(seed, dtype=dtype, bias=bias, teacher_bias=teacher_bias)
-    opts = dict(teacher_as=teacher_as, divergence=divergence, beta=beta, alpha=alpha,
-                spans=spans, chunk=chunk, temperature=temperature)  # fmt: skip
+    opts = dict(
+        teacher_as=teacher_as,
+        divergence=divergence,
+        beta=beta,
+        alpha=alpha,
+        spans=spans,
+        chunk=chunk,
+        temperature=temperature,
+    )
     vp_module.PLAIN_PATH_AT_SIZE_ONE = False
     try:
         got = shard_loss(case, opts, 0, case["w"].shape[0])
@@ -133,15 +173,23 @@ def test_sharded_arithmetic_on_one_rank_matches_float64(
 
 def test_a_group_of_one_rank_is_the_plain_loss():
     case = make_case(1)
-    opts = dict(teacher_as="linear", divergence="kl", beta=0.5, alpha=0.3, spans=True,
-                temperature=2.0)  # fmt: skip
+    opts = dict(
+        teacher_as="linear", divergence="kl", beta=0.5, alpha=0.3, spans=True, temperature=2.0
+    )
     loss, grads = shard_loss(case, opts, 0, 37)
     h, w, b = (case[k].clone().requires_grad_() for k in ("h", "w", "b"))
     plain = kdcore.fused_linear_distillation_loss(
-        h, w, student_bias=b, teacher_hidden=case["th"], teacher_weight=case["tw"],
-        labels=case["labels"], alpha=0.3, temperature=2.0, spans=case["spans"],
+        h,
+        w,
+        student_bias=b,
+        teacher_hidden=case["th"],
+        teacher_weight=case["tw"],
+        labels=case["labels"],
+        alpha=0.3,
+        temperature=2.0,
+        spans=case["spans"],
         span_weights=SPAN_WEIGHTS,
-    )  # fmt: skip
+    )
     assert torch.equal(loss, plain.detach())
     for g, p in zip(grads, torch.autograd.grad(plain, (h, w, b)), strict=True):
         assert torch.equal(g, p)
@@ -168,8 +216,9 @@ def test_sharded_path_refuses_double_backward(monkeypatch):
 
 def test_bad_arguments_are_clear_errors():
     case = make_case(0, bias=False)
-    opts = dict(teacher_as="linear", divergence="kl", beta=0.5, alpha=0.0, spans=False,
-                temperature=1.0)  # fmt: skip
+    opts = dict(
+        teacher_as="linear", divergence="kl", beta=0.5, alpha=0.0, spans=False, temperature=1.0
+    )
     with pytest.raises(ValueError, match="start must be 0"):
         shard_loss(case, opts, 1, 38, w=case["w"])
     with pytest.raises(ValueError, match="student_weight has 37 rows but VocabParallel"):
@@ -183,24 +232,28 @@ def test_bad_arguments_are_clear_errors():
     h, w = case["h"], case["w"]
     vp = VocabParallel(0, 37)
     with pytest.raises(ValueError, match="supports divergence"):
-        kdcore.fused_linear_distillation_loss(h, w, teacher_logits=h @ w.t(), divergence="tvd",
-                                              vocab_parallel=vp)  # fmt: skip
+        kdcore.fused_linear_distillation_loss(
+            h, w, teacher_logits=h @ w.t(), divergence="tvd", vocab_parallel=vp
+        )
     with pytest.raises(ValueError, match="dense teacher"):
         ids = torch.zeros(11, 2, dtype=torch.long)
         kdcore.fused_linear_distillation_loss(
             h, w, teacher_topk=(ids, torch.full((11, 2), -1.0)), vocab_parallel=vp
         )
     with pytest.raises(ValueError, match="chunks over rows"):
-        kdcore.fused_linear_distillation_loss(h, w, teacher_logits=h @ w.t(),
-                                              chunk_over="vocab", vocab_parallel=vp)  # fmt: skip
+        kdcore.fused_linear_distillation_loss(
+            h, w, teacher_logits=h @ w.t(), chunk_over="vocab", vocab_parallel=vp
+        )
     with pytest.raises(TypeError, match="kdcore.VocabParallel"):
-        kdcore.fused_linear_distillation_loss(h, w, teacher_logits=h @ w.t(),
-                                              vocab_parallel=(0, 37))  # fmt: skip
+        kdcore.fused_linear_distillation_loss(
+            h, w, teacher_logits=h @ w.t(), vocab_parallel=(0, 37)
+        )
     bad = case["labels"].clone()
     bad[1] = 37
     with pytest.raises(ValueError, match=r"labels must be in \[0, 37\)"):
-        kdcore.fused_linear_distillation_loss(h, w, teacher_logits=h @ w.t(), labels=bad,
-                                              vocab_parallel=vp)  # fmt: skip
+        kdcore.fused_linear_distillation_loss(
+            h, w, teacher_logits=h @ w.t(), labels=bad, vocab_parallel=vp
+        )
 
 
 # --- two processes ------------------------------------------------------------------------
@@ -208,13 +261,26 @@ def test_bad_arguments_are_clear_errors():
 SPLIT = [(0, 15), (15, 37)]  # uneven
 CASES = [
     dict(teacher_as="linear", divergence="kl", beta=0.5, alpha=0.3, spans=True, temperature=2.0),
-    dict(teacher_as="logits", divergence="reverse_kl", beta=0.5, alpha=0.0, spans=False,
-         temperature=1.0, chunk=4),
-    dict(teacher_as="linear", divergence="jsd", beta=0.3, alpha=0.4, spans=False,
-         temperature=2.0),
-    dict(teacher_as="logits", divergence="jsd", beta=0.7, alpha=0.0, spans=True,
-         temperature=1.0, chunk=3),
-]  # fmt: skip
+    dict(
+        teacher_as="logits",
+        divergence="reverse_kl",
+        beta=0.5,
+        alpha=0.0,
+        spans=False,
+        temperature=1.0,
+        chunk=4,
+    ),
+    dict(teacher_as="linear", divergence="jsd", beta=0.3, alpha=0.4, spans=False, temperature=2.0),
+    dict(
+        teacher_as="logits",
+        divergence="jsd",
+        beta=0.7,
+        alpha=0.0,
+        spans=True,
+        temperature=1.0,
+        chunk=3,
+    ),
+]
 
 
 def _expect_error(fn) -> str | None:
@@ -249,7 +315,7 @@ def _sharded_on_ranks(rank, world):
                 stop,
                 h=h_other if rank else None,
                 w=torch.randn(stop - start, 7) if rank else None,
-            )  # fmt: skip
+            )
         ),
     }
     other_labels = dict(case, labels=torch.roll(case["labels"], rank))  # rank 1's differ
