@@ -158,6 +158,19 @@ def test_bad_arguments():
         kdcore.fused_linear_distillation_loss(h, w, teacher_logits=t, teacher_bias=torch.zeros(10))
 
 
+def test_an_empty_vocabulary_is_a_clear_error():
+    # It used to end in a ZeroDivisionError (the default chunk size divides by V).
+    h = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="student_weight has no rows"):
+        kdcore.fused_linear_distillation_loss(
+            h, torch.randn(0, 8), teacher_logits=torch.randn(4, 3), pad_vocab=True
+        )
+    with pytest.raises(ValueError, match="teacher_weight has no rows"):
+        kdcore.fused_linear_distillation_loss(
+            h, torch.randn(5, 8), teacher_hidden=torch.randn(4, 3), teacher_weight=torch.randn(0, 3)
+        )
+
+
 def test_gradcheck_float64_reference_path():
     h = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)

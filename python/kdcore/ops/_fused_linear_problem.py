@@ -236,6 +236,9 @@ def build_problem(
             _bias("teacher_bias", teacher_bias, vocab_t, "teacher_weight")
     if teacher_bias is not None and teacher_weight is None:
         raise ValueError("teacher_bias goes with teacher_hidden and teacher_weight")
+    if min(vocab_s, vocab_t) < 1 and not sharded:  # sharded: a shard's size is checked on all ranks
+        who = "student_weight" if vocab_s < 1 else "teacher_weight"
+        raise ValueError(f"{who} has no rows: the vocabulary needs at least one entry")
     if vocab_s != vocab_t and not pad_vocab and not sharded:  # sharded: collective
         raise ValueError(
             f"student vocabulary {vocab_s} != teacher vocabulary {vocab_t}; pass pad_vocab=True "
