@@ -22,9 +22,16 @@ def _unfused(h, w, b, z_t, labels, *, alpha, divergence, beta, temperature, redu
         rows = rows * (temperature**2 if scale_t2 else 1.0)
         return rows.mean() if reduction == "mean" else rows.sum()
     return reference.distillation_loss(
-        z, z_t, labels, alpha=alpha, temperature=temperature, divergence=divergence, beta=beta,
-        reduction=reduction, scale_t2=scale_t2,
-    )  # fmt: skip
+        z,
+        z_t,
+        labels,
+        alpha=alpha,
+        temperature=temperature,
+        divergence=divergence,
+        beta=beta,
+        reduction=reduction,
+        scale_t2=scale_t2,
+    )
 
 
 def _close(got, ref, dtype, what):
@@ -51,9 +58,19 @@ def _close(got, ref, dtype, what):
     seed=st.integers(0, 2**31 - 1),
 )
 def test_matches_unfused_reference(
-    rows, hidden, vocab, dtype, teacher_as, divergence, alpha, use_bias, reduction, chunk,
-    temperature, seed,
-):  # fmt: skip
+    rows,
+    hidden,
+    vocab,
+    dtype,
+    teacher_as,
+    divergence,
+    alpha,
+    use_bias,
+    reduction,
+    chunk,
+    temperature,
+    seed,
+):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(rows, hidden, generator=g).to(dtype)
     w = (torch.randn(vocab, hidden, generator=g) / math.sqrt(hidden)).to(dtype)
@@ -69,8 +86,14 @@ def test_matches_unfused_reference(
     )
     hk, wk = h.clone().requires_grad_(), w.clone().requires_grad_()
     bk = b.clone().requires_grad_() if b is not None else None
-    kw = dict(alpha=alpha, divergence=divergence, beta=0.3, temperature=temperature,
-              reduction=reduction, scale_t2=True)  # fmt: skip
+    kw = dict(
+        alpha=alpha,
+        divergence=divergence,
+        beta=0.3,
+        temperature=temperature,
+        reduction=reduction,
+        scale_t2=True,
+    )
     loss = kdcore.fused_linear_distillation_loss(
         hk, wk, labels=labels, student_bias=bk, chunk_size=chunk, **teacher, **kw
     )
@@ -135,6 +158,19 @@ def test_bad_arguments():
         kdcore.fused_linear_distillation_loss(h, w, teacher_logits=t, teacher_bias=torch.zeros(10))
 
 
+def test_an_empty_vocabulary_is_a_clear_error():
+    # It used to end in a ZeroDivisionError (the default chunk size divides by V).
+    h = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="student_weight has no rows"):
+        kdcore.fused_linear_distillation_loss(
+            h, torch.randn(0, 8), teacher_logits=torch.randn(4, 3), pad_vocab=True
+        )
+    with pytest.raises(ValueError, match="teacher_weight has no rows"):
+        kdcore.fused_linear_distillation_loss(
+            h, torch.randn(5, 8), teacher_hidden=torch.randn(4, 3), teacher_weight=torch.randn(0, 3)
+        )
+
+
 def test_gradcheck_float64_reference_path():
     h = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
@@ -187,14 +223,26 @@ def test_span_weights_match_the_unfused_reference(
     kw = dict(alpha=alpha, divergence=divergence, beta=0.5, temperature=2.0)
     hk, wk = h.clone().requires_grad_(), w.clone().requires_grad_()
     loss = kdcore.fused_linear_distillation_loss(
-        hk, wk, teacher_logits=z_t, labels=labels, spans=spans, span_weights=weights,
-        normalize=normalize, chunk_size=chunk, **kw,
-    )  # fmt: skip
+        hk,
+        wk,
+        teacher_logits=z_t,
+        labels=labels,
+        spans=spans,
+        span_weights=weights,
+        normalize=normalize,
+        chunk_size=chunk,
+        **kw,
+    )
     h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
     ref = reference.distillation_loss(
-        h64 @ w64.t(), z_t.double(), labels, spans=spans, span_weights=weights,
-        normalize=normalize, **kw,
-    )  # fmt: skip
+        h64 @ w64.t(),
+        z_t.double(),
+        labels,
+        spans=spans,
+        span_weights=weights,
+        normalize=normalize,
+        **kw,
+    )
     assert abs(loss.item() - ref.item()) <= 1e-4 * abs(ref.item()) + 1e-5
     _grads_close(loss, ref, [hk, wk], [h64, w64], dtype)
 
@@ -226,18 +274,30 @@ def test_topk_teacher_matches_the_unfused_reference(
     hk, wk = h.clone().requires_grad_(), w.clone().requires_grad_()
     bk = b.clone().requires_grad_() if b is not None else None
     loss = kdcore.fused_linear_distillation_loss(
-        hk, wk, student_bias=bk, teacher_topk=(ids, lps.float()), labels=labels, alpha=alpha,
-        temperature=temperature, teacher_temperature=teacher_temperature, tail=tail,
+        hk,
+        wk,
+        student_bias=bk,
+        teacher_topk=(ids, lps.float()),
+        labels=labels,
+        alpha=alpha,
+        temperature=temperature,
+        teacher_temperature=teacher_temperature,
+        tail=tail,
         chunk_size=chunk,
-    )  # fmt: skip
+    )
     h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
     b64 = b.double().requires_grad_() if b is not None else None
     z = h64 @ w64.t() + (b64 if b64 is not None else 0.0)
     # Independent composition: (1 - alpha) * sparse KL + alpha * CE, both means over valid rows.
     ref = (1 - alpha) * reference.sparse_kl_loss(
-        z, ids, lps, temperature=temperature, teacher_temperature=teacher_temperature, tail=tail,
+        z,
+        ids,
+        lps,
+        temperature=temperature,
+        teacher_temperature=teacher_temperature,
+        tail=tail,
         labels=labels,
-    )  # fmt: skip
+    )
     if alpha > 0 and bool((labels != -100).any()):
         ref = ref + alpha * torch.nn.functional.cross_entropy(z, labels, ignore_index=-100)
     _loss_and_grads_close(loss, ref, (hk, wk, bk), (h64, w64, b64), dtype)
@@ -260,9 +320,12 @@ def test_topk_teacher_errors():
         kdcore.fused_linear_distillation_loss(h, w, teacher_topk=(ids, lps), tail="drop")
     with pytest.raises(ValueError, match=r"reduction must be 'mean'"):
         kdcore.fused_linear_distillation_loss(
-            h, w, teacher_logits=torch.randn(4, 10), spans=torch.ones(4, dtype=torch.long),
+            h,
+            w,
+            teacher_logits=torch.randn(4, 10),
+            spans=torch.ones(4, dtype=torch.long),
             reduction="sum",
-        )  # fmt: skip
+        )
 
 
 def _compile_case(teacher_as: str):
@@ -277,8 +340,10 @@ def _compile_case(teacher_as: str):
         lps, ids = torch.log_softmax(torch.randn(2, 5, 40, generator=g), -1).topk(6, dim=-1)
         teacher = {"teacher_topk": (ids, lps)}
     elif teacher_as == "linear":
-        teacher = {"teacher_hidden": torch.randn(2, 5, 6, generator=g),
-                   "teacher_weight": torch.randn(40, 6, generator=g)}  # fmt: skip
+        teacher = {
+            "teacher_hidden": torch.randn(2, 5, 6, generator=g),
+            "teacher_weight": torch.randn(40, 6, generator=g),
+        }
     else:
         teacher = {"teacher_logits": torch.randn(2, 5, 40, generator=g) * 2}
     return h, w, b, labels, spans, teacher
@@ -286,9 +351,14 @@ def _compile_case(teacher_as: str):
 
 @pytest.mark.parametrize(
     ("teacher_as", "chunk_over"),
-    [("logits", "rows"), ("linear", "rows"), ("topk", "rows"), ("logits", "vocab"),
-     ("linear", "vocab")],
-)  # fmt: skip
+    [
+        ("logits", "rows"),
+        ("linear", "rows"),
+        ("topk", "rows"),
+        ("logits", "vocab"),
+        ("linear", "vocab"),
+    ],
+)
 def test_compile_fullgraph_one_op_matches_eager(teacher_as, chunk_over):
     """torch.compile(fullgraph=True) traces the fused linear loss as one op
     (kdcore::fused_linear_distill) and gives eager's loss and gradients."""
@@ -297,10 +367,18 @@ def test_compile_fullgraph_one_op_matches_eager(teacher_as, chunk_over):
 
     def step(h, w, b):
         loss = kdcore.fused_linear_distillation_loss(
-            h, w, student_bias=b, labels=labels, alpha=0.3, temperature=2.0, spans=spans,
-            span_weights={0: 0.5, 1: 1.0, 2: 2.0}, chunk_size=3, chunk_over=chunk_over,
+            h,
+            w,
+            student_bias=b,
+            labels=labels,
+            alpha=0.3,
+            temperature=2.0,
+            spans=spans,
+            span_weights={0: 0.5, 1: 1.0, 2: 2.0},
+            chunk_size=3,
+            chunk_over=chunk_over,
             **teacher,
-        )  # fmt: skip
+        )
         return 2.0 * loss  # a non-unit upstream gradient
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
@@ -315,10 +393,22 @@ def test_compile_fullgraph_one_op_matches_eager(teacher_as, chunk_over):
         assert torch.allclose(c.grad, a.grad, rtol=1e-5, atol=1e-7), name
     # ... and the eager gradients are the float64 reference's (the op is not just self-consistent).
     h64, w64, b64 = (x.double().requires_grad_() for x in (h, w, b))
-    kw = dict(student_bias=b64, labels=labels, alpha=0.3, temperature=2.0, spans=spans,
-              span_weights={0: 0.5, 1: 1.0, 2: 2.0})  # fmt: skip
-    t64 = {k: (tuple(x.double() if x.is_floating_point() else x for x in v)
-               if isinstance(v, tuple) else v.double()) for k, v in teacher.items()}  # fmt: skip
+    kw = dict(
+        student_bias=b64,
+        labels=labels,
+        alpha=0.3,
+        temperature=2.0,
+        spans=spans,
+        span_weights={0: 0.5, 1: 1.0, 2: 2.0},
+    )
+    t64 = {
+        k: (
+            tuple(x.double() if x.is_floating_point() else x for x in v)
+            if isinstance(v, tuple)
+            else v.double()
+        )
+        for k, v in teacher.items()
+    }
     ref = 2.0 * kdcore.fused_linear_distillation_loss(h64, w64, **kw, **t64)  # float64: reference
     ref.backward()
     for name, a, r in zip(("hidden", "weight", "bias"), eager_in, (h64, w64, b64), strict=True):
@@ -330,12 +420,30 @@ def test_fused_linear_op_opcheck(chunk_over):
     h, w, b, labels, _, teacher = _compile_case("logits")
     rows = h.shape[0] * h.shape[1]
     args = (
-        h.reshape(rows, -1).requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_(),
-        teacher["teacher_logits"].reshape(rows, -1), None, None, None, None, None,
-        torch.where(labels == -100, 0, labels).reshape(-1), torch.full((rows,), 0.1),
+        h.reshape(rows, -1).requires_grad_(),
+        w.clone().requires_grad_(),
+        b.clone().requires_grad_(),
+        teacher["teacher_logits"].reshape(rows, -1),
+        None,
+        None,
+        None,
+        None,
+        None,
+        torch.where(labels == -100, 0, labels).reshape(-1),
+        torch.full((rows,), 0.1),
         torch.full((rows,), 0.05),
-        2.0, 1.0, "bucket", "kl", 0.5, 40, 4, chunk_over, True, True, True,
-    )  # fmt: skip
+        2.0,
+        1.0,
+        "bucket",
+        "kl",
+        0.5,
+        40,
+        4,
+        chunk_over,
+        True,
+        True,
+        True,
+    )
     torch.library.opcheck(torch.ops.kdcore.fused_linear_distill.default, args)
 
 
@@ -354,9 +462,19 @@ def test_fused_linear_op_opcheck(chunk_over):
     seed=st.integers(0, 2**31 - 1),
 )
 def test_vocab_chunks_match_the_unfused_reference(
-    rows, vocab_s, pad, dtype, teacher_as, divergence, alpha, use_bias, use_spans, width,
-    temperature, seed,
-):  # fmt: skip
+    rows,
+    vocab_s,
+    pad,
+    dtype,
+    teacher_as,
+    divergence,
+    alpha,
+    use_bias,
+    use_spans,
+    width,
+    temperature,
+    seed,
+):
     """chunk_over="vocab": two passes over vocabulary slices of ``width``
     columns give the float64 reference's loss and gradients, also with padded
     vocabularies (teacher larger or smaller), spans and a masked NaN row."""
@@ -380,11 +498,17 @@ def test_vocab_chunks_match_the_unfused_reference(
         th, tw = torch.randn(rows, 4, generator=g), torch.randn(vocab_t, 4, generator=g)
         teacher = {"teacher_hidden": th, "teacher_weight": tw}
         teacher64 = {"teacher_hidden": th.double(), "teacher_weight": tw.double()}
-    kw = dict(labels=labels, alpha=alpha, divergence=divergence, temperature=temperature,
-              pad_vocab=vocab_t != vocab_s)  # fmt: skip
+    kw = dict(
+        labels=labels,
+        alpha=alpha,
+        divergence=divergence,
+        temperature=temperature,
+        pad_vocab=vocab_t != vocab_s,
+    )
     if use_spans:
-        kw.update(spans=torch.randint(0, 3, (rows,), generator=g),
-                  span_weights={0: 0.5, 1: 1.0, 2: 2.0})  # fmt: skip
+        kw.update(
+            spans=torch.randint(0, 3, (rows,), generator=g), span_weights={0: 0.5, 1: 1.0, 2: 2.0}
+        )
     hk, wk = h.clone().requires_grad_(), w.clone().requires_grad_()
     bk = b.clone().requires_grad_() if b is not None else None
     loss = kdcore.fused_linear_distillation_loss(
@@ -485,9 +609,9 @@ def test_row_chunks_with_16bit_gemm_operands(monkeypatch, teacher_as, pad, alpha
     # the kernel, weight gradient accumulated in fp32), run on the CPU: only
     # the cuBLAS calls differ (they widen here). Gradients within bf16 GEMM
     # accuracy of float64: 2^-7 of their largest entry.
-    from kdcore.ops import fused_linear
+    from kdcore.ops import _fused_linear_rows
 
-    monkeypatch.setattr(fused_linear, "tensor_cores", lambda a, b: a.dtype in _linear.HALF)
+    monkeypatch.setattr(_fused_linear_rows, "tensor_cores", lambda a, b: a.dtype in _linear.HALF)
     g = torch.Generator().manual_seed(seed)
     rows, hidden, vocab = 9, 16, 50
     h = torch.randn(rows, hidden, generator=g).to(torch.bfloat16)
@@ -526,8 +650,13 @@ def test_rows_no_term_reads_may_hold_nan(chunk_over, dtype):
     t = torch.randn(6, 20, generator=g, dtype=dtype)
     labels = torch.randint(0, 20, (6,), generator=g)
     labels[2] = -100
-    kw = dict(teacher_logits=t, labels=labels, alpha=0.3, chunk_size=4 if chunk_over == "rows"
-              else 8, chunk_over=chunk_over)  # fmt: skip
+    kw = dict(
+        teacher_logits=t,
+        labels=labels,
+        alpha=0.3,
+        chunk_size=4 if chunk_over == "rows" else 8,
+        chunk_over=chunk_over,
+    )
     clean = h.clone()
     h[2] = math.nan
     outs = []

@@ -195,6 +195,25 @@ def test_a_group_of_one_rank_is_the_plain_loss():
         assert torch.equal(g, p)
 
 
+def test_sharded_path_refuses_double_backward(monkeypatch):
+    # Its gradients are computed in forward (constants to autograd): a
+    # create_graph backward would give a silently zero second derivative.
+    monkeypatch.setattr(vp_module, "PLAIN_PATH_AT_SIZE_ONE", False)
+    case = make_case(2)
+    h = case["h"].clone().requires_grad_()
+    loss = kdcore.fused_linear_distillation_loss(
+        h,
+        case["w"],
+        teacher_hidden=case["th"],
+        teacher_weight=case["tw"],
+        vocab_parallel=VocabParallel(0, 37),
+    )
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        torch.autograd.grad(loss, h, create_graph=True)
+    (first,) = torch.autograd.grad(loss, h)  # a plain backward still works
+    assert torch.isfinite(first).all()
+
+
 def test_bad_arguments_are_clear_errors():
     case = make_case(0, bias=False)
     opts = dict(

@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 
-from ._grad import scale_rows
+from ._fused_linear_autograd import EagerLoss
+from ._fused_linear_problem import Checked, default_rows, weighted, zero_unread
 from ._linear import addmm32_, mm32, tensor_cores
 
 #: The divergences the sharded loss computes (JSD with β 0 or 1 is a KL).
@@ -43,10 +44,6 @@ DIVERGENCES = ("kl", "reverse_kl", "jsd")
 #: path (the Rust / Triton kernel); tests and benchmarks set this False to run
 #: the sharded arithmetic there (without collectives).
 PLAIN_PATH_AT_SIZE_ONE = True
-
-#: Row chunks: fp32 bytes of local logits (student, teacher, gradient) per chunk.
-CHUNK_BUDGET_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
-MIN_CHUNK_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -149,10 +146,22 @@ def check_shards(
         return vp.stop, 1, chunk
     fingerprint = zlib.crc32(repr(options).encode())
     mine = torch.tensor(
-        [vp.start, vp.stop, int(bool(local)), rows, hidden[1], teacher_hidden[1], fingerprint,
-         int(want[0]), int(want[1]), int(want[2]), chunk],
-        dtype=torch.int64, device=device,
-    )  # fmt: skip
+        [
+            vp.start,
+            vp.stop,
+            int(bool(local)),
+            rows,
+            hidden[1],
+            teacher_hidden[1],
+            fingerprint,
+            int(want[0]),
+            int(want[1]),
+            int(want[2]),
+            chunk,
+        ],
+        dtype=torch.int64,
+        device=device,
+    )
     every = [torch.empty_like(mine) for _ in range(size)]
     torch.distributed.all_gather(every, mine, group=vp.group)
     table = torch.stack(every).cpu().tolist()
@@ -165,10 +174,15 @@ def check_shards(
         elif start < edge:
             problems.append(f"rank {r}'s rows [{start}, {stop}) overlap another rank's (to {edge})")
         edge = max(edge, stop)
-    names = ("rows of hidden states", "student weight hidden sizes", "teacher weight hidden sizes",
-             "loss options or row weights (temperature, divergence, beta, labels, spans)",
-             "hidden-state gradient requests", "weight gradient requests",
-             "bias gradient requests")  # fmt: skip
+    names = (
+        "rows of hidden states",
+        "student weight hidden sizes",
+        "teacher weight hidden sizes",
+        "loss options or row weights (temperature, divergence, beta, labels, spans)",
+        "hidden-state gradient requests",
+        "weight gradient requests",
+        "bias gradient requests",
+    )
     for index, name in enumerate(names, start=3):
         seen = [d[index] for d in table]
         if len(set(seen)) > 1:
@@ -183,11 +197,6 @@ def check_shards(
     return edge, size, min(d[10] for d in table)
 
 
-def default_chunk(width: int, device: torch.device) -> int:
-    budget = CHUNK_BUDGET_BYTES.get(device.type, CHUNK_BUDGET_BYTES["cpu"])
-    return max(MIN_CHUNK_ROWS, budget // (max(width, 1) * 4 * 3))
-
-
 def _all_reduce(x: torch.Tensor, op, group) -> torch.Tensor:
     """In place over ``group``; without a process group (one rank) nothing to do.
     A one-rank group still runs it (the GPU check exercises NCCL that way)."""
@@ -196,18 +205,22 @@ def _all_reduce(x: torch.Tensor, op, group) -> torch.Tensor:
     return x
 
 
-def _weighted(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Σ_j p_j x_j per row in float64, 0 where p = 0 (x may be ±inf there)."""
-    return torch.where(p > 0, p * x, 0.0).sum(dim=1, dtype=torch.float64)
+@dataclass(frozen=True)
+class ShardedRows:
+    """The strategy over vocabulary shards: row chunks of ``chunk`` rows of
+    this rank's shard ``vp``; see the module docstring."""
+
+    vp: VocabParallel
+    chunk: int
+
+    def __call__(self, h, w, b, problem, wants: tuple[bool, bool, bool]):
+        """``loss_and_grads`` as the row-chunk path's: ``(loss (0-d), grad_h,
+        grad_w, grad_b)``, the same loss and the full ``grad_h`` on every rank,
+        this rank's slice of the weight and bias gradients."""
+        return _sharded(h, w, b, problem, self.vp, self.chunk, *wants)
 
 
-def sharded_chunked(h, w, b, problem, vp: VocabParallel, chunk: int, want_h, want_w, want_b):
-    """Loss and requested gradients over vocabulary shards; see the module docstring.
-
-    Returns ``(loss (0-d), grad_h, grad_w, grad_b)`` like the row-chunk path:
-    the same loss and the full ``grad_h`` on every rank, this rank's slice
-    of the weight and bias gradients.
-    """
+def _sharded(h, w, b, problem, vp: VocabParallel, chunk: int, want_h, want_w, want_b):
     from torch.distributed import ReduceOp
 
     def reduce(x, op):
@@ -216,7 +229,7 @@ def sharded_chunked(h, w, b, problem, vp: VocabParallel, chunk: int, want_h, wan
     wide = torch.float64 if torch.float64 in (h.dtype, w.dtype) else torch.float32
     rows, device = h.shape[0], h.device
     inv_t, code, beta = 1.0 / problem.temperature, problem.divergence, problem.beta
-    hard = problem.labels is not None and problem.ce_weight is not None
+    hard = problem.hard
     read = problem.rows_read()
     # GEMM operands as in the row-chunk path: a 16-bit shard stays 16-bit on
     # CUDA (fp32 accumulation, the logit gradient rounded once to its dtype);
@@ -229,13 +242,12 @@ def sharded_chunked(h, w, b, problem, vp: VocabParallel, chunk: int, want_h, wan
     total = torch.zeros((), dtype=torch.float64, device=device)
     for r0 in range(0, rows, chunk):
         r1 = min(rows, r0 + chunk)
-        keep = read[r0:r1, None]
-        # Rows no term reads may hold NaN: zeros keep it out of every sum.
-        h_c = torch.where(keep, h[r0:r1], 0.0).to(w_mm.dtype)
+        keep = read[r0:r1]
+        h_c = zero_unread(h[r0:r1], keep).to(w_mm.dtype)
         z_s = mm32(h_c, w_mm.t())
         if b_w is not None:
             z_s = z_s + b_w
-        z_t = torch.where(keep, problem.teacher_rows(r0, r1).to(wide), 0.0)
+        z_t = zero_unread(problem.teacher_rows(r0, r1).to(wide), keep)
         a, t = z_s * inv_t, z_t * inv_t
         # 1. maxima over the whole vocabulary (a shard of -inf logits gives -inf).
         maxima = torch.stack([a.amax(1), t.amax(1), z_s.amax(1)]).to(torch.float64)
@@ -260,24 +272,24 @@ def sharded_chunked(h, w, b, problem, vp: VocabParallel, chunk: int, want_h, wan
         q, p = torch.exp(log_q), torch.exp(log_p)
         # 3. the divergence's partial sums.
         if code == "kl":
-            parts = _weighted(p, log_p - log_q)[None]
+            parts = weighted(p, log_p - log_q)[None]
         elif code == "reverse_kl":
-            parts = _weighted(q, log_q - log_p)[None]
+            parts = weighted(q, log_q - log_p)[None]
         elif code == "jsd":
             log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
             ell = log_q - log_m
-            parts = torch.stack([_weighted(p, log_p - log_m), _weighted(q, ell)])
+            parts = torch.stack([weighted(p, log_p - log_m), weighted(q, ell)])
         else:
             raise ValueError(f"vocab_parallel supports kl, reverse_kl and jsd; got {code!r}")
         reduce(parts, ReduceOp.SUM)
         div = parts[0] if code != "jsd" else beta * parts[0] + (1.0 - beta) * parts[1]
         div_w = problem.div_weight[r0:r1].to(torch.float64)
-        total += torch.where(keep[:, 0] & (div_w != 0), div * div_w, 0.0).sum()
+        total += torch.where(keep & (div_w != 0), div * div_w, 0.0).sum()
         if hard:
             lse_1 = maxima[2] + torch.log(sums[2])
             ce_w = problem.ce_weight[r0:r1].to(torch.float64)
             ce = lse_1 - sums[3]
-            total += torch.where(keep[:, 0] & (ce_w != 0), ce * ce_w, 0.0).sum()
+            total += torch.where(keep & (ce_w != 0), ce * ce_w, 0.0).sum()
         if not (want_h or want_w or want_b):
             continue
         # The gradient w.r.t. this shard's logits.
@@ -292,7 +304,7 @@ def sharded_chunked(h, w, b, problem, vp: VocabParallel, chunk: int, want_h, wan
             soft = torch.exp(z_s - lse_1.to(wide)[:, None]) * ce_w.to(wide)[:, None]
             onehot = torch.where(here, ce_w, 0.0).to(wide)
             g = soft.scatter_add(1, col[:, None], -onehot[:, None]) + g
-        g = torch.where(keep, g, 0.0)
+        g = zero_unread(g, keep)
         if want_h:
             grad_h[r0:r1] = mm32(g.to(w_mm.dtype), w_mm)
         if want_w:
@@ -309,24 +321,6 @@ def sharded_chunked(h, w, b, problem, vp: VocabParallel, chunk: int, want_h, wan
     )
 
 
-class VocabParallelFunction(torch.autograd.Function):
-    """Eager autograd: every gradient is computed (and reduced) in forward;
-    backward scales them by the loss's gradient."""
-
-    @staticmethod
-    def forward(ctx, h, w, b, problem, vp, chunk):
-        want_b = b is not None and ctx.needs_input_grad[2]
-        want_h, want_w = ctx.needs_input_grad[:2]
-        loss, *grads = sharded_chunked(h, w, b, problem, vp, chunk, want_h, want_w, want_b)
-        ctx.save_for_backward(*grads)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grads = [None if g is None else scale_rows(g, grad_out) for g in ctx.saved_tensors]
-        return (*grads, None, None, None)
-
-
 def _rows_fingerprint(problem) -> list[float]:
     """Position-weighted sums of the row weights and labels (a host sync): they
     differ across ranks when the ranks' labels or spans do."""
@@ -336,8 +330,9 @@ def _rows_fingerprint(problem) -> list[float]:
     return torch.stack(sums).tolist()
 
 
-def vocab_parallel_loss(h2, w, b, problem, vp: VocabParallel, *, hidden, teacher_hidden, labels,
-                        ignore_index: int, chunk_given: bool):  # fmt: skip
+def vocab_parallel_loss(
+    h2, w, b, checked: Checked, vp: VocabParallel, *, ignore_index: int, chunk_given: bool
+):
     """The loss over this rank's shard, or None where the group has one rank
     (its shard is the whole vocabulary: the plain fused path runs). Eager
     mode: collectives and host syncs."""
@@ -346,24 +341,39 @@ def vocab_parallel_loss(h2, w, b, problem, vp: VocabParallel, *, hidden, teacher
     def needs(x):
         return x is not None and x.requires_grad and torch.is_grad_enabled()
 
+    problem, labels = checked.problem, checked.labels
     want = (needs(h2), needs(w), needs(b))
     teacher_vocab = (
         problem.teacher_logits.shape[1]
         if problem.teacher_logits is not None
         else problem.teacher_weight.shape[0]
     )
-    chunk = problem.chunk_size if chunk_given else default_chunk(vp.width, h2.device)
-    options = (problem.temperature, problem.divergence, problem.beta,
-               problem.labels is None, problem.ce_weight is None,
-               problem.teacher_logits is None, b is None, problem.teacher_bias is None,
-               _rows_fingerprint(problem))  # fmt: skip
+    chunk = problem.chunk_size if chunk_given else default_rows(vp.width, h2.device)
+    options = (
+        problem.temperature,
+        problem.divergence,
+        problem.beta,
+        problem.labels is None,
+        problem.ce_weight is None,
+        problem.teacher_logits is None,
+        b is None,
+        problem.teacher_bias is None,
+        _rows_fingerprint(problem),
+    )
     vocab, size, chunk = check_shards(
-        vp, vocab_s=w.shape[0], vocab_t=teacher_vocab, rows=h2.shape[0], hidden=hidden,
-        teacher_hidden=teacher_hidden, options=options, want=want, chunk=chunk,
+        vp,
+        vocab_s=w.shape[0],
+        vocab_t=teacher_vocab,
+        rows=h2.shape[0],
+        hidden=checked.hidden_sizes,
+        teacher_hidden=checked.teacher_hidden_sizes,
+        options=options,
+        want=want,
+        chunk=chunk,
         device=h2.device,
-    )  # fmt: skip
+    )
     if labels is not None and not torch.compiler.is_compiling():
         _check_label_range(labels, vocab, ignore_index)
     if size == 1 and PLAIN_PATH_AT_SIZE_ONE:
         return None
-    return VocabParallelFunction.apply(h2, w, b, problem, vp, chunk)
+    return EagerLoss.apply(h2, w, b, problem, ShardedRows(vp, chunk))

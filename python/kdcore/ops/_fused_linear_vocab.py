@@ -27,19 +27,11 @@ import math
 
 import torch
 
+from ._fused_linear_problem import Problem, weighted, zero_unread
 from ._linear import logits_fp32, mm32, pad_vocab, tensor_cores
 
-#: fp32 bytes of (rows, slice) temporaries one slice may hold (about five of them).
-SLICE_BUDGET_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
-MIN_SLICE = 128
 
-
-def default_slice(rows: int, device: torch.device) -> int:
-    budget = SLICE_BUDGET_BYTES.get(device.type, SLICE_BUDGET_BYTES["cpu"])
-    return max(MIN_SLICE, budget // (max(rows, 1) * 4 * 5) // MIN_SLICE * MIN_SLICE)
-
-
-def _slice_logits(problem, h, w, b, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _slice_logits(problem: Problem, h, w, b, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(student, teacher) fp32 logits of vocabulary columns [v0, v1), not yet
     divided by T, in fresh buffers; columns beyond a model's vocabulary are -inf."""
     rows, width = h.shape[0], v1 - v0
@@ -64,23 +56,20 @@ def _slice_logits(problem, h, w, b, v0: int, v1: int) -> tuple[torch.Tensor, tor
     return z_s, z_t
 
 
-def _weighted(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Σ_j p_j x_j per row, with 0 · anything = 0 (x may be ±inf or NaN where p = 0)."""
-    return torch.where(p > 0, p * x, 0.0).sum(dim=1, dtype=torch.float64)
-
-
-def vocab_chunked(h, w, b, problem, want_h: bool, want_w: bool, want_b: bool):
+def loss_and_grads(h, w, b, problem: Problem, wants: tuple[bool, bool, bool]):
     """Loss and requested gradients, two passes over vocabulary slices.
 
-    ``problem`` is the fused linear ``_Problem`` (dense teacher; divergence
-    ``"kl"`` or ``"reverse_kl"``); ``problem.chunk_size`` is the slice width.
-    Returns ``(loss (float32, 0-d), grad_h, grad_w, grad_b)`` like the row path.
+    ``problem`` has a dense teacher and divergence ``"kl"`` or
+    ``"reverse_kl"``; ``problem.chunk_size`` is the slice width. Takes and
+    returns what the row path's ``loss_and_grads`` does:
+    ``(loss (float32, 0-d), grad_h, grad_w, grad_b)``.
     """
+    want_h, want_w, want_b = wants
     rows, vocab, width = h.shape[0], problem.vocab, problem.chunk_size
     inv_t = 1.0 / problem.temperature
     reverse = problem.divergence == "reverse_kl"
     div_w = problem.div_weight.to(torch.float64)
-    hard = problem.labels is not None and problem.ce_weight is not None
+    hard = problem.hard
     ce_w = problem.ce_weight.to(torch.float64) if hard else None
     labels = problem.labels.long() if hard else None
     slices = [(v0, min(vocab, v0 + width)) for v0 in range(0, vocab, width)]
@@ -106,7 +95,7 @@ def vocab_chunked(h, w, b, problem, want_h: bool, want_w: bool, want_b: bool):
             log_q.sub_(ls_c[:, None])
             log_p.sub_(lt_c[:, None])
             first, second = (log_q, log_p) if reverse else (log_p, log_q)
-            kl_slice.append(_weighted(torch.exp(first), first.sub(second)))
+            kl_slice.append(weighted(torch.exp(first), first.sub(second)))
             ls.append(ls_c.double())
             lt.append(lt_c.double())
     ls_t, lt_t = torch.stack(ls, 1), torch.stack(lt, 1)
@@ -140,7 +129,7 @@ def vocab_chunked(h, w, b, problem, want_h: bool, want_w: bool, want_b: bool):
         # (cuBLAS accumulates in fp32) and the slice gradient is rounded to it.
         gemm = w.dtype if tensor_cores(w, w) else torch.float32
         # Rows no term reads may hold NaN: zeros keep it out of the weight gradient.
-        h_g = torch.where(read[:, None], h, 0.0).to(gemm) if want_w else None
+        h_g = zero_unread(h, read).to(gemm) if want_w else None
         for v0, v1 in slices:
             hi = min(v1, w.shape[0])
             if hi <= v0:
@@ -165,7 +154,7 @@ def vocab_chunked(h, w, b, problem, want_h: bool, want_w: bool, want_b: bool):
                 g.mul_(row_c)
                 if hard:
                     g.add_(g_ce)
-                g = torch.where(read[:, None], g, 0.0)[:, : hi - v0]
+                g = zero_unread(g, read)[:, : hi - v0]
                 g_g = g.to(gemm)
                 if want_h:
                     grad_h32 += mm32(g_g, w[v0:hi].to(gemm))
