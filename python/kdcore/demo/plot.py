@@ -51,7 +51,7 @@ def draw_demo_figure(summary: Mapping[str, Any]):
     """A matplotlib ``Figure`` of a demo summary (``run_demo``'s return value)."""
     require("matplotlib", extra="plot", feature="the demo's figure")
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     aggregate = list(summary["aggregate"])
     curves = summary.get("curves_by_seed") or {
@@ -75,7 +75,9 @@ def draw_demo_figure(summary: Mapping[str, Any]):
     loss_ax.set_yscale("log")
     plain = FuncFormatter(lambda value, _: f"{value:g}")
     loss_ax.yaxis.set_major_formatter(plain)
-    loss_ax.yaxis.set_minor_formatter(plain)
+    low, high = loss_ax.get_ylim()
+    # Label the minor ticks only when the axis spans less than a decade (else they collide).
+    loss_ax.yaxis.set_minor_formatter(plain if high < 10 * low else NullFormatter())
     loss_ax.set_xlabel("optimizer step")
     loss_ax.set_ylabel("training loss (each student's own objective)")
     band = f"\nline: mean, band: range over {seeds} seeds" if seeds > 1 else ""
