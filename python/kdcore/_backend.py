@@ -16,7 +16,7 @@ views of an input.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -69,6 +69,7 @@ class SparseKLArgs:
     grad_student: bool = False
 
 
+@runtime_checkable
 class KernelBackend(Protocol):
     """The kernels one backend runs. Every method is a pure function of its
     arguments except :meth:`scale_grad`, which may scale ``saved`` in place."""

@@ -201,31 +201,31 @@ def softmax_backward(
     return grad_x
 
 
-def distill(a: DistillArgs) -> DistillResult:
+def distill(args: DistillArgs) -> DistillResult:
     """As ``_rust``; the student gradient is stored in ``grad_dtype``, rounded
     once in the kernel. (A label outside [0, V) with a non-zero CE weight gives
     a NaN CE instead of an error: checking would need a sync.)"""
-    _check(a.student, a.teacher)
-    _validate.kernel_distill_args(a)
-    inv_t = 1.0 / a.temperature
-    s, t = _rows(a.student), _rows(a.teacher)
+    _check(args.student, args.teacher)
+    _validate.kernel_distill_args(args)
+    inv_t = 1.0 / args.temperature
+    s, t = _rows(args.student), _rows(args.teacher)
     rows, vocab = s.shape
     dev = s.device
-    weight = a.weight.detach().to(device=dev, dtype=torch.float32).contiguous()
+    weight = args.weight.detach().to(device=dev, dtype=torch.float32).contiguous()
     loss = torch.empty(rows, dtype=torch.float32, device=dev)
     labels = ce_weight = ce_loss = None
-    if a.labels is not None:
-        labels = a.labels.detach().to(device=dev, dtype=torch.int64).contiguous()
-        ce_weight = a.ce_weight.detach().to(device=dev, dtype=torch.float32).contiguous()
+    if args.labels is not None:
+        labels = args.labels.detach().to(device=dev, dtype=torch.int64).contiguous()
+        ce_weight = args.ce_weight.detach().to(device=dev, dtype=torch.float32).contiguous()
         ce_loss = torch.empty(rows, dtype=torch.float32, device=dev)
-    gs_dtype = s.dtype if a.grad_dtype is None else a.grad_dtype
-    gs = torch.empty((rows, vocab), dtype=gs_dtype, device=dev) if a.grad_student else None
-    gt = torch.empty((rows, vocab), dtype=t.dtype, device=dev) if a.grad_teacher else None
+    gs_dtype = s.dtype if args.grad_dtype is None else args.grad_dtype
+    gs = torch.empty((rows, vocab), dtype=gs_dtype, device=dev) if args.grad_student else None
+    gt = torch.empty((rows, vocab), dtype=t.dtype, device=dev) if args.grad_teacher else None
     if rows == 0:
         return DistillResult(loss, ce_loss, gs, gt)
-    beta = float(a.beta)
-    jsd = a.divergence == "jsd"
-    args = (
+    beta = float(args.beta)
+    jsd = args.divergence == "jsd"
+    kernel_args = (
         *(s, t, weight, loss),
         labels if labels is not None else loss,
         ce_weight if ce_weight is not None else loss,
@@ -240,13 +240,13 @@ def distill(a: DistillArgs) -> DistillResult:
         math.log1p(-beta) if jsd else 0.0,
     )
     consts = {
-        "DIV": _DIVERGENCES[a.divergence],
+        "DIV": _DIVERGENCES[args.divergence],
         "HAS_CE": labels is not None,
-        "CE_T1": labels is not None and a.temperature != 1.0,
-        "GRAD_S": bool(a.grad_student),
-        "GRAD_T": bool(a.grad_teacher),
+        "CE_T1": labels is not None and args.temperature != 1.0,
+        "GRAD_S": bool(args.grad_student),
+        "GRAD_T": bool(args.grad_teacher),
     }
-    _launch("distill", _modules().distill.distill_kernel, rows, vocab, dev, args, consts)
+    _launch("distill", _modules().distill.distill_kernel, rows, vocab, dev, kernel_args, consts)
     return DistillResult(loss, ce_loss, gs, gt)
 
 
@@ -275,38 +275,38 @@ def _teacher(ids, logprobs, weight, vocab, ratio, tail):
     return ids_sorted.contiguous(), p.contiguous(), plogp, p_tail, log_p_tail, p.sum(-1)
 
 
-def sparse_kl(a: SparseKLArgs) -> tuple[torch.Tensor, torch.Tensor | None]:
+def sparse_kl(args: SparseKLArgs) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row weighted sparse-teacher KL and, on request, the student gradient."""
-    _check(a.student)
-    _validate.kernel_sparse_kl_args(a)
-    inv_t, inv_t0 = 1.0 / a.temperature, 1.0 / a.teacher_temperature
-    s = _rows(a.student)
+    _check(args.student)
+    _validate.kernel_sparse_kl_args(args)
+    inv_t, inv_t0 = 1.0 / args.temperature, 1.0 / args.teacher_temperature
+    s = _rows(args.student)
     rows, vocab = s.shape
     dev = s.device
-    k = a.teacher_ids.shape[1]
-    weight = a.weight.detach().to(device=dev, dtype=torch.float32).contiguous()
+    k = args.teacher_ids.shape[1]
+    weight = args.weight.detach().to(device=dev, dtype=torch.float32).contiguous()
     loss = torch.empty(rows, dtype=torch.float32, device=dev)
-    grad = torch.empty((rows, vocab), dtype=s.dtype, device=dev) if a.grad_student else None
+    grad = torch.empty((rows, vocab), dtype=s.dtype, device=dev) if args.grad_student else None
     if rows == 0:
         return loss, grad
-    ids = a.teacher_ids.detach().to(device=dev, dtype=torch.int64)
+    ids = args.teacher_ids.detach().to(device=dev, dtype=torch.int64)
     # As the CPU kernel: stored log-probabilities as float32, then float64 math.
-    lps = a.teacher_logprobs.detach().to(device=dev, dtype=torch.float32).to(torch.float64)
+    lps = args.teacher_logprobs.detach().to(device=dev, dtype=torch.float32).to(torch.float64)
     ids, p, plogp, p_tail, log_p_tail, p_sum = _teacher(
-        ids, lps, weight, vocab, inv_t / inv_t0, a.tail
+        ids, lps, weight, vocab, inv_t / inv_t0, args.tail
     )
-    args = (
+    kernel_args = (
         *(s, ids, p, plogp, p_tail, log_p_tail, p_sum, weight, loss),
         grad if grad is not None else s,
         *(rows, vocab, k, s.stride(0), grad.stride(0) if grad is not None else 0),
         *(inv_t, _LOG2E * inv_t),
     )
     consts = {
-        "TAIL": _TAILS[a.tail],
-        "GRAD": bool(a.grad_student),
+        "TAIL": _TAILS[args.tail],
+        "GRAD": bool(args.grad_student),
         "KBLOCK": min(_next_pow2(k), 1024),
     }
-    _launch("sparse_kl", _modules().sparse.sparse_kl_kernel, rows, vocab, dev, args, consts)
+    _launch("sparse_kl", _modules().sparse.sparse_kl_kernel, rows, vocab, dev, kernel_args, consts)
     return loss, grad
 
 
