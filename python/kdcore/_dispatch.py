@@ -122,10 +122,13 @@ def select(*tensors: torch.Tensor) -> str:
     Falling back to the reference where a kernel should run (CUDA tensors
     without triton, or with ``KDCORE_BACKEND=rust``) warns once per process.
     """
+    return _select(tensors, {t.device.type for t in tensors})
+
+
+def _select(tensors: tuple[torch.Tensor, ...], devices: set[str]) -> str:
     if _forced == "torch":
         return "torch"
     dtypes_ok = all(t.dtype in KERNEL_DTYPES for t in tensors)
-    devices = {t.device.type for t in tensors}
     if _forced == "triton":
         _require_triton()
         return "triton" if dtypes_ok and devices <= {"cpu", "cuda"} else "torch"
@@ -171,13 +174,22 @@ def kernel_backend(op: str, *tensors: torch.Tensor) -> str:
 def kernels_for(op: str, *tensors: torch.Tensor) -> KernelBackend:
     """The backend object (``_rust.BACKEND`` or ``_triton.BACKEND``) that runs the
     registered op ``op`` on ``tensors``; see :func:`kernel_backend`."""
-    if kernel_backend(op, *tensors) == "triton":
-        from . import _triton
+    return _backend_object(kernel_backend(op, *tensors))
 
-        return _triton.BACKEND
-    from . import _rust
 
-    return _rust.BACKEND
+_objects: dict[str, KernelBackend] = {}
+
+
+def _backend_object(name: str) -> KernelBackend:
+    """``_rust.BACKEND`` or ``_triton.BACKEND``, imported on first use."""
+    found = _objects.get(name)
+    if found is None:
+        if name == "triton":
+            from ._triton import BACKEND as found
+        else:
+            from ._rust import BACKEND as found
+        _objects[name] = found
+    return found
 
 
 class RegisteredOp:
@@ -203,9 +215,10 @@ def backend_name(*tensors: torch.Tensor) -> str:
     ops' fake kernels), else :func:`select`."""
     if _modes.functorch_active(*tensors):
         return "torch"
-    if _modes.any_meta(*tensors):
+    devices = {t.device.type for t in tensors}
+    if "meta" in devices:
         return "meta"
-    return select(*tensors)
+    return _select(tensors, devices)
 
 
 def route(*tensors: torch.Tensor) -> Route:
@@ -221,13 +234,7 @@ def route(*tensors: torch.Tensor) -> Route:
         return None
     if name == "meta" or torch.compiler.is_compiling():
         return REGISTERED
-    if name == "triton":
-        from . import _triton
-
-        return _triton.BACKEND
-    from . import _rust
-
-    return _rust.BACKEND
+    return _backend_object(name)
 
 
 class _PositionalKernels:
