@@ -9,7 +9,10 @@ same code:
 - ``forward(kernels, *inputs)``: the kernel call; ``kernels`` is the
   :class:`~kdcore._backend.KernelBackend` (handed over by the eager caller,
   looked up by the registered op from its ``dispatch_on`` inputs). The op's
-  schema is inferred from the other parameters' annotations.
+  schema is inferred from the other parameters' annotations. An output not
+  computed is ``None``: the twin returns it so (no allocation per call), the
+  registered op (which cannot return None) the tensor ``absent(*inputs)``
+  gives in its place.
 - ``setup(ctx, inputs, output)`` and ``backward(ctx, *grad_outputs)``, as for
   ``register_autograd``. ``backward`` returns the gradients of the leading
   inputs it differentiates; the ``None`` of every later input is added here.
@@ -43,7 +46,9 @@ def scale_saved(ctx, saved: torch.Tensor, grad_out: torch.Tensor, key: str) -> t
 class KernelOp:
     """A kernel op, registered and eager; made by :func:`kernel_op`."""
 
-    def __init__(self, name: str, forward: Callable, dispatch_on: tuple[str, ...]) -> None:
+    def __init__(
+        self, name: str, forward: Callable, dispatch_on: tuple[str, ...], absent: Callable | None
+    ) -> None:
         signature = inspect.signature(forward, eval_str=True)
         params = list(signature.parameters.values())[1:]  # without `kernels`
         names = [p.name for p in params]
@@ -54,7 +59,12 @@ class KernelOp:
 
         def body(*inputs):
             kernels = _dispatch.kernels_for(name, *(inputs[i] for i in picks))
-            return forward(kernels, *inputs)
+            output = forward(kernels, *inputs)
+            if absent is None or not isinstance(output, tuple) or None not in output:
+                return output
+            return tuple(
+                a if o is None else o for o, a in zip(output, absent(*inputs), strict=True)
+            )
 
         body.__signature__ = signature.replace(parameters=params)
         body.__name__ = forward.__name__
@@ -108,12 +118,15 @@ class KernelOp:
         return self._twin.apply(route, reduce_first, *inputs)
 
 
-def kernel_op(name: str, *, dispatch_on: tuple[str, ...]) -> Callable[[Callable], KernelOp]:
+def kernel_op(
+    name: str, *, dispatch_on: tuple[str, ...], absent: Callable | None = None
+) -> Callable[[Callable], KernelOp]:
     """Decorator: ``forward(kernels: KernelBackend, *inputs)`` -> a :class:`KernelOp`
     registered as ``name``; ``dispatch_on`` names the tensor inputs whose device
-    and dtype pick the registered op's backend."""
+    and dtype pick the registered op's backend; ``absent(*inputs)`` gives the
+    registered op's (empty) tensors for outputs the forward leaves None."""
 
     def make(forward: Callable) -> KernelOp:
-        return KernelOp(name, forward, dispatch_on)
+        return KernelOp(name, forward, dispatch_on, absent)
 
     return make

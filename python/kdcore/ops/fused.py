@@ -27,7 +27,14 @@ def loss_dtype(student: torch.Tensor, teacher: torch.Tensor) -> torch.dtype:
     return torch.float64 if f64 else torch.float32
 
 
-@kernel_op("kdcore::distill", dispatch_on=("student", "teacher"))
+def _absent(student, teacher, *_) -> tuple:
+    """The registered op's outputs in place of those not computed: distinct empty
+    tensors (custom op outputs may not alias each other)."""
+    ce_rows = student.new_empty(0, dtype=torch.float32)
+    return None, None, ce_rows, student.new_empty(0), teacher.new_empty(0)
+
+
+@kernel_op("kdcore::distill", dispatch_on=("student", "teacher"), absent=_absent)
 def DISTILL(
     kernels: KernelBackend,
     student: torch.Tensor,
@@ -43,7 +50,8 @@ def DISTILL(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """2-D logits -> (total rows, divergence rows, CE rows, grad_student, grad_teacher).
 
-    Only the first output is differentiable; outputs not asked for are empty.
+    Only the first output is differentiable; outputs not asked for are empty
+    (None in the eager twin).
     """
     args = DistillArgs(
         student,
@@ -58,15 +66,9 @@ def DISTILL(
         grad_teacher,
     )
     div_rows, ce_rows, gs, gt = kernels.distill(args)
+    # (A clone, not div_rows itself: op outputs may not alias each other.)
     total = div_rows + ce_rows if ce_rows is not None else div_rows.clone()
-    # Distinct empty tensors: custom op outputs may not alias each other.
-    return (
-        total,
-        div_rows,
-        ce_rows if ce_rows is not None else div_rows.new_empty(0),
-        gs if gs is not None else student.new_empty(0),
-        gt if gt is not None else teacher.new_empty(0),
-    )
+    return total, div_rows, ce_rows, gs, gt
 
 
 distill_op = DISTILL.op
@@ -90,7 +92,7 @@ def _(student, teacher, weight, temperature, divergence, beta, labels, ce_weight
 
 def _setup(ctx, inputs, output) -> None:
     ctx.grad_student, ctx.grad_teacher = inputs[8], inputs[9]
-    ctx.mark_non_differentiable(*output[1:])
+    ctx.mark_non_differentiable(*(out for out in output[1:] if out is not None))
     ctx.save_for_backward(output[3], output[4])
 
 

@@ -15,7 +15,11 @@ __all__ = ["TAILS", "sparse_kl_loss", "sparse_kl_op"]
 OP = "kdcore::sparse_kl (sparse_kl_loss)"
 
 
-@kernel_op("kdcore::sparse_kl", dispatch_on=("student",))
+@kernel_op(
+    "kdcore::sparse_kl",
+    dispatch_on=("student",),
+    absent=lambda student, *_: (None, student.new_empty(0)),
+)
 def SPARSE_KL(
     kernels: KernelBackend,
     student: torch.Tensor,
@@ -27,7 +31,7 @@ def SPARSE_KL(
     tail: str,
     grad_student: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """2-D student logits -> (weighted rows, gradient or an empty tensor)."""
+    """2-D student logits -> (weighted rows, gradient or an empty tensor (None in the twin))."""
     args = SparseKLArgs(
         student,
         teacher_ids,
@@ -38,8 +42,7 @@ def SPARSE_KL(
         tail,
         grad_student,
     )
-    rows, grad = kernels.sparse_kl(args)
-    return rows, grad if grad is not None else student.new_empty(0)
+    return kernels.sparse_kl(args)
 
 
 sparse_kl_op = SPARSE_KL.op
@@ -54,7 +57,8 @@ def _(student, teacher_ids, teacher_logprobs, weight, temperature, t0, tail, gra
 
 def _setup(ctx, inputs, output) -> None:
     ctx.grad_student = inputs[7]
-    ctx.mark_non_differentiable(output[1])
+    if output[1] is not None:
+        ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(output[1])
 
 
