@@ -9,9 +9,11 @@ choice; a forced kernel backend still falls back to the reference for
 tensors it cannot take. ``triton`` also takes CPU tensors (the Triton CPU
 interpreter, ``TRITON_INTERPRET=1``: how the tests run the GPU kernels).
 
-The public functions call :func:`select` first; the registered
-``torch.library`` ops run kernels only (:func:`kernel_backend`) and refuse
-other tensors. Nothing here imports triton.
+The public functions ask :func:`route` once per call: the reference, the
+registered op, or the backend object (``_rust.BACKEND`` / ``_triton.BACKEND``,
+see ``_backend.KernelBackend``) whose kernels run; an op talks to that object
+only. The registered ``torch.library`` ops run kernels only
+(:func:`kernels_for`) and refuse other tensors. Nothing here imports triton.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ import warnings
 from collections.abc import Iterator
 
 import torch
+
+from . import _modes
+from ._backend import DistillArgs, KernelBackend, SparseKLArgs
 
 BACKENDS = ("auto", "rust", "triton", "torch")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -117,10 +122,13 @@ def select(*tensors: torch.Tensor) -> str:
     Falling back to the reference where a kernel should run (CUDA tensors
     without triton, or with ``KDCORE_BACKEND=rust``) warns once per process.
     """
+    return _select(tensors, {t.device.type for t in tensors})
+
+
+def _select(tensors: tuple[torch.Tensor, ...], devices: set[str]) -> str:
     if _forced == "torch":
         return "torch"
     dtypes_ok = all(t.dtype in KERNEL_DTYPES for t in tensors)
-    devices = {t.device.type for t in tensors}
     if _forced == "triton":
         _require_triton()
         return "triton" if dtypes_ok and devices <= {"cpu", "cuda"} else "torch"
@@ -163,16 +171,94 @@ def kernel_backend(op: str, *tensors: torch.Tensor) -> str:
     return "rust"
 
 
-def kernels(op: str, *tensors: torch.Tensor):
-    """The module (``kdcore._rust`` or ``kdcore._triton``, same functions) that
-    runs ``op`` on ``tensors``; see :func:`kernel_backend`."""
-    if kernel_backend(op, *tensors) == "triton":
-        from . import _triton
+def kernels_for(op: str, *tensors: torch.Tensor) -> KernelBackend:
+    """The backend object (``_rust.BACKEND`` or ``_triton.BACKEND``) that runs the
+    registered op ``op`` on ``tensors``; see :func:`kernel_backend`."""
+    return _backend_object(kernel_backend(op, *tensors))
 
-        return _triton
-    from . import _rust
 
-    return _rust
+_objects: dict[str, KernelBackend] = {}
+
+
+def _backend_object(name: str) -> KernelBackend:
+    """``_rust.BACKEND`` or ``_triton.BACKEND``, imported on first use."""
+    found = _objects.get(name)
+    if found is None:
+        if name == "triton":
+            from ._triton import BACKEND as found
+        else:
+            from ._rust import BACKEND as found
+        _objects[name] = found
+    return found
+
+
+class RegisteredOp:
+    """:func:`route`'s answer for calls that go through the registered ``torch.library``
+    op: under torch.compile (which traces it) and for meta tensors (its fake kernel).
+    The op picks its kernel backend when it runs (:func:`kernels_for`)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "REGISTERED"
+
+
+REGISTERED = RegisteredOp()
+
+#: A public op's route: the reference (None), the registered op, or a kernel backend.
+Route = KernelBackend | RegisteredOp | None
+
+
+def backend_name(*tensors: torch.Tensor) -> str:
+    """The decision by name: ``"torch"`` (the reference) under a torch.func transform
+    (it cannot see through the kernels), ``"meta"`` for meta tensors (the registered
+    ops' fake kernels), else :func:`select`."""
+    if _modes.functorch_active(*tensors):
+        return "torch"
+    devices = {t.device.type for t in tensors}
+    if "meta" in devices:
+        return "meta"
+    return _select(tensors, devices)
+
+
+def route(*tensors: torch.Tensor) -> Route:
+    """Where a public op over ``tensors`` runs, decided once per call:
+
+    - ``None``: the pure-PyTorch reference (:func:`backend_name` is ``"torch"``);
+    - :data:`REGISTERED`: the registered ``torch.library`` op (meta tensors,
+      and every kernel call under torch.compile);
+    - else the :class:`~kdcore._backend.KernelBackend` whose kernels run eagerly.
+    """
+    name = backend_name(*tensors)
+    if name == "torch":
+        return None
+    if name == "meta" or torch.compiler.is_compiling():
+        return REGISTERED
+    return _backend_object(name)
+
+
+class _PositionalKernels:
+    """Transitional: the backend with the positional signatures of before
+    :class:`~kdcore._backend.DistillArgs`, for ops/fused_linear.py (to be removed
+    once it builds ``DistillArgs`` / ``SparseKLArgs`` itself)."""
+
+    def __init__(self, backend: KernelBackend) -> None:
+        self._backend = backend
+
+    def distill(self, *args, grad_dtype=None):
+        """``distill(student, teacher, weight, temperature, divergence, beta, labels,
+        ce_weight, grad_student, grad_teacher, *, grad_dtype=None)``."""
+        return self._backend.distill(DistillArgs(*args, grad_dtype=grad_dtype))
+
+    def sparse_kl(self, *args):
+        """``sparse_kl(student, teacher_ids, teacher_logprobs, weight, temperature,
+        teacher_temperature, tail, grad_student)``."""
+        return self._backend.sparse_kl(SparseKLArgs(*args))
+
+
+def kernels(op: str, *tensors: torch.Tensor) -> _PositionalKernels:
+    """Transitional (ops/fused_linear.py): :func:`kernels_for` with positional arguments."""
+    return _PositionalKernels(kernels_for(op, *tensors))
 
 
 def reference_dtype(device: torch.device) -> torch.dtype:

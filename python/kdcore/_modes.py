@@ -5,7 +5,7 @@ pass and backward only scales it. So
 
 - ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``, ...) cannot see
   through them: the public functions run the pure-PyTorch reference instead
-  (:func:`backend`), which every transform understands;
+  (``_dispatch.route``), which every transform understands;
 - meta tensors have no data: the registered ``torch.library`` ops give the
   output shapes from their fake kernels, and data-dependent checks are
   skipped (:func:`inspectable`), as under ``torch.compile``;
@@ -17,8 +17,6 @@ pass and backward only scales it. So
 from __future__ import annotations
 
 import torch
-
-from . import _dispatch
 
 
 def functorch_active(*tensors: torch.Tensor) -> bool:
@@ -52,13 +50,10 @@ def readable(value: torch.Tensor) -> bool:
 
 
 def backend(*tensors: torch.Tensor) -> str:
-    """``_dispatch.select``, except ``"torch"`` (the reference) under a torch.func
-    transform and ``"meta"`` for meta tensors (the registered ops' fake kernels)."""
-    if functorch_active(*tensors):
-        return "torch"
-    if any_meta(*tensors):
-        return "meta"
-    return _dispatch.select(*tensors)
+    """Transitional (ops/fused_linear.py): ``_dispatch.backend_name``, the one decision."""
+    from . import _dispatch
+
+    return _dispatch.backend_name(*tensors)
 
 
 def registered_op(x: torch.Tensor) -> bool:

@@ -1,4 +1,5 @@
-"""Calls into the Rust kernels: tensors in, tensors out.
+"""Calls into the Rust kernels: tensors in, tensors out (``BACKEND``, a
+:class:`kdcore._backend.KernelBackend`).
 
 Tensors are made contiguous and handed over as numpy views (16-bit floats as
 int16 views): no copies of logits, outputs allocated here and filled in place.
@@ -13,6 +14,8 @@ import numpy as np
 import torch
 
 from . import _memory, _native
+from ._backend import DistillArgs, DistillResult, SparseKLArgs
+from .ops._grad import scale_rows
 
 _NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _TYPESTR = {
@@ -55,104 +58,90 @@ def _borrow(t: torch.Tensor) -> np.ndarray:
     return np.asarray(held)
 
 
-def softmax(x: torch.Tensor, temperature: float, log: bool) -> torch.Tensor:
-    x = x.contiguous()
-    out = _memory.empty_like(x)
-    _native.softmax(_borrow(x), _borrow(out), _NAMES[x.dtype], temperature, log)
-    return out
+class RustBackend:
+    """The Rust kernels (``kdcore._native``) on CPU tensors: the :class:`KernelBackend`
+    of CPU calls. The native binding checks every argument (ValueError / TypeError)."""
+
+    name = "rust"
+
+    def softmax(self, x: torch.Tensor, temperature: float, log: bool) -> torch.Tensor:
+        x = x.contiguous()
+        out = _memory.empty_like(x)
+        _native.softmax(_borrow(x), _borrow(out), _NAMES[x.dtype], temperature, log)
+        return out
+
+    def softmax_backward(
+        self, grad: torch.Tensor, y: torch.Tensor, temperature: float, log: bool
+    ) -> torch.Tensor:
+        y = y.contiguous()
+        grad = grad.to(y.dtype).contiguous()
+        grad_x = _memory.empty_like(y)
+        _native.softmax_backward(
+            _borrow(y), _borrow(grad), _borrow(grad_x), _NAMES[y.dtype], temperature, log
+        )
+        return grad_x
+
+    def distill(self, args: DistillArgs) -> DistillResult:
+        """The kernel writes the student gradient in the student's dtype; another
+        ``grad_dtype`` is a rounded copy."""
+        student, teacher = args.student.contiguous(), args.teacher.contiguous()
+        rows = student.shape[0]
+        weight = args.weight
+        if weight.dtype != torch.float32:
+            weight = weight.to(torch.float32)
+        loss = torch.empty(rows, dtype=torch.float32)
+        ce_loss = None
+        hard = {}
+        if args.labels is not None:
+            ce_loss = torch.empty(rows, dtype=torch.float32)
+            hard = {
+                "labels": _borrow(args.labels.to(torch.int64).contiguous()),
+                "ce_weight": _borrow(args.ce_weight.to(torch.float32).contiguous()),
+                "ce_loss": _borrow(ce_loss),
+            }
+        gs = _memory.empty_like(student) if args.grad_student else None
+        gt = _memory.empty_like(teacher) if args.grad_teacher else None
+        _native.distill(
+            _borrow(student),
+            _NAMES[student.dtype],
+            _borrow(teacher),
+            _NAMES[teacher.dtype],
+            args.divergence,
+            args.beta,
+            args.temperature,
+            _borrow(weight.contiguous()),
+            _borrow(loss),
+            grad_student=None if gs is None else _borrow(gs),
+            grad_teacher=None if gt is None else _borrow(gt),
+            **hard,
+        )
+        grad_dtype = args.grad_dtype
+        if gs is not None and grad_dtype is not None and grad_dtype != gs.dtype:
+            gs = gs.to(grad_dtype)
+        return DistillResult(loss, ce_loss, gs, gt)
+
+    def sparse_kl(self, args: SparseKLArgs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        student = args.student.contiguous()
+        loss = torch.empty(student.shape[0], dtype=torch.float32)
+        grad = _memory.empty_like(student) if args.grad_student else None
+        _native.sparse_kl(
+            _borrow(student),
+            _NAMES[student.dtype],
+            _borrow(args.teacher_ids.to(torch.int64).contiguous()),
+            _borrow(args.teacher_logprobs.detach().to(torch.float32).contiguous()),
+            args.teacher_temperature,
+            args.temperature,
+            args.tail,
+            _borrow(args.weight.to(torch.float32).contiguous()),
+            _borrow(loss),
+            None if grad is None else _borrow(grad),
+        )
+        return loss, grad
+
+    def scale_grad(
+        self, saved: torch.Tensor, grad_out: torch.Tensor, owner: object, key: str
+    ) -> torch.Tensor:
+        return scale_rows(saved, grad_out)
 
 
-def softmax_backward(
-    grad: torch.Tensor, y: torch.Tensor, temperature: float, log: bool
-) -> torch.Tensor:
-    y = y.contiguous()
-    grad = grad.to(y.dtype).contiguous()
-    grad_x = _memory.empty_like(y)
-    _native.softmax_backward(
-        _borrow(y), _borrow(grad), _borrow(grad_x), _NAMES[y.dtype], temperature, log
-    )
-    return grad_x
-
-
-def distill(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    weight: torch.Tensor,
-    temperature: float,
-    divergence: str,
-    beta: float,
-    labels: torch.Tensor | None,
-    ce_weight: torch.Tensor | None,
-    grad_student: bool,
-    grad_teacher: bool,
-    *,
-    grad_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Per-row weighted divergence (and CE), plus gradients of their sum.
-
-    Returns ``(div_rows, ce_rows or None, grad_student or None, grad_teacher or None)``;
-    ``grad_dtype`` (default: the student's) is the student gradient's dtype
-    (the kernel writes the student's dtype; another one is a rounded copy).
-    """
-    student, teacher = student.contiguous(), teacher.contiguous()
-    rows = student.shape[0]
-    if weight.dtype != torch.float32:
-        weight = weight.to(torch.float32)
-    loss = torch.empty(rows, dtype=torch.float32)
-    ce_loss = None
-    hard = {}
-    if labels is not None:
-        ce_loss = torch.empty(rows, dtype=torch.float32)
-        hard = {
-            "labels": _borrow(labels.to(torch.int64).contiguous()),
-            "ce_weight": _borrow(ce_weight.to(torch.float32).contiguous()),
-            "ce_loss": _borrow(ce_loss),
-        }
-    gs = _memory.empty_like(student) if grad_student else None
-    gt = _memory.empty_like(teacher) if grad_teacher else None
-    _native.distill(
-        _borrow(student),
-        _NAMES[student.dtype],
-        _borrow(teacher),
-        _NAMES[teacher.dtype],
-        divergence,
-        beta,
-        temperature,
-        _borrow(weight.contiguous()),
-        _borrow(loss),
-        grad_student=None if gs is None else _borrow(gs),
-        grad_teacher=None if gt is None else _borrow(gt),
-        **hard,
-    )
-    if gs is not None and grad_dtype is not None and grad_dtype != gs.dtype:
-        gs = gs.to(grad_dtype)
-    return loss, ce_loss, gs, gt
-
-
-def sparse_kl(
-    student: torch.Tensor,
-    teacher_ids: torch.Tensor,
-    teacher_logprobs: torch.Tensor,
-    weight: torch.Tensor,
-    temperature: float,
-    teacher_temperature: float,
-    tail: str,
-    grad_student: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-row weighted sparse-teacher KL and, on request, the student gradient."""
-    student = student.contiguous()
-    loss = torch.empty(student.shape[0], dtype=torch.float32)
-    grad = _memory.empty_like(student) if grad_student else None
-    _native.sparse_kl(
-        _borrow(student),
-        _NAMES[student.dtype],
-        _borrow(teacher_ids.to(torch.int64).contiguous()),
-        _borrow(teacher_logprobs.detach().to(torch.float32).contiguous()),
-        teacher_temperature,
-        temperature,
-        tail,
-        _borrow(weight.to(torch.float32).contiguous()),
-        _borrow(loss),
-        None if grad is None else _borrow(grad),
-    )
-    return loss, grad
+BACKEND = RustBackend()

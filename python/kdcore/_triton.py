@@ -1,6 +1,7 @@
 """Calls into the Triton kernels: tensors in, kernel launches, tensors out.
 
-The GPU twin of ``_rust.py`` (same functions, same contract). triton and the
+The GPU twin of ``_rust.py``: ``BACKEND``, the same
+:class:`kdcore._backend.KernelBackend` contract. triton and the
 kernels (``kdcore.kernels``) are imported on the first call, never by
 ``import kdcore``. CPU tensors run under the Triton interpreter (set
 ``TRITON_INTERPRET=1`` before triton is imported): that is how the tests
@@ -30,7 +31,10 @@ import types
 
 import torch
 
+from . import _validate
+from ._backend import DistillArgs, DistillResult, SparseKLArgs
 from ._topk import check_rows
+from .ops._grad import graph_kept, scale_rows
 
 _DIVERGENCES = {"kl": 0, "reverse_kl": 1, "tvd": 2, "jsd": 3}
 _TAILS = {"bucket": 0, "renormalize": 1, "zero": 2}
@@ -169,22 +173,16 @@ def _check(*tensors: torch.Tensor) -> None:
             )
 
 
-def _inverse_temperature(temperature: float) -> float:
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature: must be finite and > 0, got {temperature}")
-    return 1.0 / temperature
-
-
 def softmax(x: torch.Tensor, temperature: float, log: bool) -> torch.Tensor:
     _check(x)
-    inv_t = _inverse_temperature(temperature)
+    inv_t = 1.0 / _validate.kernel_temperature(temperature)
     x = _rows(x)
     rows, vocab = x.shape
     out = torch.empty((rows, vocab), dtype=x.dtype, device=x.device)
     if out.numel():
         args = (x, out, rows, vocab, x.stride(0), out.stride(0), _LOG2E * inv_t)
-        _launch("softmax_fwd", _modules().softmax.softmax_fwd_kernel, rows, vocab, x.device,
-                args, {"LOG": bool(log)})  # fmt: skip
+        kernel = _modules().softmax.softmax_fwd_kernel
+        _launch("softmax_fwd", kernel, rows, vocab, x.device, args, {"LOG": bool(log)})
     return out
 
 
@@ -192,89 +190,64 @@ def softmax_backward(
     grad: torch.Tensor, y: torch.Tensor, temperature: float, log: bool
 ) -> torch.Tensor:
     _check(y, grad)
-    inv_t = _inverse_temperature(temperature)
+    inv_t = 1.0 / _validate.kernel_temperature(temperature)
     y, grad = _rows(y), _rows(grad)
     rows, vocab = y.shape
     grad_x = torch.empty((rows, vocab), dtype=y.dtype, device=y.device)
     if grad_x.numel():
         args = (y, grad, grad_x, rows, vocab, y.stride(0), grad.stride(0), grad_x.stride(0), inv_t)
-        _launch("softmax_bwd", _modules().softmax.softmax_bwd_kernel, rows, vocab, y.device,
-                args, {"LOG": bool(log)})  # fmt: skip
+        kernel = _modules().softmax.softmax_bwd_kernel
+        _launch("softmax_bwd", kernel, rows, vocab, y.device, args, {"LOG": bool(log)})
     return grad_x
 
 
-def distill(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    weight: torch.Tensor,
-    temperature: float,
-    divergence: str,
-    beta: float,
-    labels: torch.Tensor | None,
-    ce_weight: torch.Tensor | None,
-    grad_student: bool,
-    grad_teacher: bool,
-    *,
-    grad_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Per-row weighted divergence (and CE), plus gradients of their sum.
-
-    Returns ``(div_rows, ce_rows or None, grad_student or None, grad_teacher or None)``
-    exactly as ``_rust.distill``; ``grad_dtype`` (default: the student's) is
-    the dtype the student gradient is stored in, rounded once in the kernel.
-    (A label outside [0, V) with a non-zero CE weight gives a NaN CE instead
-    of an error: checking would need a sync.)
-    """
-    _check(student, teacher)
-    inv_t = _inverse_temperature(temperature)
-    if divergence not in _DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}")
-    if divergence == "jsd" and not 0.0 < beta < 1.0:
-        raise ValueError(f"beta: JSD needs 0 < beta < 1 (0 and 1 are the KLs), got {beta}")
-    if (labels is None) != (ce_weight is None):
-        raise ValueError("labels and ce_weight go together: give both or neither")
-    s, t = _rows(student), _rows(teacher)
-    if s.shape != t.shape:
-        raise ValueError(f"student and teacher shapes differ: {s.shape} vs {t.shape}")
+def distill(args: DistillArgs) -> DistillResult:
+    """As ``_rust``; the student gradient is stored in ``grad_dtype``, rounded
+    once in the kernel. (A label outside [0, V) with a non-zero CE weight gives
+    a NaN CE instead of an error: checking would need a sync.)"""
+    _check(args.student, args.teacher)
+    _validate.kernel_distill_args(args)
+    inv_t = 1.0 / args.temperature
+    s, t = _rows(args.student), _rows(args.teacher)
     rows, vocab = s.shape
     dev = s.device
-    weight = weight.detach().to(device=dev, dtype=torch.float32).contiguous()
+    weight = args.weight.detach().to(device=dev, dtype=torch.float32).contiguous()
     loss = torch.empty(rows, dtype=torch.float32, device=dev)
-    ce_loss = None
-    if labels is not None:
-        labels = labels.detach().to(device=dev, dtype=torch.int64).contiguous()
-        ce_weight = ce_weight.detach().to(device=dev, dtype=torch.float32).contiguous()
+    labels = ce_weight = ce_loss = None
+    if args.labels is not None:
+        labels = args.labels.detach().to(device=dev, dtype=torch.int64).contiguous()
+        ce_weight = args.ce_weight.detach().to(device=dev, dtype=torch.float32).contiguous()
         ce_loss = torch.empty(rows, dtype=torch.float32, device=dev)
-    gs_dtype = s.dtype if grad_dtype is None else grad_dtype
-    gs = torch.empty((rows, vocab), dtype=gs_dtype, device=dev) if grad_student else None
-    gt = torch.empty((rows, vocab), dtype=t.dtype, device=dev) if grad_teacher else None
+    gs_dtype = s.dtype if args.grad_dtype is None else args.grad_dtype
+    gs = torch.empty((rows, vocab), dtype=gs_dtype, device=dev) if args.grad_student else None
+    gt = torch.empty((rows, vocab), dtype=t.dtype, device=dev) if args.grad_teacher else None
     if rows == 0:
-        return loss, ce_loss, gs, gt
-    beta = float(beta)
-    jsd = divergence == "jsd"
-    args = (
-        s, t, weight, loss,
+        return DistillResult(loss, ce_loss, gs, gt)
+    beta = float(args.beta)
+    jsd = args.divergence == "jsd"
+    kernel_args = (
+        *(s, t, weight, loss),
         labels if labels is not None else loss,
         ce_weight if ce_weight is not None else loss,
         ce_loss if ce_loss is not None else loss,
         gs if gs is not None else s,
         gt if gt is not None else t,
-        rows, vocab, s.stride(0), t.stride(0),
+        *(rows, vocab, s.stride(0), t.stride(0)),
         gs.stride(0) if gs is not None else 0,
         gt.stride(0) if gt is not None else 0,
-        inv_t, _LOG2E * inv_t, beta, 1.0 - beta,
+        *(inv_t, _LOG2E * inv_t, beta, 1.0 - beta),
         math.log(beta) if jsd else 0.0,
         math.log1p(-beta) if jsd else 0.0,
-    )  # fmt: skip
+    )
     consts = {
-        "DIV": _DIVERGENCES[divergence],
+        "DIV": _DIVERGENCES[args.divergence],
         "HAS_CE": labels is not None,
-        "CE_T1": labels is not None and temperature != 1.0,
-        "GRAD_S": bool(grad_student),
-        "GRAD_T": bool(grad_teacher),
+        "CE_T1": labels is not None and args.temperature != 1.0,
+        "GRAD_S": bool(args.grad_student),
+        "GRAD_T": bool(args.grad_teacher),
     }
-    _launch("distill", _modules().distill.distill_kernel, rows, vocab, dev, args, consts)
-    return loss, ce_loss, gs, gt
+    _launch("distill", _modules().distill.distill_kernel, rows, vocab, dev, kernel_args, consts)
+    return DistillResult(loss, ce_loss, gs, gt)
 
 
 def _teacher(ids, logprobs, weight, vocab, ratio, tail):
@@ -302,55 +275,38 @@ def _teacher(ids, logprobs, weight, vocab, ratio, tail):
     return ids_sorted.contiguous(), p.contiguous(), plogp, p_tail, log_p_tail, p.sum(-1)
 
 
-def sparse_kl(
-    student: torch.Tensor,
-    teacher_ids: torch.Tensor,
-    teacher_logprobs: torch.Tensor,
-    weight: torch.Tensor,
-    temperature: float,
-    teacher_temperature: float,
-    tail: str,
-    grad_student: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def sparse_kl(args: SparseKLArgs) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row weighted sparse-teacher KL and, on request, the student gradient."""
-    _check(student)
-    inv_t = _inverse_temperature(temperature)
-    inv_t0 = _inverse_temperature(teacher_temperature)
-    if tail not in _TAILS:
-        raise ValueError(f"tail must be bucket, renormalize or zero, got {tail}")
-    s = _rows(student)
+    _check(args.student)
+    _validate.kernel_sparse_kl_args(args)
+    inv_t, inv_t0 = 1.0 / args.temperature, 1.0 / args.teacher_temperature
+    s = _rows(args.student)
     rows, vocab = s.shape
     dev = s.device
-    if teacher_ids.dim() != 2 or teacher_ids.shape != teacher_logprobs.shape:
-        raise ValueError("teacher_ids and teacher_logprobs must have the same shape (rows, k)")
-    if teacher_ids.shape[0] != rows:
-        raise ValueError(f"teacher_ids has {teacher_ids.shape[0]} rows but student has {rows}")
-    k = teacher_ids.shape[1]
-    if k == 0:
-        raise ValueError("k: the sparse teacher needs k >= 1 entries per row")
-    weight = weight.detach().to(device=dev, dtype=torch.float32).contiguous()
+    k = args.teacher_ids.shape[1]
+    weight = args.weight.detach().to(device=dev, dtype=torch.float32).contiguous()
     loss = torch.empty(rows, dtype=torch.float32, device=dev)
-    grad = torch.empty((rows, vocab), dtype=s.dtype, device=dev) if grad_student else None
+    grad = torch.empty((rows, vocab), dtype=s.dtype, device=dev) if args.grad_student else None
     if rows == 0:
         return loss, grad
-    ids = teacher_ids.detach().to(device=dev, dtype=torch.int64)
+    ids = args.teacher_ids.detach().to(device=dev, dtype=torch.int64)
     # As the CPU kernel: stored log-probabilities as float32, then float64 math.
-    lps = teacher_logprobs.detach().to(device=dev, dtype=torch.float32).to(torch.float64)
+    lps = args.teacher_logprobs.detach().to(device=dev, dtype=torch.float32).to(torch.float64)
     ids, p, plogp, p_tail, log_p_tail, p_sum = _teacher(
-        ids, lps, weight, vocab, inv_t / inv_t0, tail
+        ids, lps, weight, vocab, inv_t / inv_t0, args.tail
     )
-    args = (
-        s, ids, p, plogp, p_tail, log_p_tail, p_sum, weight, loss,
+    kernel_args = (
+        *(s, ids, p, plogp, p_tail, log_p_tail, p_sum, weight, loss),
         grad if grad is not None else s,
-        rows, vocab, k, s.stride(0), grad.stride(0) if grad is not None else 0,
-        inv_t, _LOG2E * inv_t,
-    )  # fmt: skip
+        *(rows, vocab, k, s.stride(0), grad.stride(0) if grad is not None else 0),
+        *(inv_t, _LOG2E * inv_t),
+    )
     consts = {
-        "TAIL": _TAILS[tail],
-        "GRAD": bool(grad_student),
+        "TAIL": _TAILS[args.tail],
+        "GRAD": bool(args.grad_student),
         "KBLOCK": min(_next_pow2(k), 1024),
     }
-    _launch("sparse_kl", _modules().sparse.sparse_kl_kernel, rows, vocab, dev, args, consts)
+    _launch("sparse_kl", _modules().sparse.sparse_kl_kernel, rows, vocab, dev, kernel_args, consts)
     return loss, grad
 
 
@@ -382,15 +338,48 @@ def scale_grad(saved: torch.Tensor, grad_out: torch.Tensor, owner: object, key: 
 
 def _scale(kernel, saved, factor, state, key, rows, vocab, stride_f, block, warps):
     first = state.get(key)
-    if first is None:
+    if first is None:  # in place, rows of factor 1 untouched
         state[key] = factor.clone()
-        kernel[(rows,)](saved, saved, factor, factor, rows, vocab, saved.stride(0),
-                        saved.stride(0), stride_f, 0, HAS_DEN=False, SKIP_ONE=True,
-                        BLOCK=block, num_warps=warps)  # fmt: skip
-        return saved
-    out = torch.empty_like(saved)
-    stride_d = first.stride(0) if first.numel() == rows and rows > 1 else 0
-    kernel[(rows,)](saved, out, factor, first, rows, vocab, saved.stride(0), out.stride(0),
-                    stride_f, stride_d, HAS_DEN=True, SKIP_ONE=False, BLOCK=block,
-                    num_warps=warps)  # fmt: skip
+        out, den, stride_d = saved, factor, 0
+        flags = {"HAS_DEN": False, "SKIP_ONE": True}
+    else:  # a new tensor: saved * factor / (factor of the first)
+        out, den = torch.empty_like(saved), first
+        stride_d = first.stride(0) if first.numel() == rows and rows > 1 else 0
+        flags = {"HAS_DEN": True, "SKIP_ONE": False}
+    strides = (saved.stride(0), out.stride(0), stride_f, stride_d)
+    kernel[(rows,)](
+        saved, out, factor, den, rows, vocab, *strides, **flags, BLOCK=block, num_warps=warps
+    )
     return out
+
+
+class TritonBackend:
+    """The Triton kernels: the :class:`KernelBackend` of CUDA calls (and of CPU
+    calls under ``KDCORE_BACKEND=triton``, run by the interpreter). The kernels
+    cannot raise, so arguments are checked here (``_validate.kernel_*``)."""
+
+    name = "triton"
+
+    softmax = staticmethod(softmax)
+    softmax_backward = staticmethod(softmax_backward)
+    distill = staticmethod(distill)
+    sparse_kl = staticmethod(sparse_kl)
+
+    @staticmethod
+    def scale_grad(
+        saved: torch.Tensor, grad_out: torch.Tensor, owner: object, key: str
+    ) -> torch.Tensor:
+        """On CUDA, in eager mode, in a backward that frees the graph: the device
+        kernel of :func:`scale_grad` (in place, no host sync); else ``scale_rows``."""
+        if (
+            saved.device.type == "cuda"
+            and type(saved) is torch.Tensor
+            and type(grad_out) is torch.Tensor
+            and not torch.compiler.is_compiling()
+            and not graph_kept()
+        ):
+            return scale_grad(saved, grad_out, owner, key)
+        return scale_rows(saved, grad_out)
+
+
+BACKEND = TritonBackend()

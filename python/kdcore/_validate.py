@@ -11,6 +11,8 @@ import math
 import torch
 
 from . import _modes
+from . import spans as _spans
+from ._backend import DIVERGENCES, TAILS, DistillArgs, SparseKLArgs
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 REDUCTIONS = ("mean", "sum", "none", "batchmean")
@@ -131,7 +133,7 @@ def mask(value: object, lead: torch.Size, like: torch.Tensor) -> torch.Tensor:
         )
     same_device("mask", value, like)
     # Weights are finite and >= 0: a mean divides by their sum, which mixed signs
-    # can zero. Eager only (a host sync); see _weights.row_weights for the rest.
+    # can zero. Eager only (a host sync); see _weights.masked_row_weights for the rest.
     if value.is_floating_point() and _modes.inspectable(value):
         bad = (value < 0) | ~torch.isfinite(value)
         if bool(bad.any()):
@@ -140,7 +142,155 @@ def mask(value: object, lead: torch.Size, like: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def _ignore_index(value: object) -> int:
+def dim(value: object, x: torch.Tensor) -> int:
+    """An axis of ``x`` (negative counts from the end)."""
+    if not isinstance(value, int) or not -x.dim() <= value < x.dim():
+        raise ValueError(f"dim must be an int in [{-x.dim()}, {x.dim() - 1}], got {value!r}")
+    return value
+
+
+def _unit_interval(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return float(value)
+
+
+def alpha(value: object) -> float:
+    """The hard-label weight of distillation_loss, in [0, 1]."""
+    return _unit_interval("alpha", value)
+
+
+def beta(value: object) -> float:
+    """JSD's mixture weight, in [0, 1] (0 and 1 are the forward and reverse KL)."""
+    return _unit_interval("beta", value)
+
+
+def divergence(value: object) -> str:
+    if value not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}; got {value!r}")
+    return str(value)
+
+
+def tail(value: object) -> str:
+    if value not in TAILS:
+        raise ValueError(f"tail must be one of {', '.join(TAILS)}; got {value!r}")
+    return str(value)
+
+
+def normalize(value: object) -> str:
+    if value not in _spans.NORMALIZE:
+        raise ValueError(f"normalize must be 'span' or 'token'; got {value!r}")
+    return str(value)
+
+
+def labels_in_vocab(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Every label is in [0, vocab) or ``ignore_index`` (a host sync: eager only)."""
+    valid = labels != ignore_index
+    bad = valid & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        seen = labels[bad][:5].tolist()
+        raise ValueError(
+            f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; got {seen}"
+        )
+
+
+# Stored log-probabilities a hair above 0 are rounding noise; above this, an error.
+_POSITIVE_SLACK = 1e-5
+
+
+def topk_teacher(ids, logprobs, student, active=None):
+    """A sparse teacher (ids, log-probs) of shape (..., k) for ``student`` (..., V):
+    shapes, dtypes, devices; then (eager only) ids in [0, V) and log-probs <= 0 in
+    the rows where ``active`` (leading shape; rows of weight 0 are never read).
+    Returns the log-probs clamped to <= 0."""
+    lead = student.shape[:-1]
+    if not isinstance(ids, torch.Tensor) or not isinstance(logprobs, torch.Tensor):
+        raise TypeError("teacher_ids and teacher_logprobs must be torch.Tensors")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"teacher_ids must be an integer tensor, got {ids.dtype}")
+    if not logprobs.dtype.is_floating_point:
+        raise TypeError(f"teacher_logprobs must be floating point, got {logprobs.dtype}")
+    if ids.shape != logprobs.shape:
+        raise ValueError(
+            "teacher_ids and teacher_logprobs must have the same shape (..., k), got "
+            f"{tuple(ids.shape)} and {tuple(logprobs.shape)}"
+        )
+    if ids.dim() != student.dim() or ids.shape[:-1] != lead:
+        raise ValueError(
+            f"teacher_ids must have shape {(*lead, 'k')} to match student_logits "
+            f"{tuple(student.shape)}, got {tuple(ids.shape)}"
+        )
+    if ids.shape[-1] == 0:
+        raise ValueError("the sparse teacher needs k >= 1 entries per position, got k = 0")
+    for name, x in (("teacher_ids", ids), ("teacher_logprobs", logprobs)):
+        same_device(name, x, student)
+    if not _modes.inspectable(student, ids, logprobs):
+        return logprobs
+    vocab = student.shape[-1]
+    read = torch.ones_like(ids, dtype=torch.bool) if active is None else active[..., None]
+    bad = read & ((ids < 0) | (ids >= vocab))
+    if bool(bad.any()):
+        raise ValueError(f"teacher_ids must be in [0, {vocab}), got {ids[bad][:5].tolist()}")
+    bad = read & ((logprobs > _POSITIVE_SLACK) | torch.isnan(logprobs))
+    if bool(bad.any()):
+        seen = logprobs[bad][:5].tolist()
+        raise ValueError(f"teacher_logprobs must be log-probabilities (<= 0), got {seen}")
+    return logprobs.clamp_max(0.0)
+
+
+def topk_renormalizable(logprobs: torch.Tensor, active: torch.Tensor, tail: str) -> None:
+    """tail="renormalize" divides by the top-k mass: a read row needs some (eager only)."""
+    if tail != "renormalize":
+        return
+    empty = active & torch.isneginf(logprobs).all(-1)
+    if bool(empty.any()):
+        r = int(empty.nonzero()[0, 0])
+        raise ValueError(
+            f"teacher: row {r}: every top-k log-probability is -inf, so tail='renormalize' "
+            "has no mass to renormalise (use tail='bucket', or mask the row)"
+        )
+
+
+def kernel_temperature(value: float) -> float:
+    """A temperature handed to a kernel directly (the registered ops' arguments)."""
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"temperature: must be finite and > 0, got {value}")
+    return value
+
+
+def kernel_distill_args(args: DistillArgs) -> None:
+    """What the distill kernels need and cannot check themselves (Triton's)."""
+    kernel_temperature(args.temperature)
+    if args.divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {args.divergence!r}")
+    if args.divergence == "jsd" and not 0.0 < args.beta < 1.0:
+        raise ValueError(f"beta: JSD needs 0 < beta < 1 (0 and 1 are the KLs), got {args.beta}")
+    if (args.labels is None) != (args.ce_weight is None):
+        raise ValueError("labels and ce_weight go together: give both or neither")
+    if args.student.shape != args.teacher.shape:
+        raise ValueError(
+            f"student and teacher shapes differ: {args.student.shape} vs {args.teacher.shape}"
+        )
+
+
+def kernel_sparse_kl_args(args: SparseKLArgs) -> None:
+    """What the sparse KL kernels need and cannot check themselves (Triton's)."""
+    kernel_temperature(args.temperature)
+    kernel_temperature(args.teacher_temperature)
+    if args.tail not in TAILS:
+        raise ValueError(f"tail must be bucket, renormalize or zero, got {args.tail}")
+    ids, rows = args.teacher_ids, args.student.shape[0]
+    if ids.dim() != 2 or ids.shape != args.teacher_logprobs.shape:
+        raise ValueError("teacher_ids and teacher_logprobs must have the same shape (rows, k)")
+    if ids.shape[0] != rows:
+        raise ValueError(f"teacher_ids has {ids.shape[0]} rows but student has {rows}")
+    if ids.shape[1] == 0:
+        raise ValueError("k: the sparse teacher needs k >= 1 entries per row")
+
+
+def ignore_index(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"ignore_index must be an int, got {type(value).__name__}")
     return value
@@ -162,23 +312,17 @@ def loss_options(**options: object) -> None:
     Every keyword is checked as the functional losses check it; unknown names
     are not checked.
     """
-    from . import spans
-    from .ops.distillation import _alpha
-    from .ops.fused import DIVERGENCES
-    from .ops.kl import beta_value
-    from .ops.sparse import TAILS
-
     checks = {
         "temperature": temperature,
         "teacher_temperature": temperature,
         "reduction": reduction,
-        "alpha": _alpha,
-        "beta": beta_value,
-        "divergence": _choice("divergence", DIVERGENCES),
-        "normalize": _choice("normalize", spans.NORMALIZE),
-        "tail": _choice("tail", TAILS),
-        "span_weights": spans.validate_weights,
-        "ignore_index": _ignore_index,
+        "alpha": alpha,
+        "beta": beta,
+        "divergence": divergence,
+        "normalize": _choice("normalize", _spans.NORMALIZE),
+        "tail": tail,
+        "span_weights": _spans.validate_weights,
+        "ignore_index": ignore_index,
     }
     for name, value in options.items():
         check = checks.get(name)

@@ -10,7 +10,7 @@ import torch
 from . import _modes
 
 
-def row_weights(
+def masked_row_weights(
     student: torch.Tensor,
     *,
     labels: torch.Tensor | None,

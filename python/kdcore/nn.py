@@ -38,10 +38,16 @@ class JSDLoss(_DivergenceLoss):
 
     _fn = staticmethod(jsd_loss)
 
-    def __init__(self, *, beta=0.5, temperature=1.0, ignore_index=-100, reduction="mean",
-                 scale_t2=True) -> None:  # fmt: skip
-        super().__init__(beta=beta, temperature=temperature, ignore_index=ignore_index,
-                         reduction=reduction, scale_t2=scale_t2)  # fmt: skip
+    def __init__(
+        self, *, beta=0.5, temperature=1.0, ignore_index=-100, reduction="mean", scale_t2=True
+    ) -> None:
+        super().__init__(
+            beta=beta,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            scale_t2=scale_t2,
+        )
 
 
 class TVDLoss(_DivergenceLoss):
@@ -50,10 +56,15 @@ class TVDLoss(_DivergenceLoss):
 
     _fn = staticmethod(tvd_loss)
 
-    def __init__(self, *, temperature=1.0, ignore_index=-100, reduction="mean",
-                 scale_t2=False) -> None:  # fmt: skip
-        super().__init__(temperature=temperature, ignore_index=ignore_index,
-                         reduction=reduction, scale_t2=scale_t2)  # fmt: skip
+    def __init__(
+        self, *, temperature=1.0, ignore_index=-100, reduction="mean", scale_t2=False
+    ) -> None:
+        super().__init__(
+            temperature=temperature,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            scale_t2=scale_t2,
+        )
 
 
 class KLLoss(torch.nn.Module):
@@ -185,12 +196,17 @@ class DistillationLoss(torch.nn.Module):
     ) -> None:
         super().__init__()
         self.options = dict(
-            alpha=alpha, temperature=temperature, divergence=divergence, beta=beta,
+            alpha=alpha,
+            temperature=temperature,
+            divergence=divergence,
+            beta=beta,
             ignore_index=ignore_index,
             span_weights=None if span_weights is None else dict(span_weights),
-            normalize=normalize, reduction=reduction, scale_t2=scale_t2,
+            normalize=normalize,
+            reduction=reduction,
+            scale_t2=scale_t2,
             return_components=return_components,
-        )  # fmt: skip
+        )
         _validate.loss_options(**self.options)
 
     def forward(self, student_logits, teacher_logits, labels, spans=None):
@@ -220,16 +236,24 @@ class SparseKLLoss(torch.nn.Module):
     ) -> None:
         super().__init__()
         self.options = dict(
-            temperature=temperature, teacher_temperature=teacher_temperature, tail=tail,
-            ignore_index=ignore_index, reduction=reduction, scale_t2=scale_t2,
-        )  # fmt: skip
+            temperature=temperature,
+            teacher_temperature=teacher_temperature,
+            tail=tail,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            scale_t2=scale_t2,
+        )
         _validate.loss_options(**self.options)
 
     def forward(self, student_logits, teacher_ids, teacher_logprobs, labels=None, mask=None):
         return sparse_kl_loss(
-            student_logits, teacher_ids, teacher_logprobs, labels=labels, mask=mask,
+            student_logits,
+            teacher_ids,
+            teacher_logprobs,
+            labels=labels,
+            mask=mask,
             **self.options,
-        )  # fmt: skip
+        )
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -191,10 +191,16 @@ def kl_loss(
 ) -> torch.Tensor:
     """Reference of :func:`kdcore.kl_loss`."""
     return divergence_loss(
-        student_logits, teacher_logits, divergence="reverse_kl" if reverse else "kl",
-        temperature=temperature, labels=labels, ignore_index=ignore_index, mask=mask,
-        reduction=reduction, scale_t2=scale_t2,
-    )  # fmt: skip
+        student_logits,
+        teacher_logits,
+        divergence="reverse_kl" if reverse else "kl",
+        temperature=temperature,
+        labels=labels,
+        ignore_index=ignore_index,
+        mask=mask,
+        reduction=reduction,
+        scale_t2=scale_t2,
+    )
 
 
 def jsd_loss(student_logits, teacher_logits, *, beta=0.5, scale_t2=True, **kwargs):
@@ -289,8 +295,10 @@ def distillation_loss(
     if spans is None:
         if reduction == "none":
             per_row = (alpha * ce + (1 - alpha) * div).reshape(labels.shape)
-            comps = {"ce": ce.detach().reshape(labels.shape),
-                     "divergence": div.detach().reshape(labels.shape)}  # fmt: skip
+            comps = {
+                "ce": ce.detach().reshape(labels.shape),
+                "divergence": div.detach().reshape(labels.shape),
+            }
             return (per_row, comps) if return_components else per_row
         n = int(ok.sum())
         scale = 1.0 if reduction == "sum" else (1.0 / n if n else 0.0)

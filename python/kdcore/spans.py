@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import torch
 
-from . import _modes
+from . import _modes, _validate
 
 
 class Span(enum.IntEnum):
@@ -117,8 +117,7 @@ def prepare(
             f"with spans the loss is normalised per span: reduction must be 'mean', "
             f"got {reduction!r}"
         )
-    if normalize not in NORMALIZE:
-        raise ValueError(f"normalize must be 'span' or 'token'; got {normalize!r}")
+    _validate.normalize(normalize)
     weights = validate_weights(span_weights)
     spans = validate_spans(spans, lead, like)
     if _modes.inspectable(spans, like):
@@ -126,7 +125,7 @@ def prepare(
     return spans, weights
 
 
-def row_weights(
+def span_row_weights(
     spans: torch.Tensor,
     weights: dict[int, float],
     normalize: str,
@@ -162,6 +161,10 @@ def row_weights(
         n = (w_tok > 0).sum().to(dtype)
         w_row = w_tok / torch.where(n > 0, n, torch.ones_like(n))
     return w_row * scale, index
+
+
+# Transitional: ops/fused_linear.py and train/objective.py still use the old name.
+row_weights = span_row_weights
 
 
 def span_means(

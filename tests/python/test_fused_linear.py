@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import kdcore
 from conftest import assert_grad_close
 from kdcore import _dispatch, reference
+from kdcore._backend import DistillArgs
 from kdcore.ops import _linear
 
 
@@ -550,10 +551,9 @@ def test_kernel_stores_the_gradient_in_the_requested_dtype(vocab, divergence, se
     g = torch.Generator().manual_seed(seed)
     s, t = torch.randn(6, vocab, generator=g) * 3, torch.randn(6, vocab, generator=g) * 3
     w = torch.rand(6, generator=g)
-    kernels = _dispatch.kernels("distill", s)  # _rust here, _triton in the interpreter shard
-    loss, _, grad, _ = kernels.distill(
-        s, t, w, 2.0, divergence, 0.3, None, None, True, False, grad_dtype=torch.bfloat16
-    )
+    kernels = _dispatch.kernels_for("distill", s)  # Rust here, Triton in the interpreter shard
+    args = DistillArgs(s, t, w, 2.0, divergence, 0.3, grad_student=True, grad_dtype=torch.bfloat16)
+    loss, _, grad, _ = kernels.distill(args)
     s64 = s.double().requires_grad_()
     rows = reference.divergence_rows(s64, t.double(), divergence, 0.3, 2.0) * w.double()
     (ref_grad,) = torch.autograd.grad(rows.sum(), s64)

@@ -131,6 +131,7 @@ def test_labels_rewritten_during_distillation_loss_never_poison_later_calls():
         import torch
         import kdcore
         from kdcore import _rust, reference
+        from kdcore._backend import DistillArgs
 
         torch.manual_seed(0)
         rows, vocab = 512, 4096
@@ -153,7 +154,8 @@ def test_labels_rewritten_during_distillation_loss_never_poison_later_calls():
         try:
             while time.monotonic() < end:
                 try:  # the kernel call itself (the public op copies labels first)
-                    _rust.distill(s, t, weight, 2.0, "kl", 0.5, labels, ce_weight, True, False)
+                    args = DistillArgs(s, t, weight, 2.0, "kl", 0.5, labels, ce_weight, True)
+                    _rust.BACKEND.distill(args)
                     outcomes["ok"] = outcomes.get("ok", 0) + 1
                 except Exception as e:  # ValueError / RuntimeError: fine
                     outcomes[type(e).__name__] = outcomes.get(type(e).__name__, 0) + 1

@@ -52,7 +52,7 @@ def test_dispatch_selects_triton():
     assert _dispatch.select(x, x.bfloat16()) == "triton"
     assert _dispatch.select(x.double()) == "torch"
     assert _dispatch.kernel_backend("kdcore::softmax", x) == "triton"
-    assert _dispatch.kernels("kdcore::softmax", x) is _triton
+    assert _dispatch.kernels_for("kdcore::softmax", x) is _triton.BACKEND
     with _dispatch.backend("auto"):
         assert _dispatch.select(x) == "rust"
     with pytest.raises(TypeError, match=r"kdcore::softmax runs on CPU tensors.*float64"):

@@ -25,7 +25,7 @@ def _is_one(grad_out: torch.Tensor) -> bool:
     return bool((grad_out == 1).all())
 
 
-def _graph_kept() -> bool:
+def graph_kept() -> bool:
     """Whether the running backward keeps the graph (the saved gradient will
     be read again). True when torch cannot tell: then a copy is the safe answer."""
     keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
@@ -46,35 +46,17 @@ def _own_copy(saved: torch.Tensor) -> torch.Tensor:
     return out.copy_(saved)
 
 
-def scale_rows(
-    saved: torch.Tensor, grad_out: torch.Tensor, owner: object = None, key: str = ""
-) -> torch.Tensor:
-    """``saved`` (rows, V) times ``grad_out`` (a scalar or one value per row).
+def scale_rows(saved: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """``saved`` (rows, V) times ``grad_out`` (a scalar or one value per row), with
+    torch ops on any device (backends with a device kernel for it: ``scale_grad``).
 
     ``loss.backward()`` on a scalar loss gives 1: then the saved gradient is
     returned as is when the graph is freed, else a copy of it. Otherwise the
     product is formed in float32 and rounded back to ``saved``'s dtype (a new
     tensor either way).
-
-    CUDA tensors in eager mode go to a Triton kernel that decides on the
-    device (no host sync, no float32 copy); ``owner`` (the autograd context)
-    and ``key`` identify the saved gradient (see ``_triton.scale_grad``).
-    That kernel scales ``saved`` in place, so it runs only in a backward
-    that frees the graph; one that keeps it takes the out-of-place product.
     """
-    if (
-        owner is not None
-        and saved.device.type == "cuda"
-        and type(saved) is torch.Tensor
-        and type(grad_out) is torch.Tensor
-        and not torch.compiler.is_compiling()
-        and not _graph_kept()
-    ):
-        from .. import _triton
-
-        return _triton.scale_grad(saved, grad_out, owner, key)
     if _is_one(grad_out):
-        return _own_copy(saved) if _graph_kept() else saved
+        return _own_copy(saved) if graph_kept() else saved
     wide = torch.promote_types(saved.dtype, torch.float32)
     factor = grad_out.to(wide)
     if factor.dim() > 0:

@@ -4,32 +4,36 @@ from __future__ import annotations
 
 import torch
 
-from .. import _dispatch, _modes, _validate, reference
+from .. import _dispatch, _validate, reference
+from .._backend import KernelBackend
+from ._kernel_op import kernel_op
 
 
-@torch.library.custom_op("kdcore::softmax", mutates_args=())
-def softmax_op(x: torch.Tensor, temperature: float, log: bool) -> torch.Tensor:
+@kernel_op("kdcore::softmax", dispatch_on=("x",))
+def SOFTMAX(kernels: KernelBackend, x: torch.Tensor, temperature: float, log: bool) -> torch.Tensor:
     """softmax(x / T) (or log-softmax) over the last axis of a 2-D tensor."""
-    return _dispatch.kernels("kdcore::softmax", x).softmax(x, temperature, log)
+    return kernels.softmax(x, temperature, log)
 
 
-@softmax_op.register_fake
+@SOFTMAX.register_fake
 def _(x: torch.Tensor, temperature: float, log: bool) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("kdcore::softmax_backward", mutates_args=())
-def softmax_backward_op(
-    grad: torch.Tensor, y: torch.Tensor, temperature: float, log: bool
+@kernel_op("kdcore::softmax_backward", dispatch_on=("y",))
+def SOFTMAX_BACKWARD(
+    kernels: KernelBackend, grad: torch.Tensor, y: torch.Tensor, temperature: float, log: bool
 ) -> torch.Tensor:
     """Gradient w.r.t. x of softmax(x / T) (or log-softmax) from its output y."""
-    kernels = _dispatch.kernels("kdcore::softmax_backward", y)
     return kernels.softmax_backward(grad, y, temperature, log)
 
 
-@softmax_backward_op.register_fake
+@SOFTMAX_BACKWARD.register_fake
 def _(grad: torch.Tensor, y: torch.Tensor, temperature: float, log: bool) -> torch.Tensor:
     return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+softmax_op, softmax_backward_op = SOFTMAX.op, SOFTMAX_BACKWARD.op
 
 
 def _setup(ctx, inputs, output) -> None:
@@ -42,8 +46,10 @@ def _backward(ctx, grad):
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         # create_graph=True: the same gradient from differentiable torch ops, so
         # a second backward (through y, saved with its history) is exact.
-        return _differentiable_backward(grad, y, ctx.temperature, ctx.log), None, None
-    return softmax_backward_op(grad, y, ctx.temperature, ctx.log), None, None
+        return (_differentiable_backward(grad, y, ctx.temperature, ctx.log),)
+    if ctx.kernels is None:  # the registered op: its backward is an op too
+        return (softmax_backward_op(grad, y, ctx.temperature, ctx.log),)
+    return (ctx.kernels.softmax_backward(grad, y, ctx.temperature, ctx.log),)
 
 
 def _differentiable_backward(grad, y, temperature: float, log: bool) -> torch.Tensor:
@@ -57,19 +63,19 @@ def _differentiable_backward(grad, y, temperature: float, log: bool) -> torch.Te
     return (dx / temperature).to(grad.dtype)
 
 
-softmax_op.register_autograd(_backward, setup_context=_setup)
+SOFTMAX.register_autograd(_backward, setup_context=_setup)
 
 
 def _apply(x: object, temperature: float, dim: int, log: bool) -> torch.Tensor:
     x = _validate.logits("x", x)
     t = _validate.temperature(temperature)
-    if not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
-        raise ValueError(f"dim must be an int in [{-x.dim()}, {x.dim() - 1}], got {dim!r}")
-    if _modes.backend(x) == "torch":
+    dim = _validate.dim(dim, x)
+    route = _dispatch.route(x)
+    if route is None:
         fn = reference.log_softmax if log else reference.softmax
         return fn(x.to(_dispatch.reference_dtype(x.device)), t, dim).to(x.dtype)
     moved = x.movedim(dim, -1)
-    out = softmax_op(moved.reshape(-1, moved.shape[-1]), t, log)
+    out = SOFTMAX(route, moved.reshape(-1, moved.shape[-1]), t, log)
     return out.reshape(moved.shape).movedim(-1, dim)
 
 

@@ -8,14 +8,8 @@ import torch
 
 from .. import _dispatch, _modes, _validate, reference
 from .. import spans as _spans
-from .fused import DIVERGENCES, fused_rows, loss_dtype
-from .kl import beta_value, kernel_divergence
-
-
-def divergence_name(name: object) -> str:
-    if name not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}; got {name!r}")
-    return str(name)
+from .fused import fused_rows, loss_dtype
+from .kl import kernel_divergence
 
 
 def span_loss(
@@ -59,31 +53,38 @@ def span_loss(
     """
     student, teacher = _validate.logit_pair(student_logits, teacher_logits)
     t = _validate.temperature(temperature)
-    divergence = divergence_name(divergence)
-    beta = beta_value(beta)
-    if normalize not in _spans.NORMALIZE:
-        raise ValueError(f"normalize must be 'span' or 'token'; got {normalize!r}")
+    divergence = _validate.divergence(divergence)
+    beta = _validate.beta(beta)
+    normalize = _validate.normalize(normalize)
     weights = _spans.validate_weights(span_weights)
     span_ids = _spans.validate_spans(spans, student.shape[:-1], student)
     if _modes.inspectable(student, span_ids):
         _spans.check_ids_have_weights(span_ids, weights)
     scale = t * t if scale_t2 else 1.0
-    if _modes.backend(student, teacher) == "torch":
+    route = _dispatch.route(student, teacher)
+    if route is None:
         wide = _dispatch.reference_dtype(student.device)
         result = reference.span_loss(
-            student.to(wide), teacher.to(wide), span_ids, span_weights=weights,
-            divergence=divergence, beta=beta, temperature=t, normalize=normalize, scale_t2=scale_t2,
+            student.to(wide),
+            teacher.to(wide),
+            span_ids,
+            span_weights=weights,
+            divergence=divergence,
+            beta=beta,
+            temperature=t,
+            normalize=normalize,
+            scale_t2=scale_t2,
             return_components=return_components,
-        )  # fmt: skip
+        )
         dtype = loss_dtype(student, teacher)
         if return_components:
             loss, comps = result
             return loss.to(dtype), {k: v.detach().to(dtype) for k, v in comps.items()}
         return result.to(dtype)
     dtype = loss_dtype(student, teacher)
-    w_row, index = _spans.row_weights(span_ids, weights, normalize, scale, dtype)
+    w_row, index = _spans.span_row_weights(span_ids, weights, normalize, scale, dtype)
     kernel = kernel_divergence(divergence, beta)
-    rows = fused_rows(student, teacher, w_row, t, kernel, beta=beta, reduce=False).loss
+    rows = fused_rows(route, student, teacher, w_row, t, kernel, beta=beta, reduce=False).loss
     loss = rows.sum()
     if not return_components:
         return loss

@@ -1,0 +1,132 @@
+"""A registered ``torch.library`` op and its eager ``autograd.Function`` twin,
+from one forward and one backward.
+
+Under torch.compile (and for meta tensors) a kernel op must be a registered
+op: the compiler traces its schema and fake kernel. In eager mode the same
+call through a plain ``autograd.Function`` costs less per call. Both run the
+same code:
+
+- ``forward(kernels, *inputs)``: the kernel call; ``kernels`` is the
+  :class:`~kdcore._backend.KernelBackend` (handed over by the eager caller,
+  looked up by the registered op from its ``dispatch_on`` inputs). The op's
+  schema is inferred from the other parameters' annotations. An output not
+  computed is ``None``: the twin returns it so (no allocation per call), the
+  registered op (which cannot return None) the tensor ``absent(*inputs)``
+  gives in its place.
+- ``setup(ctx, inputs, output)`` and ``backward(ctx, *grad_outputs)``, as for
+  ``register_autograd``. ``backward`` returns the gradients of the leading
+  inputs it differentiates; the ``None`` of every later input is added here.
+  :func:`scale_saved` scales a saved gradient through the right backend.
+
+``KernelOp.__call__(route, *inputs)`` runs the op where ``_dispatch.route``
+said: the registered op, or the twin on that backend.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+
+from .. import _dispatch
+from ._grad import scale_rows
+
+
+def scale_saved(ctx, saved: torch.Tensor, grad_out: torch.Tensor, key: str) -> torch.Tensor:
+    """``saved × grad_out`` in a backward: the eager twin's backend may scale ``saved``
+    in place (the twin's callers drop it); the registered op's saved gradients are
+    also its outputs, so they are scaled out of place."""
+    kernels = ctx.kernels
+    if kernels is None:
+        return scale_rows(saved, grad_out)
+    return kernels.scale_grad(saved, grad_out, ctx, key)
+
+
+class KernelOp:
+    """A kernel op, registered and eager; made by :func:`kernel_op`."""
+
+    def __init__(
+        self, name: str, forward: Callable, dispatch_on: tuple[str, ...], absent: Callable | None
+    ) -> None:
+        signature = inspect.signature(forward, eval_str=True)
+        params = list(signature.parameters.values())[1:]  # without `kernels`
+        names = [p.name for p in params]
+        picks = [names.index(n) for n in dispatch_on]
+        self.name = name
+        self._forward = forward
+        self._inputs = len(params)
+
+        def body(*inputs):
+            kernels = _dispatch.kernels_for(name, *(inputs[i] for i in picks))
+            output = forward(kernels, *inputs)
+            if absent is None or not isinstance(output, tuple) or None not in output:
+                return output
+            return tuple(
+                a if o is None else o for o, a in zip(output, absent(*inputs), strict=True)
+            )
+
+        body.__signature__ = signature.replace(parameters=params)
+        body.__name__ = forward.__name__
+        body.__doc__ = forward.__doc__
+        self.op = torch.library.custom_op(name, body, mutates_args=())
+        self._twin: type[torch.autograd.Function] | None = None
+
+    def register_fake(self, fake: Callable) -> Callable:
+        """The output shapes and dtypes (torch.compile, meta tensors)."""
+        self.op.register_fake(fake)
+        return fake
+
+    def register_autograd(self, backward: Callable, *, setup_context: Callable) -> None:
+        """One backward for the registered op and the eager twin."""
+        forward, count = self._forward, self._inputs
+
+        def padded(grads: tuple) -> tuple:
+            return (*grads, *([None] * (count - len(grads))))
+
+        def op_setup(ctx, inputs, output) -> None:  # (torch passes these by name)
+            ctx.kernels = None
+            setup_context(ctx, inputs, output)
+
+        def op_backward(ctx, *grad_outputs):
+            return padded(backward(ctx, *grad_outputs))
+
+        self.op.register_autograd(op_backward, setup_context=op_setup)
+
+        def twin_forward(ctx, kernels, reduce_first, *twin_inputs):
+            output = forward(kernels, *twin_inputs)
+            ctx.kernels = kernels
+            setup_context(ctx, twin_inputs, output)
+            if reduce_first:
+                return (output[0].sum(), *output[1:])
+            return output
+
+        def twin_backward(ctx, *grad_outputs):
+            return (None, None, *padded(backward(ctx, *grad_outputs)))
+
+        # Named after the op: autograd shows e.g. DistillFunctionBackward.
+        name = forward.__name__.title().replace("_", "") + "Function"
+        methods = {"forward": staticmethod(twin_forward), "backward": staticmethod(twin_backward)}
+        self._twin = type(name, (torch.autograd.Function,), methods)
+
+    def __call__(self, route: _dispatch.Route, *inputs, reduce_first: bool = False):
+        """The op's outputs (its first summed with ``reduce_first``): through the
+        registered op for ``_dispatch.REGISTERED``, else the eager twin on ``route``."""
+        if route is _dispatch.REGISTERED or self._twin is None:
+            output = self.op(*inputs)
+            return (output[0].sum(), *output[1:]) if reduce_first else output
+        return self._twin.apply(route, reduce_first, *inputs)
+
+
+def kernel_op(
+    name: str, *, dispatch_on: tuple[str, ...], absent: Callable | None = None
+) -> Callable[[Callable], KernelOp]:
+    """Decorator: ``forward(kernels: KernelBackend, *inputs)`` -> a :class:`KernelOp`
+    registered as ``name``; ``dispatch_on`` names the tensor inputs whose device
+    and dtype pick the registered op's backend; ``absent(*inputs)`` gives the
+    registered op's (empty) tensors for outputs the forward leaves None."""
+
+    def make(forward: Callable) -> KernelOp:
+        return KernelOp(name, forward, dispatch_on, absent)
+
+    return make

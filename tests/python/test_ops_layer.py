@@ -1,0 +1,120 @@
+"""The ops layer's contracts: both kernel backends meet ``KernelBackend``, the
+backend is decided once per call (``_dispatch.route``) and the ops use only the
+object they are handed, and a kernel op's eager twin and registered op agree."""
+
+from __future__ import annotations
+
+import inspect
+import pathlib
+import re
+
+import pytest
+import torch
+
+import kdcore
+from kdcore import _dispatch, _rust, _triton
+from kdcore._backend import KernelBackend
+from kdcore.ops.fused import DISTILL
+
+METHODS = ("softmax", "softmax_backward", "distill", "sparse_kl", "scale_grad")
+
+
+@pytest.mark.parametrize("kernels", [_rust.BACKEND, _triton.BACKEND], ids=["rust", "triton"])
+def test_both_backends_meet_the_contract(kernels):
+    assert isinstance(kernels, KernelBackend)
+    for name in METHODS:
+        want = list(inspect.signature(getattr(KernelBackend, name)).parameters)[1:]  # no self
+        assert list(inspect.signature(getattr(kernels, name)).parameters) == want, name
+
+
+def test_route_is_the_one_decision():
+    x = torch.randn(2, 3)
+    assert _dispatch.route(x) is _rust.BACKEND
+    assert _dispatch.route(x, x.double()) is None
+    assert _dispatch.route(torch.empty(2, 3, device="meta")) is _dispatch.REGISTERED
+    with _dispatch.backend("torch"):
+        assert _dispatch.route(x) is None
+    seen = []
+
+    def f(v):
+        seen.append(_dispatch.route(v))
+        return v.sum()
+
+    torch.func.grad(f)(x)
+    assert seen == [None]  # transforms cannot see through the kernels: the reference
+
+
+class _Recording:
+    """The Rust backend, noting which of its methods the ops call."""
+
+    name = "rust"
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, method):
+        def call(*args, **kwargs):
+            self.calls.append(method)
+            return getattr(_rust.BACKEND, method)(*args, **kwargs)
+
+        return call
+
+
+def _kl(s):
+    return kdcore.kl_loss(s, torch.randn(3, 7), temperature=2.0)
+
+
+def _softmax(s):
+    return (kdcore.softmax(s, 2.0) * torch.arange(7.0)).sum()
+
+
+def _sparse(s):
+    ids, lps = torch.tensor([[1, 4]] * 3), torch.log(torch.tensor([[0.5, 0.25]] * 3))
+    return kdcore.sparse_kl_loss(s, ids, lps, temperature=2.0)
+
+
+@pytest.mark.parametrize(
+    "loss, calls",
+    [
+        (_kl, ["distill", "scale_grad"]),
+        (_softmax, ["softmax", "softmax_backward"]),
+        (_sparse, ["sparse_kl", "scale_grad"]),
+    ],
+)
+def test_ops_talk_only_to_the_routed_backend(monkeypatch, loss, calls):
+    recording = _Recording()
+    monkeypatch.setattr(_dispatch, "route", lambda *tensors: recording)
+
+    def second_decision(*args):
+        raise AssertionError("the backend was decided a second time")
+
+    monkeypatch.setattr(_dispatch, "kernels_for", second_decision)
+    monkeypatch.setattr(_dispatch, "kernel_backend", second_decision)
+    s = torch.randn(3, 7, requires_grad=True)
+    (loss(s) * 3.0).backward()
+    assert recording.calls == calls
+    assert s.grad is not None and torch.isfinite(s.grad).all()
+
+
+def test_eager_twin_and_registered_op_agree():
+    g = torch.Generator().manual_seed(0)
+    s0, t0 = torch.randn(5, 13, generator=g), torch.randn(5, 13, generator=g)
+    weight, ce_weight = torch.rand(5, generator=g), torch.rand(5, generator=g)
+    labels = torch.randint(0, 13, (5,), generator=g)
+    results = []
+    for route in (_rust.BACKEND, _dispatch.REGISTERED):
+        s, t = s0.clone().requires_grad_(), t0.clone().requires_grad_()
+        loss, div_rows, ce_rows, *_ = DISTILL(
+            route, s, t, weight, 2.0, "jsd", 0.3, labels, ce_weight, True, True, reduce_first=True
+        )
+        (loss * 0.5).backward()
+        results.append((loss, div_rows, ce_rows, s.grad, t.grad))
+    for eager, registered in zip(*results, strict=True):
+        torch.testing.assert_close(eager, registered, rtol=0, atol=0)
+
+
+def test_ops_do_not_reach_into_a_backend_module():
+    ops = pathlib.Path(kdcore.__file__).parent / "ops"
+    for path in ops.glob("*.py"):
+        source = path.read_text()
+        assert not re.search(r"import\s+(_triton|_rust)\b|from \.\.(_triton|_rust) import", source)
