@@ -163,10 +163,6 @@ def span_row_weights(
     return w_row * scale, index
 
 
-# Transitional: ops/fused_linear.py and train/objective.py still use the old name.
-row_weights = span_row_weights
-
-
 def span_means(
     rows: torch.Tensor, w_row: torch.Tensor, index: torch.Tensor, weights: dict[int, float]
 ) -> dict[int, torch.Tensor]:

@@ -52,9 +52,20 @@ def _floor(temperature, scale_t2):
     seed=st.integers(0, 2**31 - 1),
 )
 def test_jsd_and_tvd_match_reference(
-    backend, lead, vocab, s_dtype, t_dtype, which, beta, temperature, scale, masking,
-    reduction, teacher_grad, seed,
-):  # fmt: skip
+    backend,
+    lead,
+    vocab,
+    s_dtype,
+    t_dtype,
+    which,
+    beta,
+    temperature,
+    scale,
+    masking,
+    reduction,
+    teacher_grad,
+    seed,
+):
     g = torch.Generator().manual_seed(seed)
     s = make_logits((*lead, vocab), s_dtype, scale=scale, generator=g)
     t = make_logits((*lead, vocab), t_dtype, scale=scale, generator=g)
@@ -184,9 +195,20 @@ def test_tvd_of_equal_distributions_is_zero_and_of_disjoint_is_one(backend):
     seed=st.integers(0, 2**31 - 1),
 )
 def test_distillation_loss_matches_reference(
-    backend, lead, vocab, s_dtype, t_dtype, alpha, temperature, divergence, reduction,
-    use_spans, normalize, scale_t2, seed,
-):  # fmt: skip
+    backend,
+    lead,
+    vocab,
+    s_dtype,
+    t_dtype,
+    alpha,
+    temperature,
+    divergence,
+    reduction,
+    use_spans,
+    normalize,
+    scale_t2,
+    seed,
+):
     g = torch.Generator().manual_seed(seed)
     s = make_logits((*lead, vocab), s_dtype, scale=2.0, generator=g)
     t = make_logits((*lead, vocab), t_dtype, scale=2.0, generator=g)
@@ -197,9 +219,18 @@ def test_distillation_loss_matches_reference(
         spans = torch.randint(0, 4, lead, generator=g)
         weights = {0: 0.0, 1: 1.0, 2: 2.0, 3: 0.0}
         reduction = "mean"
-    kwargs = dict(alpha=alpha, temperature=temperature, divergence=divergence, beta=0.4,
-                  spans=spans, span_weights=weights, normalize=normalize,
-                  reduction=reduction, scale_t2=scale_t2, return_components=True)  # fmt: skip
+    kwargs = dict(
+        alpha=alpha,
+        temperature=temperature,
+        divergence=divergence,
+        beta=0.4,
+        spans=spans,
+        span_weights=weights,
+        normalize=normalize,
+        reduction=reduction,
+        scale_t2=scale_t2,
+        return_components=True,
+    )
     s_k, s64 = s.clone().requires_grad_(), s.double().requires_grad_()
     loss, comps = kdcore.distillation_loss(s_k, t, labels, **kwargs)
     ref, ref_comps = reference.distillation_loss(s64, t.double(), labels, **kwargs)
@@ -258,8 +289,9 @@ def test_distillation_components_per_row_with_reduction_none(backend, alpha):
     )
     assert set(comps) == {"ce", "divergence"}
     ok = labels != -100
-    ce = F.cross_entropy(s.double().reshape(-1, 30), labels.reshape(-1), reduction="none",
-                         ignore_index=-100).reshape(2, 5)  # fmt: skip
+    ce = F.cross_entropy(
+        s.double().reshape(-1, 30), labels.reshape(-1), reduction="none", ignore_index=-100
+    ).reshape(2, 5)
     div = 4.0 * reference.kl_div_rows(s.double(), t.double(), 2.0) * ok
     for key, want, weight in (("ce", ce, alpha), ("divergence", div, 1.0 - alpha)):
         got = comps[key]
@@ -352,7 +384,8 @@ def test_module_wrappers_match_functional():
     module = kdcore.nn.DistillationLoss(alpha=0.2, temperature=2.0, divergence="jsd")
     assert torch.equal(
         module(s, t, labels, spans=spans),
-        kdcore.distillation_loss(s, t, labels, alpha=0.2, temperature=2.0, divergence="jsd",
-                                 spans=spans),
-    )  # fmt: skip
+        kdcore.distillation_loss(
+            s, t, labels, alpha=0.2, temperature=2.0, divergence="jsd", spans=spans
+        ),
+    )
     assert "alpha=0.2" in repr(module)

@@ -12,10 +12,9 @@ import torch
 from .. import _modes, _validate
 from .. import spans as _spans
 from ._linear import logits_fp32
-from .distillation import _alpha, _check_label_range
 from .fused import DIVERGENCES
-from .kl import beta_value, kernel_divergence
-from .sparse import TAILS, _validate_teacher
+from .kl import kernel_divergence
+from .sparse import TAILS
 
 #: Row chunks: fp32 bytes of logits (student, teacher, gradient) one chunk may
 #: hold. A CPU chunk stays in cache-friendly sizes, a GPU chunk must be big
@@ -177,8 +176,8 @@ def build_problem(
     if student_bias is not None:
         _bias("student_bias", student_bias, vocab_s, "student_weight")
     t = _validate.temperature(temperature)
-    a = _alpha(alpha)
-    beta = beta_value(beta)
+    a = _validate.alpha(alpha)
+    beta = _validate.beta(beta)
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}; got {divergence!r}")
     red = _validate.reduction(reduction)
@@ -216,7 +215,7 @@ def build_problem(
         ids, lps = teacher_topk
         # A zero-stride stand-in for the student logits: shapes only, no memory.
         shape_only = h.new_zeros(()).expand(*lead, vocab_s)
-        lps = _validate_teacher(ids, lps, shape_only)
+        lps = _validate.topk_teacher(ids, lps, shape_only)
         topk = (ids.reshape(-1, ids.shape[-1]), lps.reshape(-1, lps.shape[-1]))
         vocab_t = vocab_s
     else:
@@ -248,7 +247,7 @@ def build_problem(
     if labels is not None:
         labels = _validate.labels(labels, lead, h)
         if _modes.inspectable(labels, h) and not sharded:
-            _check_label_range(labels, vocab_s, ignore_index)  # sharded: global ids
+            _validate.labels_in_vocab(labels, vocab_s, ignore_index)  # sharded: global ids
     elif a > 0:
         raise ValueError(f"alpha={a} weights a hard-label term: pass labels")
 
@@ -263,7 +262,7 @@ def build_problem(
     weight_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
     if spans is not None:
         spans, weights = _spans.prepare(spans, span_weights, normalize, red, lead, h)
-        base, _ = _spans.row_weights(spans, weights, normalize, 1.0, weight_dtype, valid=valid)
+        base, _ = _spans.span_row_weights(spans, weights, normalize, 1.0, weight_dtype, valid=valid)
     else:
         base = valid.to(weight_dtype)
         if red == "mean":

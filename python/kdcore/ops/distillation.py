@@ -140,8 +140,3 @@ def distillation_loss(
         div_rows = result.div_rows / (1.0 - a) if a < 1 else torch.full_like(base, float("nan"))
         comps.update(_spans.span_means(div_rows, base, index, weights))
     return loss, comps
-
-
-# Transitional: ops/fused_linear.py imports these checks by their old names.
-_alpha = _validate.alpha
-_check_label_range = _validate.labels_in_vocab

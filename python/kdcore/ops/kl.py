@@ -188,7 +188,3 @@ def tvd_loss(
         reduction=reduction,
         scale_t2=scale_t2,
     )
-
-
-# Transitional: ops/fused_linear.py imports the check by its old name.
-beta_value = _validate.beta

@@ -165,7 +165,3 @@ def sparse_kl_loss(
         route, s2, ids, lps, weight, t, t0, tail, wants_grad, reduce_first=red != "none"
     )
     return loss.reshape(lead) if red == "none" else loss
-
-
-# Transitional: ops/fused_linear.py imports the check by its old name.
-_validate_teacher = _validate.topk_teacher

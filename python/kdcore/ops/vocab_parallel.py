@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from .. import _validate
 from ._fused_linear_autograd import EagerLoss
 from ._fused_linear_problem import Checked, default_rows, weighted, zero_unread
 from ._linear import addmm32_, mm32, tensor_cores
@@ -336,7 +337,6 @@ def vocab_parallel_loss(
     """The loss over this rank's shard, or None where the group has one rank
     (its shard is the whole vocabulary: the plain fused path runs). Eager
     mode: collectives and host syncs."""
-    from .distillation import _check_label_range
 
     def needs(x):
         return x is not None and x.requires_grad and torch.is_grad_enabled()
@@ -373,7 +373,7 @@ def vocab_parallel_loss(
         device=h2.device,
     )
     if labels is not None and not torch.compiler.is_compiling():
-        _check_label_range(labels, vocab, ignore_index)
+        _validate.labels_in_vocab(labels, vocab, ignore_index)
     if size == 1 and PLAIN_PATH_AT_SIZE_ONE:
         return None
     return EagerLoss.apply(h2, w, b, problem, ShardedRows(vp, chunk))
