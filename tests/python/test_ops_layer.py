@@ -118,3 +118,40 @@ def test_ops_do_not_reach_into_a_backend_module():
     for path in ops.glob("*.py"):
         source = path.read_text()
         assert not re.search(r"import\s+(_triton|_rust)\b|from \.\.(_triton|_rust) import", source)
+
+
+@pytest.mark.parametrize("op", ["kl", "sparse", "softmax"])
+def test_backward_fills_no_logit_sized_zero_gradients(op):
+    """The eager twin's outputs besides the loss are not differentiated: autograd
+    must not materialise a (rows, V) zero gradient for each of them (that cost
+    as much as the kernel)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    rows, vocab = 16, 512
+    s = torch.randn(rows, vocab, requires_grad=True)
+    t = torch.randn(rows, vocab)
+    if op == "kl":
+        loss = kdcore.kl_loss(s, t)
+    elif op == "sparse":
+        ids = torch.topk(t, 8, dim=-1).indices
+        loss = kdcore.sparse_kl_loss(s, ids, torch.log_softmax(t, -1).gather(-1, ids))
+    else:
+        loss = (kdcore.softmax(s) * t).sum()
+
+    class Fills(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.big = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if name in ("zeros", "zeros_like", "zero_", "fill_") and isinstance(out, torch.Tensor):
+                if out.numel() >= rows * vocab:
+                    self.big.append(name)
+            return out
+
+    with Fills() as mode:
+        (grad,) = torch.autograd.grad(loss, s)
+    assert grad.shape == s.shape
+    assert mode.big == [], f"logit-sized fills in the backward: {mode.big}"

@@ -94,6 +94,9 @@ class KernelOp:
         self.op.register_autograd(op_backward, setup_context=op_setup)
 
         def twin_forward(ctx, kernels, reduce_first, *twin_inputs):
+            # Only the first output is differentiable: without this, autograd would
+            # fill a (rows, V) zero gradient for each saved-gradient output.
+            ctx.set_materialize_grads(False)
             output = forward(kernels, *twin_inputs)
             ctx.kernels = kernels
             setup_context(ctx, twin_inputs, output)
