@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..train.progress import progress_bar
 from . import codec, shard
 from . import manifest as _manifest
 
@@ -80,7 +81,7 @@ def run(
             "rows": 0,
             "shards": [],
         }
-    bar = _progress(total, description, progress)
+    bar = progress_bar(total, 0, description, progress, unit="batch")
     try:
         iterator = iter(units)
         _skip_done(out_dir, state, iterator, bar)
@@ -226,19 +227,3 @@ def _flush(out_dir: str, state: dict, buf: _Buffer) -> None:
     state["tokens"] += buf.tokens
     state["rows"] += int(words.shape[0])
     _manifest.save(out_dir, state)  # after the shard: a listed shard is always complete
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int | None, description: str, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=description, unit="batch", dynamic_ncols=True, mininterval=0.5)

@@ -62,7 +62,10 @@ class _NoBar:
         pass
 
 
-def progress_bar(total: int | None, initial: int, description: str, enabled: bool):
+def progress_bar(
+    total: int | None, initial: int, description: str, enabled: bool, *, unit: str = "step"
+):
+    """A tqdm bar, or a bar that draws nothing when ``enabled`` is false."""
     if not enabled:
         return _NoBar()
     from tqdm.auto import tqdm
@@ -71,7 +74,7 @@ def progress_bar(total: int | None, initial: int, description: str, enabled: boo
         total=total,
         initial=initial,
         desc=description,
-        unit="step",
+        unit=unit,
         dynamic_ncols=True,
         mininterval=0.5,
     )
