@@ -196,7 +196,7 @@ def _demo_parser(sub) -> None:
         "--seeds",
         type=_positive_int,
         help="train and evaluate the students for this many seeds (--seed, --seed+1, ...) "
-        "and report mean and spread (each seed adds about 4 minutes on 2 cores)",
+        "and report mean and spread (default 3)",
     )
     demo.add_argument("--threads", type=_positive_int, help="CPU threads for torch and kdcore")
     demo.add_argument(
@@ -207,6 +207,13 @@ def _demo_parser(sub) -> None:
         metavar="PATH",
         type=_existing_file,
         help="teacher checkpoint (default: shipped)",
+    )
+    demo.add_argument(
+        "--tune",
+        action="store_true",
+        help="instead of the demo: train each student at a grid of learning rates and "
+        "score them on validation problems (not the held-out ones); writes tune.json and "
+        "prints the rates the demo's defaults should hold (--seeds defaults to 1 here)",
     )
     demo.add_argument(
         "--train-teacher",
@@ -242,7 +249,7 @@ def _check_demo_args(args) -> None:
 
     error = args.command_parser.error
     if args.train_teacher:
-        if extra := _given(args, _DEMO_ONLY):
+        if extra := _given(args, (*_DEMO_ONLY, "tune")):
             error(f"--train-teacher does not take {', '.join(extra)}")
         return
     if extra := _given(args, _TEACHER_ONLY):
@@ -291,6 +298,13 @@ def _run_demo(args) -> int:
         "device": args.device,
     }
     chosen = {k: v for k, v in options.items() if v is not None}
+    if args.tune:
+        from .demo.tune import run_tune
+
+        chosen.setdefault("seeds", 1)
+        _set_threads(args.threads)
+        run_tune(DemoConfig.quick(**chosen) if args.quick else DemoConfig(**chosen))
+        return 0
     cfg = DemoConfig.quick(**chosen) if args.quick else DemoConfig(**chosen)
     run_demo(cfg, threads=args.threads)
     return 0

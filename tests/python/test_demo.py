@@ -144,9 +144,11 @@ def test_rollout_reports_malformed_actions_to_the_agent():
     assert episodes[0].text == text and len(episodes[0].errors) == 2
 
 
-def test_kv_cache_decoding_matches_the_full_forward():
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+def test_kv_cache_decoding_matches_the_full_forward(positions):
     torch.manual_seed(0)
-    model = TinyLM(ModelConfig(d_model=32, n_layers=2, n_heads=4, max_len=64)).eval()
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, max_len=64, positions=positions)
+    model = TinyLM(cfg).eval()
     ids = torch.randint(0, 259, (3, 20))
     full = model(ids)
     cache = model.new_cache(3)
@@ -190,9 +192,13 @@ def test_demo_quick_end_to_end(tmp_path):
     for name in ("teacher", "sft", "token_kd", "span_kd"):
         assert re.search(rf"^{name}\s", table, re.M), table
     summary = json.loads((out / "summary.json").read_text())
-    rows = {r["model"]: r for r in summary["rows"]}
-    assert set(rows) == {"teacher", "sft", "token_kd", "span_kd"}
-    for row in rows.values():
+    seeds = summary["config"]["seeds"]
+    assert seeds >= 2  # --quick runs the multi-seed path the default runs
+    runs = {(r["model"], r.get("seed")): r for r in summary["rows"]}
+    assert set(runs) == {("teacher", None)} | {
+        (n, s) for n in ("sft", "token_kd", "span_kd") for s in range(seeds)
+    }
+    for row in runs.values():
         episodes = row["episodes"]
         assert len(episodes) == summary["config"]["held_out"]
         for episode in episodes:
@@ -200,16 +206,45 @@ def test_demo_quick_end_to_end(tmp_path):
         rate = sum(e["success"] for e in episodes) / len(episodes)
         assert row["success_rate"] == pytest.approx(rate)
         assert 0.0 <= row["action_token_accuracy"] <= 1.0
+        assert 0.0 <= row["reason_token_accuracy"] <= 1.0
+        # One first-error kind per failed episode, none for a solved one.
+        failed = [e for e in episodes if not e["success"]]
+        assert sum(row["first_error"].values()) == len(failed)
+        assert all((e["first_error"] is None) == e["success"] for e in episodes)
+    # Paired: the students of one seed start from the same weights and see the same
+    # batches, so their initial loss scales come from the same batch and weights.
+    for s in range(seeds):
+        assert runs[("sft", s)]["initial_loss_scale"]["loss"] > 0
+        assert runs[("span_kd", s)]["initial_loss_scale"]["grad_norm"] > 0
+    # The aggregate: mean and sample sd of the per-seed success, computed here again.
+    agg = {r["model"]: r for r in summary["aggregate"]}
+    for name in ("sft", "token_kd", "span_kd"):
+        rates = [runs[(name, s)]["success_rate"] for s in range(seeds)]
+        mean = sum(rates) / seeds
+        sd = (sum((x - mean) ** 2 for x in rates) / (seeds - 1)) ** 0.5
+        assert agg[name]["success_by_seed"] == rates
+        assert agg[name]["success_rate"] == pytest.approx(mean)
+        assert agg[name]["success_sd"] == pytest.approx(sd)
+        assert agg[name]["lr"] == summary["config"]["learning_rates"][name]
+    gaps = {(g["a"], g["b"]): g for g in summary["paired_gaps"]}
+    want = [
+        runs[("span_kd", s)]["success_rate"] - runs[("token_kd", s)]["success_rate"]
+        for s in range(seeds)
+    ]
+    assert gaps[("span_kd", "token_kd")]["gap_by_seed"] == pytest.approx(want)
+    rows = {name: runs[(name, 0)] for name in ("sft", "token_kd", "span_kd")}
+    rows["teacher"] = runs[("teacher", None)]
     # Same-size students, several times smaller than the teacher.
     sizes = {rows[n]["parameters"] for n in ("sft", "token_kd", "span_kd")}
     assert len(sizes) == 1 and rows["teacher"]["parameters"] >= 3 * sizes.pop()
     # The shipped teacher acts well; the curves were logged step by step.
     assert rows["teacher"]["success_rate"] >= 0.8
     for name in ("sft", "token_kd", "span_kd"):
-        steps = [s for s, _ in summary["curves_by_seed"][name]["0"]]
-        assert steps == list(range(1, summary["config"]["steps"] + 1))
-        log = (out / "logs" / f"{name}.jsonl").read_text().splitlines()
-        assert len(log) == summary["config"]["steps"]
+        for s in range(seeds):
+            steps = [step for step, _ in summary["curves_by_seed"][name][str(s)]]
+            assert steps == list(range(1, summary["config"]["steps"] + 1))
+            log = (out / "logs" / f"{name}_seed{s}.jsonl").read_text().splitlines()
+            assert len(log) == summary["config"]["steps"]
     (width, height), text = png_info(out / "demo.png")
     assert width >= 800 and height >= 300
     assert text.get("Software", "").startswith("Matplotlib"), text
@@ -229,6 +264,29 @@ def test_demo_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["demo", *argv])
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_rotary_positions_attend_by_offset():
+    """With rotary positions a score depends on the offset only: shifting a whole
+    sequence of identical tokens along leaves each row's attention the same."""
+    from kdcore.demo.model import _rotary_tables, _rotate
+
+    cfg = ModelConfig(d_model=16, n_heads=2, max_len=32, positions="rotary")
+    cos, sin = _rotary_tables(cfg)
+    q, k = torch.randn(1, 1, 1, 8).double(), torch.randn(1, 1, 1, 8).double()
+
+    def score(i, j):  # query at position i, key at position j
+        return float(
+            (
+                _rotate(q, cos[i : i + 1].double(), sin[i : i + 1].double())
+                * _rotate(k, cos[j : j + 1].double(), sin[j : j + 1].double())
+            ).sum()
+        )
+
+    assert score(5, 3) == pytest.approx(score(12, 10), rel=1e-6)  # float32 tables
+    assert score(5, 3) != pytest.approx(score(5, 4), rel=1e-3)
+    with pytest.raises(ValueError, match="positions"):
+        TinyLM(ModelConfig(positions="alibi"))
 
 
 def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path):
