@@ -45,12 +45,12 @@ from .data import (
 )
 from .diagnostics import first_error, first_error_counts
 from .evaluate import Evaluation, evaluate
-from .model import TinyLM
+from .model import ModelConfig, TinyLM
 from .report import aggregate, format_seed_table, format_table, paired_gaps
 from .rollout import run_agent
 from .students import LEARNING_RATES, STUDENTS, train_student
 from .task import oracle_trajectory
-from .teacher import TeacherRecipe, load_teacher, train_teacher
+from .teacher import STUDENT_CONFIG, TeacherRecipe, load_teacher, train_teacher
 
 __all__ = ["STUDENTS", "DemoConfig", "aggregate", "format_table", "run_demo"]
 
@@ -66,6 +66,7 @@ class DemoConfig:
     steps: int = 800
     batch_size: int = 16
     learning_rates: dict[str, float] = field(default_factory=lambda: dict(LEARNING_RATES))
+    student: ModelConfig = STUDENT_CONFIG
     temperature: float = 1.0
     rollout_temperature: float = 1.0  # the teacher's sampling of the students' trajectories
     seed: int = 0
@@ -207,6 +208,7 @@ def run_demo(cfg: DemoConfig, *, threads: int | None = None) -> dict[str, Any]:
             model, trained = train_student(
                 name,
                 lr=lr,
+                config=cfg.student,
                 steps=cfg.steps,
                 batch_size=cfg.batch_size,
                 temperature=cfg.temperature,

@@ -49,7 +49,6 @@ def paired_gaps(rows: list[dict], pairs: list[tuple[str, str]]) -> list[dict]:
     for a, b in pairs:
         by_seed = {r["seed"]: r["success_rate"] for r in rows if r["model"] == b}
         gaps = [r["success_rate"] - by_seed[r["seed"]] for r in rows if r["model"] == a]
-        gaps = [g for g in gaps]
         if not gaps:
             continue
         mean, sd = mean_sd(gaps)

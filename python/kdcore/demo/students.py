@@ -16,7 +16,7 @@ import torch
 from ..train import Distiller
 from .data import loader
 from .diagnostics import loss_scale
-from .model import TinyLM
+from .model import ModelConfig, TinyLM
 from .teacher import STUDENT_CONFIG, cosine_schedule
 
 STUDENTS = {
@@ -36,6 +36,7 @@ def train_student(
     name: str,
     *,
     lr: float,
+    config: ModelConfig = STUDENT_CONFIG,
     steps: int,
     batch_size: int,
     temperature: float,
@@ -49,7 +50,7 @@ def train_student(
     """Trains student ``name`` for ``steps`` optimizer steps; returns it (eval
     mode) and the fit summary with its loss curve and initial loss scale."""
     torch.manual_seed(seed)  # the students of one seed start from the same weights
-    student = TinyLM(STUDENT_CONFIG).to(device)
+    student = TinyLM(config).to(device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.01)
     if log_path is not None:
         log_path.unlink(missing_ok=True)

@@ -65,6 +65,7 @@ def run_tune(
                 model, trained = train_student(
                     name,
                     lr=lr,
+                    config=cfg.student,
                     steps=cfg.steps,
                     batch_size=cfg.batch_size,
                     temperature=cfg.temperature,
