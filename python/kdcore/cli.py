@@ -185,7 +185,7 @@ def _demo_parser(sub) -> None:
     demo.add_argument(
         "--problems",
         type=_positive_int,
-        help="training problems the teacher acts on (at least one batch, 16)",
+        help="training problems the teacher acts on (at least one batch, 32)",
     )
     demo.add_argument("--held-out", type=_positive_int, help="held-out problems to evaluate on")
     demo.add_argument(

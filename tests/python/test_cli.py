@@ -109,7 +109,7 @@ def test_bench_rejects_bad_arguments_up_front(capsys, no_work, argv, message):
         (["--seeds", "0"], "argument --seeds: must be >= 1; got 0"),
         (["--threads", "0"], "argument --threads: must be >= 1; got 0"),
         (["--problems", "0"], "argument --problems: must be >= 1; got 0"),
-        (["--problems", "15"], "--problems must be >= 16 (one training batch); got 15"),
+        (["--problems", "31"], "--problems must be >= 32 (one training batch); got 31"),
         (["--seed", "-1"], "argument --seed: must be in [0, 2**64); got -1"),
         (["--seed", str(2**64 - 1), "--seeds", "2"], "--seed + --seeds - 1 must be < 2**64"),
         (["--device", "gpu"], "argument --device: takes auto, cpu, cuda or cuda:N; got 'gpu'"),

@@ -65,8 +65,8 @@ PAIRS = [("span_kd", "token_kd"), ("span_kd", "sft"), ("token_kd", "sft")]
 class DemoConfig:
     student_problems: int = 1000
     held_out: int = 200
-    steps: int = 800
-    batch_size: int = 16
+    steps: int = 500
+    batch_size: int = 32
     learning_rates: dict[str, float] = field(default_factory=lambda: dict(LEARNING_RATES))
     student: ModelConfig = STUDENT_CONFIG
     temperature: float = 1.0
@@ -120,10 +120,12 @@ def teacher_data(
         raise RuntimeError(f"the teacher solved only {len(kept)} training problems")
     default_items = encode(kept)
     logits = teacher_logits(teacher, default_items, device=device)
+    # Both KD students score observations (labelled); the span loss weighs them by span.
+    all_items = encode(kept, ALL_AFTER_PROMPT)
     return {
         "sft": TrajectoryDataset(default_items),
-        "token_kd": TrajectoryDataset(encode(kept, ALL_AFTER_PROMPT), logits),
-        "span_kd": TrajectoryDataset(default_items, logits),
+        "token_kd": TrajectoryDataset(all_items, logits),
+        "span_kd": TrajectoryDataset(all_items, logits),
     }
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..spans import Span
 from ..train import Distiller
 from .data import loader
 from .diagnostics import loss_scale
@@ -22,8 +23,14 @@ from .teacher import STUDENT_CONFIG, cosine_schedule
 STUDENTS = {
     "sft": "hard-label CE on thought + action tokens",
     "token_kd": "KL on every token after the prompt",
-    "span_kd": "span loss: KL per span (reason, action)",
+    "span_kd": "span loss: KL per span (reason, action, obs)",
 }
+#: Span-level KD's weights: each span type averaged over its own tokens, then
+#: summed. The tool's observations are kept: the diagnosis (docs/demo.md) found
+#: that predicting them is what teaches a student to copy the numbers its next
+#: action needs; with kdcore's default weights (observations 0) span-level KD
+#: fails like SFT does.
+SPAN_KD_WEIGHTS = {Span.PROMPT: 0.0, Span.REASON: 1.0, Span.ACT: 1.0, Span.OBSERVATION: 1.0}
 LOSS_MODE = {"sft": "sft", "token_kd": "token", "span_kd": "span"}
 
 #: Peak learning rate per objective, chosen on the validation split by
@@ -59,6 +66,7 @@ def train_student(
         None,
         optimizer,
         loss=LOSS_MODE[name],
+        span_weights=SPAN_KD_WEIGHTS if name == "span_kd" else None,
         temperature=temperature,
         alpha=0.0,
         max_grad_norm=1.0,

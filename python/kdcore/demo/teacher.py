@@ -23,7 +23,7 @@ from .model import ModelConfig, TinyLM
 from .task import oracle_trajectory
 
 TEACHER_CONFIG = ModelConfig(d_model=128, n_layers=4, n_heads=4)
-STUDENT_CONFIG = ModelConfig(d_model=64, n_layers=2, n_heads=4)
+STUDENT_CONFIG = ModelConfig(d_model=96, n_layers=2, n_heads=4, positions="rotary")
 SHIPPED = "teacher.pt"
 
 
