@@ -164,7 +164,7 @@ def test_demo_options_reach_the_config(monkeypatch, tmp_path):
         3,
         2,
     )
-    assert (cfg.steps, cfg.held_out, cfg.student_problems) == (40, 40, 160)  # --quick sizes
+    assert (cfg.steps, cfg.held_out, cfg.student_problems) == (30, 32, 128)  # --quick sizes
     assert seen["threads"] == 1
 
 

@@ -81,7 +81,7 @@ class DemoConfig:
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
         """A smoke-test size: well under a minute on two CPU cores."""
-        return replace(cls(student_problems=160, held_out=40, steps=40, seeds=2), **overrides)
+        return replace(cls(student_problems=128, held_out=32, steps=30, seeds=2), **overrides)
 
 
 def _say(message: str) -> None:
