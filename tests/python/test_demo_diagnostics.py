@@ -187,3 +187,53 @@ def test_loss_scale_matches_float64_formulas(mode):
     norm = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in model.parameters()))
     assert got["loss"] == pytest.approx(float(loss), rel=1e-4)
     assert got["grad_norm"] == pytest.approx(norm, rel=1e-3)
+
+
+def test_validation_problems_are_disjoint_from_training_and_held_out():
+    from kdcore.demo.data import (
+        held_out_problems,
+        student_problems,
+        teacher_problems,
+        validation_problems,
+    )
+
+    train = student_problems(300)
+    held = held_out_problems(200, exclude=train)
+    val = validation_problems(100, exclude=train, held_out=200)
+    assert len(val) == 100 and val == validation_problems(100, exclude=train, held_out=200)
+    questions = {p.question for p in val}
+    assert len(questions) == 100
+    for other in (train, held, teacher_problems()):
+        assert not questions & {p.question for p in other}
+
+
+def test_tune_picks_the_best_mean_validation_success_per_student():
+    import statistics
+
+    from kdcore.demo.tune import summarise
+
+    def run(model, lr, seed, success, action):
+        return {
+            "model": model,
+            "lr": lr,
+            "seed": seed,
+            "validation_success": success,
+            "action_token_accuracy": action,
+        }
+
+    runs = [
+        run("sft", 1e-3, 0, 0.5, 0.9),
+        run("sft", 1e-3, 1, 0.7, 0.9),
+        run("sft", 3e-3, 0, 0.9, 0.99),
+        run("sft", 3e-3, 1, 0.1, 0.95),  # mean 0.5 < 0.6 despite the best single run
+        run("span_kd", 1e-3, 0, 0.4, 0.97),
+        run("span_kd", 1e-3, 1, 0.4, 0.97),
+        run("span_kd", 3e-3, 0, 0.4, 0.98),  # tie on success: higher action accuracy wins
+        run("span_kd", 3e-3, 1, 0.4, 0.98),
+    ]
+    table, chosen = summarise(runs)
+    cell = {(r["model"], r["lr"]): r for r in table}
+    assert cell[("sft", 1e-3)]["success"] == pytest.approx(0.6)
+    assert cell[("sft", 3e-3)]["success"] == pytest.approx(0.5)
+    assert cell[("sft", 3e-3)]["sd"] == pytest.approx(statistics.stdev([0.9, 0.1]))
+    assert chosen == {"sft": 1e-3, "span_kd": 3e-3}
