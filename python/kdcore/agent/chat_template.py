@@ -2,8 +2,8 @@
 
 The template is a black box, so spans are found on its output: rendering the
 first i messages must give a prefix of the whole conversation (the template
-is prefix-preserving), which puts every message's text between two prefix
-lengths; rendering them with the generation prompt marks where an assistant
+is prefix-preserving, up to how it closes the last turn), which puts every
+message's text between two prefix lengths; rendering them with the generation prompt marks where an assistant
 turn's header ends. Inside an assistant turn, ``<think>`` blocks (or the
 message's reasoning text) are REASON, the rest — visible answer, tool calls,
 end of turn — ACT, as kdcore's own ChatML renderer does.
@@ -11,6 +11,7 @@ end of turn — ACT, as kdcore's own ChatML renderer does.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -44,6 +45,21 @@ def _reasoning_ranges(body: str, message: Mapping, fmt: ChatFormat) -> list[tupl
         if at >= 0:
             ranges = [(at, at + len(reasoning.strip()))]
     return ranges
+
+
+def _message_texts(message: Mapping, fmt: ChatFormat) -> list[str]:
+    """The message's own texts (content, reasoning, called tools' names) that its
+    rendering must contain."""
+    out = []
+    for key in ("content", fmt.reasoning_key):
+        value = message.get(key)
+        if isinstance(value, str) and value.strip():
+            out.append(value.strip())
+    for call in message.get("tool_calls") or []:
+        name = (call.get("function") or {}).get("name") if isinstance(call, Mapping) else None
+        if isinstance(name, str) and name:
+            out.append(name)
+    return out
 
 
 def render_chat_template(
@@ -87,7 +103,12 @@ def render_chat_template(
         role = message.get("role") if isinstance(message, Mapping) else None
         if not isinstance(role, str):
             raise TrajectoryError(f"message {i}: needs a 'role' string", message_index=i)
-        if not text.startswith(prefixes[i + 1]):
+        # Up to where the rendering of the first i + 1 messages agrees with the
+        # whole one: a template may close a turn differently when it is last
+        # (Qwen joins consecutive tool results into one turn).
+        end = len(os.path.commonprefix([prefixes[i + 1], text]))
+        missing = [part for part in _message_texts(message, fmt) if part not in text[start:end]]
+        if end < start or missing:
             raise TrajectoryError(
                 f"message {i}: the tokenizer's chat template does not render the first "
                 f"{i + 1} messages as a prefix of the whole conversation (it rewrites earlier "
@@ -96,7 +117,6 @@ def render_chat_template(
                 "a template that keeps earlier turns as they are",
                 message_index=i,
             )
-        end = len(prefixes[i + 1])
         if role == fmt.assistant_role:
             prompt = render(i, generation_prompt=True)
             head = len(prompt)

@@ -1,0 +1,204 @@
+"""kdcore.integrations.trl.DistillationTrainer against TRL's own trainer, on
+tiny random Qwen2 models (CPU, no downloads)."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import trl
+from datasets import Dataset
+from transformers import Qwen2Model
+
+from hf_helpers import make_model, make_tokenizer
+from kdcore import Span
+from kdcore.agent import ChatFormat
+from kdcore.agent.completion import completion_spans, tool_call_ranges
+from kdcore.integrations.trl import DistillationTrainer
+
+TOK = make_tokenizer()
+V = len(TOK)
+R, A, O = int(Span.REASON), int(Span.ACT), int(Span.OBSERVATION)  # noqa: E741
+PROMPTS = Dataset.from_list(
+    [
+        {"prompt": [{"role": "user", "content": "what is 2 + 3 ?"}]},
+        {"prompt": [{"role": "user", "content": "add two and three"}]},
+    ]
+    * 2
+)
+
+
+def config(tmp_path, **overrides) -> trl.DistillationConfig:
+    options = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=1,
+        logging_steps=1,
+        max_completion_length=10,
+        report_to=[],
+        save_strategy="no",
+        seed=7,
+        use_cpu=True,
+        bf16=False,
+        disable_tqdm=True,
+    )
+    options.update(overrides)
+    return trl.DistillationConfig(**options)
+
+
+def run(cls, tmp_path, *, teacher=None, **kwargs):
+    args = {
+        k: kwargs.pop(k) for k in list(kwargs) if k in trl.DistillationConfig.__dataclass_fields__
+    }
+    trainer = cls(
+        model=make_model(V, seed=1, initializer_range=0.3),
+        teacher_model=teacher or make_model(V, hidden=48, seed=2, initializer_range=0.3),
+        args=config(tmp_path, **args),
+        train_dataset=PROMPTS,
+        processing_class=TOK,
+        **kwargs,
+    )
+    trainer.train()
+    return trainer, [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+@pytest.mark.parametrize(("beta", "temperature"), [(0.5, 1.0), (0.0, 2.0), (1.0, 1.0)])
+def test_first_step_loss_matches_trl(tmp_path, beta, temperature):
+    _, theirs = run(trl.DistillationTrainer, tmp_path / "trl", beta=beta, temperature=temperature)
+    _, ours = run(DistillationTrainer, tmp_path / "kd", beta=beta, temperature=temperature)
+    assert theirs[0]["loss"] > 1e-3  # a real divergence, not two uniform models
+    assert ours[0]["loss"] == pytest.approx(theirs[0]["loss"], rel=1e-4)
+    assert ours[0]["grad_norm"] == pytest.approx(theirs[0]["grad_norm"], rel=1e-3)
+
+
+def test_span_weights_weight_reason_and_act(tmp_path):
+    # "Tool calls" open at a "t" and close at an "e": letters of many words of
+    # the tiny vocabulary, so the random model's completions surely hold both
+    # ACT and REASON tokens.
+    fmt = ChatFormat(tool_call_open="t", tool_call_close="e")
+    weights = {Span.REASON: 1.0, Span.ACT: 3.0, Span.OBSERVATION: 0.0}
+    _, theirs = run(trl.DistillationTrainer, tmp_path / "trl")
+    trainer, ours = run(
+        DistillationTrainer, tmp_path / "kd", span_weights=weights, chat_format=fmt, max_steps=2
+    )
+    first = ours[0]
+    # one micro-batch on one process: loss = Σ w_k · (mean divergence of span k)
+    want = first["span_loss/reason"] + 3.0 * first["span_loss/act"]
+    assert first["loss"] == pytest.approx(want, rel=1e-4)
+    assert not first["loss"] == pytest.approx(theirs[0]["loss"], rel=1e-2)
+    assert all(math.isfinite(e["loss"]) for e in ours) and len(ours) == 2
+
+
+def test_equal_weights_averaged_over_tokens_are_trls_loss(tmp_path):
+    """REASON and ACT weighted 1, averaged over tokens: every completion token alike, as TRL."""
+    weights = {Span.REASON: 1.0, Span.ACT: 1.0, Span.OBSERVATION: 0.0}
+    fmt = ChatFormat(tool_call_open="t", tool_call_close="e")
+    _, theirs = run(trl.DistillationTrainer, tmp_path / "trl")
+    _, ours = run(
+        DistillationTrainer,
+        tmp_path / "kd",
+        span_weights=weights,
+        normalize="token",
+        chat_format=fmt,
+    )
+    assert ours[0]["loss"] == pytest.approx(theirs[0]["loss"], rel=1e-4)
+
+
+def test_completion_spans_from_tool_mask_and_tags():
+    pieces = [
+        "I",
+        " think",
+        "<tool_call>",
+        '{"a"',
+        "}",
+        "</tool_call>",
+        "res",
+        "ult",
+        "ok",
+        "<tool_call>",
+        "x",
+    ]
+    mask = [1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1]
+    assert completion_spans(pieces, mask) == [R, R, A, A, A, A, O, O, R, A, A]
+    assert completion_spans(["a", "b"]) == [R, R]
+    assert tool_call_ranges("x</tool_call> <tool_call>y") == [
+        (14, 26)
+    ]  # stray close, unclosed open
+    with pytest.raises(ValueError, match="tool_mask has 1 entries for 2 tokens"):
+        completion_spans(["a", "b"], [1])
+
+
+def test_span_weights_are_checked_before_training(tmp_path):
+    with pytest.raises(ValueError, match="no completion span"):
+        DistillationTrainer(
+            model=make_model(V, seed=1),
+            teacher_model=make_model(V, seed=2),
+            args=config(tmp_path),
+            train_dataset=PROMPTS,
+            processing_class=TOK,
+            span_weights={Span.PROMPT: 1.0, Span.REASON: 0.0, Span.ACT: 0.0},
+        )
+    with pytest.raises(ValueError, match="normalize"):
+        DistillationTrainer(
+            model=make_model(V, seed=1),
+            teacher_model=make_model(V, seed=2),
+            args=config(tmp_path),
+            train_dataset=PROMPTS,
+            processing_class=TOK,
+            normalize="mean",
+        )
+
+
+def test_different_vocabularies_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="vocab_size"):
+        DistillationTrainer(
+            model=make_model(V, seed=1),
+            teacher_model=make_model(V + 5, seed=2),
+            args=config(tmp_path),
+            train_dataset=PROMPTS,
+            processing_class=TOK,
+        )
+
+
+def test_teacher_without_output_embeddings_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="no output embeddings.*AutoModelForCausalLM"):
+        DistillationTrainer(
+            model=make_model(V, seed=1),
+            teacher_model=Qwen2Model(make_model(V).config),
+            args=config(tmp_path),
+            train_dataset=PROMPTS,
+            processing_class=TOK,
+        )
+
+
+def test_heads_on_different_devices_are_refused(tmp_path):
+    trainer = DistillationTrainer(
+        model=make_model(V, seed=1),
+        teacher_model=make_model(V, seed=2),
+        args=config(tmp_path),
+        train_dataset=PROMPTS,
+        processing_class=TOK,
+    )
+    trainer.teacher_model.lm_head.to("meta")
+    with pytest.raises(ValueError, match="same device"):
+        trainer.train()
+
+
+@pytest.mark.parametrize("module", ["trl", "transformers"])
+def test_missing_extra_names_the_install(module):
+    code = (
+        "import sys\n"
+        "sys.modules['trl'] = None; sys.modules['transformers'] = None\n"
+        "import kdcore\n"
+        "from kdcore._extras import MissingExtraError\n"
+        "try:\n"
+        f"    import kdcore.integrations.{module}\n"
+        "except MissingExtraError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert 'pip install "kdcore[hf]"' in out.stdout, out.stdout + out.stderr
