@@ -85,6 +85,27 @@ def temperature(value: object) -> float:
     return t
 
 
+def logit_scale(name: str, value: object) -> float:
+    """A multiplier of a model's logits (``student_logit_scale``, ...): finite and > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0.0):
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return float(value)
+
+
+def softcap(name: str, value: object) -> float | None:
+    """A soft cap ``c`` of a model's logits (``c · tanh(z / c)``): None (no cap),
+    or finite and > 0."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float or None, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0.0):
+        raise ValueError(f"{name} must be finite and > 0 (or None for no cap), got {value}")
+    return float(value)
+
+
 def reduction(value: object) -> str:
     if value not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {value!r}")

@@ -73,6 +73,10 @@ def fused_linear_op(
     vocab: int,
     chunk_size: int,
     chunk_over: str,
+    student_scale: float,
+    teacher_scale: float,
+    student_cap: float | None,
+    teacher_cap: float | None,
     grad_hidden: bool,
     grad_weight: bool,
     grad_bias: bool,
@@ -97,6 +101,10 @@ def fused_linear_op(
         vocab,
         chunk_size,
         chunk_over,
+        student_scale,
+        teacher_scale,
+        student_cap,
+        teacher_cap,
     )
     wants = (grad_hidden, grad_weight, grad_bias)
     loss, gh, gw, gb = strategy(problem)(hidden, weight, bias, problem, wants)
@@ -131,7 +139,7 @@ def _op_backward(ctx, grad_loss, *_):
         for g, want in zip(ctx.saved_tensors, ctx.wants, strict=True)
     ]
     grads = [_modes.first_order_only(g, OP) for g in grads]
-    return (*grads, *([None] * 20))
+    return (*grads, *([None] * 24))
 
 
 fused_linear_op.register_autograd(_op_backward, setup_context=_op_setup)

@@ -65,17 +65,23 @@ def loss_and_grads(h, w, b, problem: Problem, wants: tuple[bool, bool, bool]):
     # dtype (rounded once), the GEMM operand of all three gradients, and
     # cuBLAS accumulates in fp32 (fp32 logits, fp32 weight-gradient accumulator).
     w_mm = w if tensor_cores(w, w) else w.float()
+    # A logit transform multiplies the kernel's gradient by its slope first: in fp32.
+    grad_dtype = torch.float32 if problem.student_transformed else w_mm.dtype
     read = problem.rows_read()
     total = torch.zeros((), dtype=torch.float64, device=device)
     for start in range(0, rows, problem.chunk_size):
         stop = min(rows, start + problem.chunk_size)
         h_c = zero_unread(h[start:stop], read[start:stop]).to(w_mm.dtype)
         z_s = mm32(h_c, w_mm.t())
-        z_s = pad_vocab(z_s + b.float() if b is not None else z_s, problem.vocab)
-        loss, g_z = _chunk_loss(kernels, problem, z_s, start, stop, w_mm.dtype)
-        del z_s
+        z_s = problem.student_transform(z_s + b.float() if b is not None else z_s, inplace=True)
+        loss, g_z = _chunk_loss(
+            kernels, problem, pad_vocab(z_s, problem.vocab), start, stop, grad_dtype
+        )
         total += loss
         g_z = g_z[:, : w.shape[0]]
+        if problem.student_transformed:
+            g_z = problem.student_chain_(g_z, z_s, consume=True).to(w_mm.dtype)
+        del z_s
         if want_h:
             grad_h[start:stop] = mm32(g_z, w_mm).to(h.dtype)
         if want_w:

@@ -47,6 +47,10 @@ def fused_linear_distillation_loss(
     chunk_size: int | None = None,
     chunk_over: str = "rows",
     vocab_parallel: VocabParallel | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
 ) -> torch.Tensor:
     r"""``distillation_loss`` on ``student_hidden @ student_weight.T (+ bias)``
     without ever holding the full (tokens × vocab) logits.
@@ -85,6 +89,16 @@ def fused_linear_distillation_loss(
     ``"sum"``; ``"none"`` is not offered (the weight gradient is summed over
     rows as it is computed). ``alpha > 0`` needs ``labels``.
     On devices without a kernel (and for float64) the unfused reference runs.
+
+    Logit transforms, per model: ``student_logit_scale`` / ``teacher_logit_scale``
+    multiply the logits, ``student_softcap`` / ``teacher_softcap`` cap them
+    softly: the logits become ``cap · tanh(scale · z / cap)`` (``scale · z``
+    without a cap), then are divided by the temperature; the CE term sees the
+    transformed student logits too. Gradients flow through the tanh. Applied to
+    each chunk's logits (never to a full (tokens × vocab) tensor), before any
+    ``pad_vocab`` padding (padded entries stay -inf; a teacher's own -inf logit
+    becomes -cap under a cap, as the formula says). A top-k teacher takes no
+    teacher transform (its log-probabilities are final).
 
     ``vocab_parallel=kdcore.VocabParallel(start, stop, group)``: a
     tensor-parallel head. Each rank of ``group`` passes its rows
@@ -133,6 +147,10 @@ def fused_linear_distillation_loss(
         chunk_size=chunk_size,
         chunk_over=chunk_over,
         sharded=sharded,
+        student_logit_scale=student_logit_scale,
+        teacher_logit_scale=teacher_logit_scale,
+        student_softcap=student_softcap,
+        teacher_softcap=teacher_softcap,
     )
     h2, w, problem = checked.hidden, student_weight, checked.problem
     if sharded:

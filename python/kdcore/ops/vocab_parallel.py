@@ -248,6 +248,7 @@ def _sharded(h, w, b, problem, vp: VocabParallel, chunk: int, want_h, want_w, wa
         z_s = mm32(h_c, w_mm.t())
         if b_w is not None:
             z_s = z_s + b_w
+        z_s = problem.student_transform(z_s, inplace=True)  # shard-local, elementwise
         z_t = zero_unread(problem.teacher_rows(r0, r1).to(wide), keep)
         a, t = z_s * inv_t, z_t * inv_t
         # 1. maxima over the whole vocabulary (a shard of -inf logits gives -inf).
@@ -305,7 +306,7 @@ def _sharded(h, w, b, problem, vp: VocabParallel, chunk: int, want_h, want_w, wa
             soft = torch.exp(z_s - lse_1.to(wide)[:, None]) * ce_w.to(wide)[:, None]
             onehot = torch.where(here, ce_w, 0.0).to(wide)
             g = soft.scatter_add(1, col[:, None], -onehot[:, None]) + g
-        g = zero_unread(g, keep)
+        g = zero_unread(problem.student_chain_(g, z_s, consume=True), keep)
         if want_h:
             grad_h[r0:r1] = mm32(g.to(w_mm.dtype), w_mm)
         if want_w:
@@ -358,6 +359,10 @@ def vocab_parallel_loss(
         problem.teacher_logits is None,
         b is None,
         problem.teacher_bias is None,
+        problem.student_scale,
+        problem.teacher_scale,
+        problem.student_cap,
+        problem.teacher_cap,
         _rows_fingerprint(problem),
     )
     vocab, size, chunk = check_shards(
