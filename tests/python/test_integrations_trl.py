@@ -48,13 +48,18 @@ def config(tmp_path, **overrides) -> trl.DistillationConfig:
     return trl.DistillationConfig(**options)
 
 
-def run(cls, tmp_path, *, teacher=None, **kwargs):
+def run(cls, tmp_path, *, transforms=None, **kwargs):
     args = {
         k: kwargs.pop(k) for k in list(kwargs) if k in trl.DistillationConfig.__dataclass_fields__
     }
+    student = make_model(V, seed=1, initializer_range=0.3)
+    teacher = make_model(V, hidden=48, seed=2, initializer_range=0.3)
+    for model, options in zip((student, teacher), transforms or ({}, {}), strict=True):
+        for name, value in options.items():  # read from the configs by both trainers
+            setattr(model.config, name, value)
     trainer = cls(
-        model=make_model(V, seed=1, initializer_range=0.3),
-        teacher_model=teacher or make_model(V, hidden=48, seed=2, initializer_range=0.3),
+        model=student,
+        teacher_model=teacher,
         args=config(tmp_path, **args),
         train_dataset=PROMPTS,
         processing_class=TOK,
@@ -64,10 +69,28 @@ def run(cls, tmp_path, *, teacher=None, **kwargs):
     return trainer, [entry for entry in trainer.state.log_history if "loss" in entry]
 
 
-@pytest.mark.parametrize(("beta", "temperature"), [(0.5, 1.0), (0.0, 2.0), (1.0, 1.0)])
-def test_first_step_loss_matches_trl(tmp_path, beta, temperature):
-    _, theirs = run(trl.DistillationTrainer, tmp_path / "trl", beta=beta, temperature=temperature)
-    _, ours = run(DistillationTrainer, tmp_path / "kd", beta=beta, temperature=temperature)
+# Gemma's soft-cap on the student, Cohere's logit_scale and Granite's logits_scaling
+# (a divisor) on the teacher: both trainers read them from the configs.
+TRANSFORMS = (
+    {"final_logit_softcapping": 3.0},
+    {"logit_scale": 0.5, "final_logit_softcapping": 4.0},
+)
+
+
+@pytest.mark.parametrize(
+    ("beta", "temperature", "transforms"),
+    [
+        (0.5, 1.0, None),
+        (0.0, 2.0, None),
+        (1.0, 1.0, None),
+        (0.5, 1.5, TRANSFORMS),
+        (0.0, 1.0, ({"logits_scaling": 2.0}, {})),
+    ],
+)
+def test_first_step_loss_matches_trl(tmp_path, beta, temperature, transforms):
+    options = dict(beta=beta, temperature=temperature, transforms=transforms)
+    _, theirs = run(trl.DistillationTrainer, tmp_path / "trl", **options)
+    _, ours = run(DistillationTrainer, tmp_path / "kd", **options)
     assert theirs[0]["loss"] > 1e-3  # a real divergence, not two uniform models
     assert ours[0]["loss"] == pytest.approx(theirs[0]["loss"], rel=1e-4)
     assert ours[0]["grad_norm"] == pytest.approx(theirs[0]["grad_norm"], rel=1e-3)

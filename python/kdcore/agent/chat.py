@@ -185,8 +185,8 @@ def encode_chat(
 
     With ``format``, or without a template (kdcore's ``ByteTokenizer``, a
     ``tokenizers.Tokenizer``, a tokenizer whose ``chat_template`` is unset),
-    kdcore's renderer draws them in ``format`` (ChatML as Qwen by default); ``tools`` must then be None (the ChatML
-    renderer has no tool list).
+    kdcore's renderer draws them in ``format`` (ChatML as Qwen by default);
+    ``tools`` must then be None (the ChatML renderer has no tool list).
 
     Spans: system/user turns PROMPT; tool results and their template text
     OBSERVATION; the assistant header PROMPT; reasoning (``reasoning_content``

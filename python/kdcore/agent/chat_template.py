@@ -3,9 +3,10 @@
 The template is a black box, so spans are found on its output: rendering the
 first i messages must give a prefix of the whole conversation (the template
 is prefix-preserving, up to how it closes the last turn), which puts every
-message's text between two prefix lengths; rendering them with the generation prompt marks where an assistant
-turn's header ends. Inside an assistant turn, ``<think>`` blocks (or the
-message's reasoning text) are REASON, the rest — visible answer, tool calls,
+message's text between two prefix lengths; rendering them with the
+generation prompt marks where an assistant turn's header ends. Inside an
+assistant turn, ``<think>`` blocks (or the message's reasoning text) are
+REASON, the rest — visible answer, tool calls,
 end of turn — ACT, as kdcore's own ChatML renderer does.
 """
 
