@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -225,3 +229,54 @@ def F_pad(data):
 
 
 _ = F  # torch.nn.functional kept for readers of reference_loss
+
+
+def test_evaluate_reports_the_loss_and_span_losses(tmp_path):
+    tr = trainer(tmp_path, span_weights=WEIGHTS, eval_dataset=items(2))
+    metrics = tr.evaluate()
+    batch = collate(items(2), pad_id=TOK.pad_token_id)
+    want = reference_loss(
+        tr.model, tr.teacher_model, batch, temperature=1.0, weights=WEIGHTS, normalize="span"
+    )
+    assert metrics["eval_loss"] == pytest.approx(want, rel=1e-4)
+    assert "eval_span_loss/reason" in metrics and "eval_span_loss/act" in metrics
+
+
+DTENSOR_HEAD = """
+import os, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+from kdcore.integrations._heads import output_head
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + os.environ["PORT"], rank=0, world_size=1)
+mesh = init_device_mesh("cpu", (1,))
+model = torch.nn.Module()
+plain = torch.randn(16, 8, dtype=torch.float64)
+model.lm_head = torch.nn.Linear(8, 16, bias=False)
+model.lm_head.weight = torch.nn.Parameter(distribute_tensor(plain.float(), mesh, [Shard(0)]))
+model.get_output_embeddings = lambda: model.lm_head
+model.config = type("C", (), {"final_logit_softcapping": 2.0})()
+head = output_head(model, "student", torch.bfloat16)
+assert type(head.weight) is torch.Tensor and head.weight.dtype == torch.bfloat16, type(head.weight)
+torch.testing.assert_close(head.weight.float(), plain.float().bfloat16().float())
+head.weight.float().sum().backward()
+grad = model.lm_head.weight.grad.full_tensor()
+torch.testing.assert_close(grad, torch.ones(16, 8))
+assert head.logit_scale == 1.0 and head.softcap == 2.0
+dist.destroy_process_group()
+print("ok")
+"""
+
+
+def test_fsdp2_dtensor_head_is_gathered_once_with_its_gradient(tmp_path):
+    """A Shard(0) DTensor head (FSDP2) comes back a plain tensor in the hidden
+    states' dtype, and its gradient reaches the DTensor parameter."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "dtensor_head.py"
+    script.write_text(DTENSOR_HEAD)
+    env = {**os.environ, "PORT": str(port)}
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr
