@@ -114,19 +114,25 @@ def test_span_weights_weight_reason_and_act(tmp_path):
     assert all(math.isfinite(e["loss"]) for e in ours) and len(ours) == 2
 
 
-def test_equal_weights_averaged_over_tokens_are_trls_loss(tmp_path):
-    """REASON and ACT weighted 1, averaged over tokens: every completion token alike, as TRL."""
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_equal_weights_averaged_over_tokens_are_trls_loss(tmp_path, accumulation):
+    """REASON and ACT weighted 1, averaged over tokens: every completion token
+    alike, as TRL — also over two accumulated micro-batches, whose token
+    counts come from the whole generation batch."""
     weights = {Span.REASON: 1.0, Span.ACT: 1.0, Span.OBSERVATION: 0.0}
     fmt = ChatFormat(tool_call_open="t", tool_call_close="e")
-    _, theirs = run(trl.DistillationTrainer, tmp_path / "trl")
+    steps = dict(per_device_train_batch_size=1, gradient_accumulation_steps=accumulation)
+    _, theirs = run(trl.DistillationTrainer, tmp_path / "trl", **steps)
     _, ours = run(
         DistillationTrainer,
         tmp_path / "kd",
         span_weights=weights,
         normalize="token",
         chat_format=fmt,
+        **steps,
     )
     assert ours[0]["loss"] == pytest.approx(theirs[0]["loss"], rel=1e-4)
+    assert ours[0]["grad_norm"] == pytest.approx(theirs[0]["grad_norm"], rel=1e-3)
 
 
 def test_completion_spans_from_tool_mask_and_tags():
