@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import trl
 from datasets import Dataset
 from transformers import Qwen2Model
@@ -231,3 +232,66 @@ def test_missing_extra_names_the_install(module):
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert 'pip install "kdcore[hf]"' in out.stdout, out.stdout + out.stderr
+
+
+PROMPT = "<|im_start|> user what is 2 + 3 ? <|im_end|> <|im_start|> assistant"
+# (word, tool mask, span): a completion with a tool call whose result TRL spliced in
+COMPLETIONS = [
+    [("<think>", 1, R), ("use", 1, R), ("calc", 1, R), ("</think>", 1, R)]
+    + [(w, 1, A) for w in "<tool_call> { name : calc } </tool_call> <|im_end|>".split()[:-1]]
+    + [(w, 0, O) for w in "<|im_end|> <|im_start|> user <tool_response> 5 </tool_response>".split()]
+    + [(w, 0, O) for w in "<|im_end|> <|im_start|> assistant".split()]
+    + [(w, 1, R) for w in "the sum is five <|im_end|>".split()],
+    [(w, 1, R) for w in "five <|im_end|>".split()],
+]
+
+
+def fixed_generation(trainer):
+    """The trainer's generation replaced by COMPLETIONS (prompt, completion ids, tool mask)."""
+    prompt = TOK.convert_tokens_to_ids(PROMPT.split())
+    ids = [TOK.convert_tokens_to_ids([w for w, _, _ in c]) for c in COMPLETIONS]
+    masks = [[m for _, m, _ in c] for c in COMPLETIONS]
+    trainer._generate = lambda prompts: ([prompt] * len(ids), ids, masks, None, [])
+    batch = [{"prompt": [{"role": "user", "content": "what is 2 + 3 ?"}]}] * len(ids)
+    return trainer._generate_and_score_completions(batch)
+
+
+def reference_divergences(trainer, inputs):
+    """float64 generalized JSD (beta 0.5, T 1) per completion token from the full logits."""
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    p = inputs["prompt_ids"].shape[1]
+    with torch.no_grad():
+        zs = trainer.model(input_ids=ids, attention_mask=mask).logits[:, p - 1 : -1].double()
+        zt = trainer.teacher_model(input_ids=ids, attention_mask=mask).logits[:, p - 1 : -1]
+    ls, lt = zs.log_softmax(-1), zt.double().log_softmax(-1)
+    lm = torch.logsumexp(torch.stack([ls + math.log(0.5), lt + math.log(0.5)]), 0)
+    return 0.5 * (lt.exp() * (lt - lm)).sum(-1) + 0.5 * (ls.exp() * (ls - lm)).sum(-1)
+
+
+@pytest.mark.parametrize("span_weights", [None, {Span.REASON: 1.0, Span.ACT: 2.0}])
+def test_tool_results_are_observation_and_the_loss_is_the_float64_one(tmp_path, span_weights):
+    trainer = DistillationTrainer(
+        model=make_model(V, seed=1, initializer_range=0.3),
+        teacher_model=make_model(V, hidden=48, seed=2, initializer_range=0.3),
+        args=config(tmp_path, beta=0.5),
+        train_dataset=PROMPTS,
+        processing_class=TOK,
+        span_weights=span_weights,
+    )
+    inputs = fixed_generation(trainer)
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, inputs).item()
+    d = reference_divergences(trainer, inputs)
+    spans = torch.zeros_like(d, dtype=torch.long) - 1  # -1: padding
+    for b, c in enumerate(COMPLETIONS):
+        spans[b, : len(c)] = torch.tensor([k for _, _, k in c])
+    if span_weights is None:
+        want = d[(spans == R) | (spans == A)].mean().item()  # TRL: tool results left out
+    else:
+        assert (
+            inputs["kd_spans"][inputs["completion_mask"].bool()].tolist()
+            == spans[spans >= 0].tolist()
+        )
+        want = d[spans == R].mean().item() + 2.0 * d[spans == A].mean().item()
+    assert loss == pytest.approx(want, rel=1e-4)
