@@ -280,3 +280,14 @@ def test_fsdp2_dtensor_head_is_gathered_once_with_its_gradient(tmp_path):
         [sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env
     )
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr
+
+
+def test_bf16_autocast_step_is_close_to_fp32(tmp_path):
+    """Under bf16 autocast the hidden states are bf16 and the heads fp32: the
+    fused loss takes both and stays near the fp32 loss."""
+    fp32 = trainer(tmp_path / "fp32", span_weights=WEIGHTS, max_steps=1)
+    fp32.train()
+    bf16 = trainer(tmp_path / "bf16", span_weights=WEIGHTS, max_steps=1, bf16=True)
+    bf16.train()
+    a, b = fp32.state.log_history[0]["loss"], bf16.state.log_history[0]["loss"]
+    assert b == pytest.approx(a, rel=0.05)
