@@ -29,7 +29,7 @@ from collections.abc import Iterator
 import torch
 
 from . import _modes
-from ._backend import DistillArgs, KernelBackend, SparseKLArgs
+from ._backend import KernelBackend
 
 BACKENDS = ("auto", "rust", "triton", "torch")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -235,30 +235,6 @@ def route(*tensors: torch.Tensor) -> Route:
     if name == "meta" or torch.compiler.is_compiling():
         return REGISTERED
     return _backend_object(name)
-
-
-class _PositionalKernels:
-    """Transitional: the backend with the positional signatures of before
-    :class:`~kdcore._backend.DistillArgs`, for ops/fused_linear.py (to be removed
-    once it builds ``DistillArgs`` / ``SparseKLArgs`` itself)."""
-
-    def __init__(self, backend: KernelBackend) -> None:
-        self._backend = backend
-
-    def distill(self, *args, grad_dtype=None):
-        """``distill(student, teacher, weight, temperature, divergence, beta, labels,
-        ce_weight, grad_student, grad_teacher, *, grad_dtype=None)``."""
-        return self._backend.distill(DistillArgs(*args, grad_dtype=grad_dtype))
-
-    def sparse_kl(self, *args):
-        """``sparse_kl(student, teacher_ids, teacher_logprobs, weight, temperature,
-        teacher_temperature, tail, grad_student)``."""
-        return self._backend.sparse_kl(SparseKLArgs(*args))
-
-
-def kernels(op: str, *tensors: torch.Tensor) -> _PositionalKernels:
-    """Transitional (ops/fused_linear.py): :func:`kernels_for` with positional arguments."""
-    return _PositionalKernels(kernels_for(op, *tensors))
 
 
 def reference_dtype(device: torch.device) -> torch.dtype:

@@ -49,19 +49,6 @@ def readable(value: torch.Tensor) -> bool:
     return functorch is None or not functorch.is_functorch_wrapped_tensor(value)
 
 
-def backend(*tensors: torch.Tensor) -> str:
-    """Transitional (ops/fused_linear.py): ``_dispatch.backend_name``, the one decision."""
-    from . import _dispatch
-
-    return _dispatch.backend_name(*tensors)
-
-
-def registered_op(x: torch.Tensor) -> bool:
-    """Whether to call the ``torch.library`` op rather than the eager autograd.Function:
-    under torch.compile, and for meta tensors (the op's fake kernel gives the shapes)."""
-    return torch.compiler.is_compiling() or x.device.type == "meta"
-
-
 def first_order_only(grad: torch.Tensor | None, op: str) -> torch.Tensor | None:
     """``grad`` as is; raises when the backward builds a graph (``create_graph=True``).
 
