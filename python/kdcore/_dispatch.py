@@ -32,6 +32,8 @@ from . import _modes
 from ._backend import KernelBackend
 
 BACKENDS = ("auto", "rust", "triton", "torch")
+#: The settings under which CPU tensors of kernel dtypes run the Rust kernels.
+_RUST_ON_CPU = ("auto", "rust")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -221,6 +223,19 @@ def backend_name(*tensors: torch.Tensor) -> str:
     return _select(tensors, devices)
 
 
+def _plain_cpu(tensors: tuple[torch.Tensor, ...]) -> bool:
+    """The common eager case, checked cheaply: CPU tensors of kernel dtypes, no
+    torch.func transform, not compiling (then :func:`backend_name` is ``"rust"``
+    under ``KDCORE_BACKEND=auto|rust``)."""
+    if torch.compiler.is_compiling() or _modes.functorch_level() is not None:
+        return False
+    wrapped = _modes.functorch_wrapped
+    for t in tensors:
+        if not t.is_cpu or t.dtype not in KERNEL_DTYPES or wrapped(t):
+            return False
+    return True
+
+
 def route(*tensors: torch.Tensor) -> Route:
     """Where a public op over ``tensors`` runs, decided once per call:
 
@@ -229,6 +244,8 @@ def route(*tensors: torch.Tensor) -> Route:
       and every kernel call under torch.compile);
     - else the :class:`~kdcore._backend.KernelBackend` whose kernels run eagerly.
     """
+    if _forced in _RUST_ON_CPU and _plain_cpu(tensors):  # (the same answer, sooner)
+        return _backend_object("rust")
     name = backend_name(*tensors)
     if name == "torch":
         return None

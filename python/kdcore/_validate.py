@@ -46,6 +46,8 @@ def logit_pair(student: object, teacher: object) -> tuple[torch.Tensor, torch.Te
 
 
 def same_device(name: str, x: torch.Tensor, like: torch.Tensor) -> None:
+    if x.is_cpu and like.is_cpu:  # (one CPU device; no device objects to build)
+        return
     if x.device != like.device:
         raise ValueError(
             f"{name} is on {x.device} but student_logits is on {like.device}; "
@@ -60,6 +62,8 @@ TEMPERATURE_RANGE = (1e-18, 1e3)
 
 
 def temperature(value: object) -> float:
+    if type(value) is float and TEMPERATURE_RANGE[0] <= value <= TEMPERATURE_RANGE[1]:
+        return value  # the common case (NaN and inf fail the comparison)
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"temperature must be a scalar, got shape {tuple(value.shape)}")
