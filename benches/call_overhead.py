@@ -19,7 +19,14 @@ wall-clock time; on a busy machine the CPU time is the steadier):
   as the Rust backend does (the loss rows, the gradient from kdcore's buffer
   cache): kdcore f+b on the stub minus the stub alone. Both are short, so
   this is resolved to a microsecond where a difference of two
-  multi-millisecond medians on a shared machine is not.
+  multi-millisecond medians on a shared machine is not;
+- ``floor``: the least any autograd-aware op costs around that stub: a bare
+  ``torch.autograd.Function`` (forward: the stub, backward: the saved
+  gradient) called directly, f+b, minus the stub. ``outside - floor`` is
+  what kdcore's own Python (checks, dispatch, weights, the op wrapper, the
+  backward's scaling) adds per call;
+- ``torch formula``: eager PyTorch with the KL written out,
+  ``(P·(log P − log Q)).sum(-1).mean()`` on the two log-softmaxes.
 """
 
 from __future__ import annotations
@@ -65,11 +72,29 @@ def interleaved(variants: dict, rounds: int, inner: int, clock=time.perf_counter
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, fn in variants.items():
+            fn()  # untimed: the caches hold this variant's data, not the last one's
             start = clock()
             for _ in range(inner):
                 fn()
             times[name].append((clock() - start) / inner)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+class _Bare(torch.autograd.Function):
+    """The floor: the stub kernel in a bare autograd.Function."""
+
+    @staticmethod
+    def forward(ctx, s, args):
+        ctx.set_materialize_grads(False)
+        rows, _, grad, _ = StubBackend().distill(args)
+        ctx.mark_non_differentiable(grad)
+        ctx.save_for_backward(grad)
+        return rows.sum(), grad  # (the gradient an output too, as in kdcore's ops)
+
+    @staticmethod
+    def backward(ctx, grad_out, _):
+        (grad,) = ctx.saved_tensors
+        return grad, None
 
 
 def on_stub(fn):
@@ -110,6 +135,15 @@ def measure(rows: int, vocab: int, rounds: int, clock: str) -> None:
     def kernel():
         _rust.BACKEND.distill(args)
 
+    def formula():
+        lq, lp = F.log_softmax(s, -1), F.log_softmax(t, -1)
+        (lp.exp() * (lp - lq)).sum(-1).mean().backward()
+        s.grad = None
+
+    def bare():
+        _Bare.apply(s, args)[0].backward()
+        s.grad = None
+
     # The same loss: a check that the comparison is fair.
     lq, lp = F.log_softmax(s, -1), F.log_softmax(t, -1)
     ref = F.kl_div(lq, lp, reduction="batchmean", log_target=True)
@@ -119,7 +153,9 @@ def measure(rows: int, vocab: int, rounds: int, clock: str) -> None:
     variants = {
         "kdcore": kd,
         "torch": eager,
+        "formula": formula,
         "kernel": kernel,
+        "bare": bare,
         "kdcore_stub": on_stub(kd),
         "stub": on_stub(lambda: StubBackend().distill(args)),
     }
@@ -127,14 +163,18 @@ def measure(rows: int, vocab: int, rounds: int, clock: str) -> None:
     us = {k: v * 1e6 for k, v in med.items()}
     print(f"{rows}x{vocab} fp32, {clock} time, medians of {rounds} rounds x {inner} calls:")
     print(f"  kdcore f+b            {us['kdcore']:10.1f} us")
-    print(f"  torch eager f+b       {us['torch']:10.1f} us")
+    print(f"  torch eager f+b       {us['torch']:10.1f} us   (F.kl_div, log_target)")
+    print(f"  torch formula f+b     {us['formula']:10.1f} us   (Σ P (log P - log Q))")
     print(f"  kernel alone          {us['kernel']:10.1f} us   (_rust.BACKEND.distill)")
     print(f"  kdcore - torch        {us['kdcore'] - us['torch']:+10.1f} us")
     print(f"  kdcore - kernel       {us['kdcore'] - us['kernel']:+10.1f} us")
     print(f"  kdcore f+b, stub      {us['kdcore_stub']:10.1f} us   (distill computes nothing)")
     print(f"  stub alone            {us['stub']:10.1f} us")
     outside = us["kdcore_stub"] - us["stub"]
+    floor = us["bare"] - us["stub"]
     print(f"  outside the kernel    {outside:+10.1f} us   (f+b on the stub - stub alone)")
+    print(f"  autograd floor        {floor:+10.1f} us   (a bare autograd.Function on the stub)")
+    print(f"  kdcore's own Python   {outside - floor:+10.1f} us   (outside - floor)")
 
 
 def main() -> None:

@@ -227,11 +227,13 @@ def _plain_cpu(tensors: tuple[torch.Tensor, ...]) -> bool:
     """The common eager case, checked cheaply: CPU tensors of kernel dtypes, no
     torch.func transform, not compiling (then :func:`backend_name` is ``"rust"``
     under ``KDCORE_BACKEND=auto|rust``)."""
-    if torch.compiler.is_compiling() or _modes.functorch_level() is not None:
+    functorch = _modes._functorch
+    if functorch is None:
+        return False  # (a torch without torch.func: the general path decides)
+    if torch.compiler.is_compiling() or functorch.maybe_current_level() is not None:
         return False
-    wrapped = _modes.functorch_wrapped
     for t in tensors:
-        if not t.is_cpu or t.dtype not in KERNEL_DTYPES or wrapped(t):
+        if not t.is_cpu or t.dtype not in KERNEL_DTYPES or functorch.is_functorch_wrapped_tensor(t):
             return False
     return True
 
@@ -245,7 +247,7 @@ def route(*tensors: torch.Tensor) -> Route:
     - else the :class:`~kdcore._backend.KernelBackend` whose kernels run eagerly.
     """
     if _forced in _RUST_ON_CPU and _plain_cpu(tensors):  # (the same answer, sooner)
-        return _backend_object("rust")
+        return _objects.get("rust") or _backend_object("rust")
     name = backend_name(*tensors)
     if name == "torch":
         return None

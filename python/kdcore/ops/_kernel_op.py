@@ -46,13 +46,13 @@ def scale_saved(ctx, saved: torch.Tensor, grad_out: torch.Tensor, key: str) -> t
 
 
 def _distinct(output):
-    """``output`` with each tensor that is also an earlier output copied: op
-    outputs may not alias each other."""
+    """``output`` with each tensor that is also a later output copied (op outputs
+    may not alias each other; the first output, the loss, becomes the copy)."""
     if not isinstance(output, tuple):
         return output
     fixed = list(output)
     for i, o in enumerate(fixed):
-        if o is not None and any(o is p for p in fixed[:i]):
+        if o is not None and any(o is p for p in fixed[i + 1 :]):
             fixed[i] = o.clone()
     return tuple(fixed)
 

@@ -92,7 +92,7 @@ def _(student, teacher, weight, temperature, divergence, beta, labels, ce_weight
 
 def _setup(ctx, inputs, output) -> None:
     ctx.grad_student, ctx.grad_teacher = inputs[8], inputs[9]
-    ctx.mark_non_differentiable(*(out for out in output[1:] if out is not None))
+    ctx.mark_non_differentiable(*[out for out in output[1:] if out is not None])
     ctx.save_for_backward(output[3], output[4])
 
 
