@@ -207,3 +207,77 @@ def test_backward_fills_no_logit_sized_zero_gradients(op):
         (grad,) = torch.autograd.grad(loss, s)
     assert grad.shape == s.shape
     assert mode.big == [], f"logit-sized fills in the backward: {mode.big}"
+
+
+def _general_route(*tensors):
+    """``_dispatch.route`` without its fast path for plain CPU tensors."""
+    saved = _dispatch._plain_cpu
+    _dispatch._plain_cpu = lambda tensors: False
+    try:
+        return _dispatch.route(*tensors)
+    finally:
+        _dispatch._plain_cpu = saved
+
+
+@pytest.mark.parametrize("setting", ["auto", "rust", "torch"])
+def test_routes_fast_path_gives_the_general_answer(setting):
+    cases = [
+        (torch.randn(2, 3), torch.randn(2, 3)),
+        (torch.randn(2, 3, dtype=torch.bfloat16), torch.randn(2, 3)),
+        (torch.randn(2, 3, dtype=torch.float16),),
+        (torch.randn(2, 3), torch.randn(2, 3, dtype=torch.float64)),
+        (torch.randn(2, 3, dtype=torch.float64),),
+        (torch.empty(2, 3, device="meta"), torch.randn(2, 3)),
+        (torch.randn(2, 3, requires_grad=True),),
+    ]
+    with _dispatch.backend(setting):
+        for tensors in cases:
+            assert _dispatch.route(*tensors) is _general_route(*tensors), tensors
+        seen = []
+
+        def f(v):
+            seen.append((_dispatch.route(v), _general_route(v)))
+            return v.sum()
+
+        torch.func.grad(f)(torch.randn(3))
+        assert seen == [(None, None)]
+
+
+def test_reused_row_weights_are_never_written():
+    from kdcore import _weights
+
+    g = torch.Generator().manual_seed(5)
+    s0, t = torch.randn(4, 9, generator=g), torch.randn(4, 9, generator=g)
+    for temperature, reduction in [(1.0, "mean"), (2.0, "mean"), (1.0, "sum"), (1.0, "mean")]:
+        s = s0.clone().requires_grad_()
+        loss = kdcore.kl_loss(s, t, temperature=temperature, reduction=reduction)
+        loss.backward()
+        ref = (
+            torch.nn.functional.kl_div(
+                torch.log_softmax(s0.double() / temperature, -1),
+                torch.log_softmax(t.double() / temperature, -1),
+                reduction="sum",
+                log_target=True,
+            )
+            * temperature**2
+        )
+        ref = ref / 4 if reduction == "mean" else ref
+        assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    for (rows, value, dtype), weight in _weights._UNIFORM.items():
+        assert torch.equal(weight, torch.full((rows,), value, dtype=dtype))
+    with torch.inference_mode():  # no inference tensor is kept for later calls
+        count = len(_weights._UNIFORM)
+        kdcore.kl_loss(torch.randn(13, 9), torch.randn(13, 9), temperature=3.0)
+        assert len(_weights._UNIFORM) == count
+
+
+def test_unreduced_total_is_not_the_row_term_output():
+    """The total of a single term is that term's rows: the eager twin returns a
+    copy as the loss when it does not sum it (outputs may not alias)."""
+    s, t = torch.randn(3, 7, requires_grad=True), torch.randn(3, 7)
+    weight = torch.ones(3)
+    outputs = DISTILL(_rust.BACKEND, s, t, weight, 1.0, "kl", 0.5, None, None, True, False)
+    total, div_rows = outputs[0], outputs[1]
+    assert torch.equal(total, div_rows)
+    assert total.untyped_storage().data_ptr() != div_rows.untyped_storage().data_ptr()
+    assert total.requires_grad and not div_rows.requires_grad

@@ -12,9 +12,9 @@ same code:
   schema is inferred from the other parameters' annotations. An output not
   computed is ``None``: the twin returns it so (no allocation per call), the
   registered op (which cannot return None) the tensor ``absent(*inputs)``
-  gives in its place. An output may be the same tensor as an earlier one
-  (a total of one term); it is copied only where outputs must be distinct
-  tensors (the registered op; the twin unless it sums the first output).
+  gives in its place. An output may be the same tensor as another (a total
+  of one term); it is copied only where outputs must be distinct tensors
+  (the registered op; the twin unless it sums the first output).
 - ``setup(ctx, inputs, output)`` and ``backward(ctx, *grad_outputs)``, as for
   ``register_autograd``. ``backward`` returns the gradients of the leading
   inputs it differentiates; the ``None`` of every later input is added here.
