@@ -39,7 +39,8 @@ def masked_row_weights(
         rows = student.numel() // student.shape[-1]
         value = scale / rows if reduction == "mean" and rows else scale
         if (
-            student.is_cpu
+            type(student) is torch.Tensor  # (no fake or other tensor subclass)
+            and student.is_cpu
             and not torch.compiler.is_compiling()
             and not torch.is_inference_mode_enabled()
             and _modes.functorch_level() is None
@@ -47,9 +48,11 @@ def masked_row_weights(
             key = (rows, value, dtype)
             weight = _UNIFORM.get(key)
             if weight is None:
-                if len(_UNIFORM) >= _UNIFORM_MAX:
-                    _UNIFORM.clear()
-                weight = _UNIFORM[key] = torch.full((rows,), value, dtype=dtype)
+                weight = torch.full((rows,), value, dtype=dtype, device="cpu")
+                if type(weight) is torch.Tensor:  # (a dispatch mode may have made another)
+                    if len(_UNIFORM) >= _UNIFORM_MAX:
+                        _UNIFORM.clear()
+                    _UNIFORM[key] = weight
             return weight
         return torch.full((rows,), value, dtype=dtype, device=student.device)
     # A float64 mask is normalised in float64: weights of 1e-300 or 1e39 are

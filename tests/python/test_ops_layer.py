@@ -281,3 +281,22 @@ def test_unreduced_total_is_not_the_row_term_output():
     assert torch.equal(total, div_rows)
     assert total.untyped_storage().data_ptr() != div_rows.untyped_storage().data_ptr()
     assert total.requires_grad and not div_rows.requires_grad
+
+
+def test_reused_row_weights_ignore_a_default_device_and_fake_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from kdcore import _weights
+
+    s, t = torch.randn(6, 5), torch.randn(6, 5)
+    with torch.device("meta"):  # a default device must not place the CPU weights
+        loss = kdcore.kl_loss(s, t, temperature=1.7)
+    assert loss.device.type == "cpu"
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(s)
+        weight = _weights.masked_row_weights(
+            fake, labels=None, ignore_index=-100, mask=None, reduction="mean", scale=2.3
+        )
+    assert weight.shape == (6,)
+    assert all(type(w) is torch.Tensor for w in _weights._UNIFORM.values())
+    assert all(w.device.type == "cpu" for w in _weights._UNIFORM.values())
