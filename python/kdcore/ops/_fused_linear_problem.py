@@ -304,7 +304,7 @@ def build_problem(
     # Row weights in float64 for float64 inputs (the reference path), else float32.
     weight_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
     if spans is not None:
-        spans, weights = _spans.prepare(spans, span_weights, normalize, red, lead, h)
+        spans, weights = _validate.spans_beside_labels(spans, span_weights, normalize, red, lead, h)
         base, _ = _spans.span_row_weights(spans, weights, normalize, 1.0, weight_dtype, valid=valid)
     else:
         base = valid.to(weight_dtype)

@@ -63,8 +63,9 @@ def _slice_logits(problem: Problem, h, w, b, v0: int, v1: int) -> tuple[torch.Te
     return z_s, z_t
 
 
-def loss_and_grads(h, w, b, problem: Problem, wants: tuple[bool, bool, bool]):
-    """Loss and requested gradients, two passes over vocabulary slices.
+def loss_and_grads(kernels, h, w, b, problem: Problem, wants: tuple[bool, bool, bool]):
+    """Loss and requested gradients, two passes over vocabulary slices
+    (torch arithmetic: ``kernels``, the backend object, is not needed).
 
     ``problem`` has a dense teacher and divergence ``"kl"`` or
     ``"reverse_kl"``; ``problem.chunk_size`` is the slice width. Takes and

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _modes
+from .. import _dispatch
 from ._fused_linear_autograd import fused_loss
 from ._fused_linear_problem import build_problem
 from ._fused_linear_reference import unfused_loss
@@ -165,6 +165,7 @@ def fused_linear_distillation_loss(
         )
         if loss is not None:
             return loss
-    if _modes.backend(student_hidden, w) not in ("rust", "triton", "meta"):
+    route = _dispatch.route(student_hidden, w)
+    if route is None:
         return unfused_loss(h2, w, student_bias, problem, checked.divergence)
-    return fused_loss(h2, w, student_bias, problem)
+    return fused_loss(route, h2, w, student_bias, problem)

@@ -33,9 +33,9 @@ from typing import Any
 
 import torch
 
-from .. import _validate
-from ._fused_linear_autograd import EagerLoss
+from .. import _modes, _validate
 from ._fused_linear_problem import Checked, default_rows, weighted, zero_unread
+from ._grad import scale_rows
 from ._linear import addmm32_, mm32, tensor_cores
 
 #: The divergences the sharded loss computes (JSD with β 0 or 1 is a KL).
@@ -206,19 +206,28 @@ def _all_reduce(x: torch.Tensor, op, group) -> torch.Tensor:
     return x
 
 
-@dataclass(frozen=True)
-class ShardedRows:
-    """The strategy over vocabulary shards: row chunks of ``chunk`` rows of
-    this rank's shard ``vp``; see the module docstring."""
+OP = "fused_linear_distillation_loss(vocab_parallel=...)"
 
-    vp: VocabParallel
-    chunk: int
 
-    def __call__(self, h, w, b, problem, wants: tuple[bool, bool, bool]):
-        """``loss_and_grads`` as the row-chunk path's: ``(loss (0-d), grad_h,
-        grad_w, grad_b)``, the same loss and the full ``grad_h`` on every rank,
-        this rank's slice of the weight and bias gradients."""
-        return _sharded(h, w, b, problem, self.vp, self.chunk, *wants)
+class ShardedLoss(torch.autograd.Function):
+    """The strategy over vocabulary shards (row chunks of ``chunk`` rows of this
+    rank's shard ``vp``; see the module docstring) under autograd: forward
+    computes the loss (the same on every rank) and every requested gradient
+    (the full ``grad_h`` on every rank, this rank's slice of the weight and
+    bias gradients); backward scales them. Eager mode only, so no registered
+    op: a process group is not an op argument."""
+
+    @staticmethod
+    def forward(ctx, h, w, b, problem, vp: VocabParallel, chunk: int):
+        want_b = b is not None and ctx.needs_input_grad[2]
+        loss, *grads = _sharded(h, w, b, problem, vp, chunk, *ctx.needs_input_grad[:2], want_b)
+        ctx.save_for_backward(*grads)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads = [None if g is None else scale_rows(g, grad_out) for g in ctx.saved_tensors]
+        return (*(_modes.first_order_only(g, OP) for g in grads), None, None, None)
 
 
 def _sharded(h, w, b, problem, vp: VocabParallel, chunk: int, want_h, want_w, want_b):
@@ -381,4 +390,4 @@ def vocab_parallel_loss(
         _validate.labels_in_vocab(labels, vocab, ignore_index)
     if size == 1 and PLAIN_PATH_AT_SIZE_ONE:
         return None
-    return EagerLoss.apply(h2, w, b, problem, ShardedRows(vp, chunk))
+    return ShardedLoss.apply(h2, w, b, problem, vp, chunk)
