@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
 
 import torch
 
@@ -35,14 +34,6 @@ def span_name(span_id: int) -> int:
         return Span(span_id)
     except ValueError:
         return span_id
-
-
-def validate_weights(span_weights: Mapping[int, float] | None) -> dict[int, float]:
-    """The checked weights (:func:`kdcore._validate.span_weights`), for callers
-    outside the ops layer that still import them from here."""
-    from . import _validate
-
-    return _validate.span_weights(span_weights)
 
 
 def span_row_weights(

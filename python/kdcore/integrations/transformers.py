@@ -24,9 +24,10 @@ from typing import Any
 
 import torch
 
+from .. import _validate
 from .._extras import require
 from ..agent.collate import collate
-from ..spans import check_ids_have_weights, span_name, validate_spans, validate_weights
+from ..spans import span_name
 from ..train.objective import Objective
 from ._heads import check_pair, check_vocab_sizes, output_head, require_head
 from ._rows import summed_loss
@@ -185,8 +186,8 @@ class KDTrainer(_transformers.Trainer):
                     "span_weights needs batch['spans'] (span ids per token, e.g. from "
                     "kdcore.agent.encode_chat)"
                 )
-            spans = validate_spans(inputs["spans"][:, 1:], labels.shape, labels)
-            check_ids_have_weights(spans, validate_weights(objective.span_weights))
+            spans = _validate.span_ids(inputs["spans"][:, 1:], labels.shape, labels)
+            _validate.span_ids_have_weights(spans, _validate.span_weights(objective.span_weights))
             spans = spans.reshape(-1)
         student_model = self.accelerator.unwrap_model(model)
         h_s = self._last_hidden(model, inputs)[:, :-1]

@@ -22,10 +22,11 @@ from typing import Any
 
 import torch
 
+from .. import _validate
 from .._extras import require
 from ..agent.chat_format import ChatFormat
 from ..agent.completion import completion_spans
-from ..spans import DEFAULT_SPAN_WEIGHTS, NORMALIZE, Span, span_name, validate_weights
+from ..spans import DEFAULT_SPAN_WEIGHTS, NORMALIZE, Span, span_name
 from ._heads import check_pair, divergence_of_beta, output_head, require_head
 from ._rows import summed_loss
 
@@ -40,7 +41,7 @@ _COMPLETION_SPANS = (int(Span.REASON), int(Span.ACT), int(Span.OBSERVATION))
 def _span_weights(span_weights: Mapping[int, float] | None) -> dict[int, float] | None:
     if span_weights is None:
         return None
-    given = validate_weights(span_weights)
+    given = _validate.span_weights(span_weights)
     weights = {k: DEFAULT_SPAN_WEIGHTS.get(k, 0.0) for k in _COMPLETION_SPANS}
     weights.update(given)
     if not any(weights[k] > 0 for k in _COMPLETION_SPANS):
