@@ -150,10 +150,14 @@ fn distill_row<A: Arch, S: Element, T: Element>(
     sc: &mut Scratch<'_>,
 ) -> (f32, f32) {
     let inv_t = plan.inv_t;
-    let ahead = Ahead {
-        grad_s: grad_s.as_deref().unwrap_or(&[]),
-        grad_t: grad_t.as_deref().unwrap_or(&[]),
-        ..ahead
+    let ahead = if hints_fit::<S, T>(s.len()) {
+        Ahead {
+            grad_s: grad_s.as_deref().unwrap_or(&[]),
+            grad_t: grad_t.as_deref().unwrap_or(&[]),
+            ..ahead
+        }
+    } else {
+        ahead
     };
     let (max_s, max_t) = (row_max(s), row_max(t));
     let (ps, pt) = (PaddedRow::new(s), PaddedRow::new(t));
@@ -249,6 +253,23 @@ struct Ahead<'a, S, T> {
     /// This row's gradients, which the gradient pass writes.
     grad_s: &'a [S],
     grad_t: &'a [T],
+}
+
+/// Bytes of cache the hints may fill. Hinting the next row pays while this
+/// row, its scratch rows, the next row and the gradient row stay in L2
+/// together (2 MiB per core where this was measured; 1-2 MiB on current
+/// x86 servers). Past that (a 128k vocabulary in f32 needs 3.5 MiB) the
+/// hinted lines evict the scratch rows the gradient pass is about to read,
+/// and the hints were measured to cost more than they save: such rows get
+/// none.
+const HINT_BUDGET_BYTES: usize = 1 << 20;
+
+/// Whether a row of `cols` fits [`HINT_BUDGET_BYTES`] with its hints.
+fn hints_fit<S, T>(cols: usize) -> bool {
+    let (s, t) = (std::mem::size_of::<S>(), std::mem::size_of::<T>());
+    // This row and the next (s, t), two f32 scratch rows, one gradient row.
+    let per_col = 2 * (s + t) + 2 * 4 + s.max(t);
+    cols.saturating_mul(per_col) <= HINT_BUDGET_BYTES
 }
 
 /// Which cross term the partition pass sums (forward KL: Σ e^b (b − a);
@@ -638,6 +659,7 @@ fn distill_block<A: Arch, S: Element, T: Element>(
     buf: &mut Vec<f32>,
 ) {
     let mut sc = scratch(buf, cols);
+    let hint_rows = hints_fit::<S, T>(cols);
     for (r, (&w, out)) in weight.iter().zip(loss.iter_mut()).enumerate() {
         let span = r * cols..(r + 1) * cols;
         let gs = grad_s.as_deref_mut().map(|g| &mut g[span.clone()]);
@@ -663,7 +685,11 @@ fn distill_block<A: Arch, S: Element, T: Element>(
         }
         // Labels were range-checked by `distill` for rows with a CE weight.
         let ce_arg = ce_row.map(|(label, w_ce)| (label as usize, w_ce));
-        let next = (r + 1) * cols..((r + 2) * cols).min(s.len());
+        let next = if hint_rows {
+            (r + 1) * cols..((r + 2) * cols).min(s.len())
+        } else {
+            0..0
+        };
         let ahead = Ahead {
             next_s: &s[next.clone()],
             next_t: &t[next],
