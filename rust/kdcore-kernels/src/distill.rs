@@ -104,8 +104,8 @@ fn scratch(buf: &mut Vec<f32>, cols: usize) -> Scratch<'_> {
     }
 }
 
-/// Chunk k of a scratch row, as a fixed-size array: slices of a run-time
-/// length split the lane loops into odd-sized vector pieces.
+/// Chunk k of a scratch row, as a fixed-size array (lane loops over it need
+/// no bounds checks).
 #[inline(always)]
 fn lanes(buf: &[f32], k: usize) -> &[f32; LANES] {
     buf[k * LANES..(k + 1) * LANES]
@@ -268,6 +268,8 @@ const HINT_BUDGET_BYTES: usize = 1 << 20;
 fn hints_fit<S, T>(cols: usize) -> bool {
     let (s, t) = (std::mem::size_of::<S>(), std::mem::size_of::<T>());
     // This row and the next (s, t), two f32 scratch rows, one gradient row.
+    // JSD and a hard-label CE at T != 1 keep one or two more scratch rows:
+    // the budget leaves them room in a 2 MiB L2.
     let per_col = 2 * (s + t) + 2 * 4 + s.max(t);
     cols.saturating_mul(per_col) <= HINT_BUDGET_BYTES
 }
