@@ -7,6 +7,10 @@
 //! shapes are large (up to 33M elements per call) and these numbers are for
 //! tracking, not for ratios against other libraries (see benches/*.py).
 //! Threads: kdcore's pool (`KDCORE_NUM_THREADS`, else every CPU).
+//! `student_grad_vs_floor` puts the fused KL with the student's gradient (what
+//! `kdcore.kl_loss` runs) next to the memory floor on the same shape: one
+//! pass reading both logit rows and writing one row, split over as many
+//! threads (docs/benchmarks.md). `examples/floor_ratio.rs` prints the ratios.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -137,6 +141,73 @@ fn bench_kl_dtype<E: Element>(c: &mut Criterion, grads: bool) {
     group.finish();
 }
 
+/// out = s + t over scoped threads, one contiguous share each: the least
+/// traffic of a forward + backward (read both logits, write one gradient).
+fn floor<E: Element>(s: &[E], t: &[E], out: &mut [E], threads: usize) {
+    let len = s.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        for ((sc, tc), oc) in s.chunks(len).zip(t.chunks(len)).zip(out.chunks_mut(len)) {
+            scope.spawn(move || {
+                for ((o, a), b) in oc.iter_mut().zip(sc).zip(tc) {
+                    *o = E::from_f32(a.to_f32() + b.to_f32());
+                }
+            });
+        }
+    });
+}
+
+fn bench_floor_dtype<E: Element>(c: &mut Criterion) {
+    let mut group = c.benchmark_group("student_grad_vs_floor");
+    configure(&mut group);
+    let threads = pool::num_threads();
+    for (rows, cols) in SHAPES {
+        let n = rows * cols;
+        let p: Vec<E> = logits(rows, cols, 2);
+        let q: Vec<E> = logits(rows, cols, 3);
+        let w = vec![1.0f32; rows];
+        let mut loss = vec![0.0f32; rows];
+        // Written once before timing, as kdcore's recycled gradient buffers are.
+        let mut out = vec![E::from_f32(0.0); n];
+        group.throughput(Throughput::Elements(n as u64));
+        let shape = format!("{rows}x{cols}");
+        group.bench_function(
+            BenchmarkId::new(format!("floor/{}", E::NAME), &shape),
+            |b| {
+                b.iter(|| {
+                    floor(black_box(&p), black_box(&q), &mut out, threads);
+                    black_box(&mut out);
+                })
+            },
+        );
+        group.bench_function(BenchmarkId::new(format!("kl/{}", E::NAME), &shape), |b| {
+            b.iter(|| {
+                let g = KlGrads {
+                    p: None,
+                    q: Some(&mut out[..]),
+                };
+                kl_div(
+                    black_box(&p),
+                    black_box(&q),
+                    rows,
+                    cols,
+                    2.0,
+                    &w,
+                    &mut loss,
+                    g,
+                )
+                .unwrap();
+                black_box(&mut loss);
+            })
+        });
+    }
+    group.finish();
+}
+
+fn bench_floor(c: &mut Criterion) {
+    bench_floor_dtype::<f32>(c);
+    bench_floor_dtype::<bf16>(c);
+}
+
 fn bench_kl(c: &mut Criterion) {
     bench_kl_dtype::<f32>(c, false);
     bench_kl_dtype::<bf16>(c, false);
@@ -168,5 +239,5 @@ fn bench_exp(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_softmax, bench_kl, bench_exp);
+criterion_group!(benches, bench_softmax, bench_kl, bench_floor, bench_exp);
 criterion_main!(benches);
