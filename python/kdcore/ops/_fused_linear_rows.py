@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import DistillArgs, KernelBackend, SparseKLArgs
-from ._fused_linear_problem import Problem, zero_unread
+from ._fused_linear_problem import Problem, unless_all_read, zero_unread
 from ._linear import addmm32_, mm32, pad_vocab, tensor_cores
 
 
@@ -71,11 +71,12 @@ def loss_and_grads(
     w_mm = w if tensor_cores(w, w) else w.float()
     # A logit transform multiplies the kernel's gradient by its slope first: in fp32.
     grad_dtype = torch.float32 if problem.student_transformed else w_mm.dtype
-    read = problem.rows_read()
+    read = unless_all_read(problem.rows_read())
     total = torch.zeros((), dtype=torch.float64, device=device)
     for start in range(0, rows, problem.chunk_size):
         stop = min(rows, start + problem.chunk_size)
-        h_c = zero_unread(h[start:stop], read[start:stop]).to(w_mm.dtype)
+        rows_read = None if read is None else read[start:stop]
+        h_c = zero_unread(h[start:stop], rows_read).to(w_mm.dtype)
         z_s = mm32(h_c, w_mm.t())
         z_s = problem.student_transform(z_s + b.float() if b is not None else z_s, inplace=True)
         loss, g_z = _chunk_loss(
@@ -86,7 +87,9 @@ def loss_and_grads(
         if problem.student_transformed:
             g_z = problem.student_chain_(g_z, z_s, consume=True).to(w_mm.dtype)
         del z_s
-        if want_h:
+        if want_h and grad_h.dtype == g_z.dtype == w_mm.dtype == torch.float32:
+            torch.mm(g_z, w_mm, out=grad_h[start:stop])  # no (chunk, H) temporary
+        elif want_h:
             grad_h[start:stop] = mm32(g_z, w_mm).to(h.dtype)
         if want_w:
             addmm32_(grad_w, g_z.t(), h_c)

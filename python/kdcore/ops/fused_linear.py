@@ -67,7 +67,7 @@ def fused_linear_distillation_loss(
     ``normalize`` weight rows as in :func:`kdcore.distillation_loss` (both
     terms; ``reduction`` must be ``"mean"``).
 
-    Rows are processed in chunks of ``chunk_size`` (default: what fits 64 MiB
+    Rows are processed in chunks of ``chunk_size`` (default: what fits 256 MiB
     of fp32 logits, at least 64 rows): each chunk's logits are formed with
     fp32 accumulation and kept in fp32 (never rounded to bf16 before the
     loss), go through the fused kernel, and give their share of the gradients
