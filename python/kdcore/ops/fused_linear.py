@@ -68,11 +68,11 @@ def fused_linear_distillation_loss(
     terms; ``reduction`` must be ``"mean"``).
 
     Rows are processed in chunks of ``chunk_size`` (default: what fits 128 MiB
-    of fp32 logits on the CPU, 256 MiB on CUDA, at least 64 rows): each chunk's logits are formed with
-    fp32 accumulation and kept in fp32 (never rounded to bf16 before the
-    loss), go through the fused kernel, and give their share of the gradients
-    w.r.t. ``student_hidden``, ``student_weight`` (accumulated in fp32, cast
-    at the end) and ``student_bias``.
+    of fp32 logits on the CPU, 256 MiB on CUDA, at least 64 rows): each
+    chunk's logits are formed with fp32 accumulation and kept in fp32 (never
+    rounded to bf16 before the loss), go through the fused kernel, and give
+    their share of the gradients w.r.t. ``student_hidden``, ``student_weight``
+    (accumulated in fp32, cast at the end) and ``student_bias``.
 
     ``chunk_over="vocab"`` trades time for memory: all rows at once, two
     passes over vocabulary slices of ``chunk_size`` columns (default: what
