@@ -295,3 +295,14 @@ def test_tool_results_are_observation_and_the_loss_is_the_float64_one(tmp_path, 
         )
         want = d[spans == R].mean().item() + 2.0 * d[spans == A].mean().item()
     assert loss == pytest.approx(want, rel=1e-4)
+
+
+def test_an_untested_trl_release_is_named_in_a_warning():
+    from kdcore.integrations import trl as kd_trl
+
+    assert kd_trl.untested_trl_warning("1.16.0") is None
+    assert kd_trl.untested_trl_warning("1.16") is None
+    for version in ("1.17.0", "1.160.0", "2.0.0", "unknown"):
+        message = kd_trl.untested_trl_warning(version)
+        assert message is not None and f"trl {version} is installed" in message
+        assert 'install "trl==1.16.*"' in message

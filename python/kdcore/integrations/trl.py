@@ -17,6 +17,7 @@ tokens ACT, tool results OBSERVATION, the rest of the completion REASON;
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +34,28 @@ from ._rows import summed_loss
 _trl = require("trl", extra="hf", feature="kdcore.integrations.trl")
 
 __all__ = ["DistillationTrainer"]
+
+#: The TRL release line this subclass was written and tested against: it
+#: overrides TRL's internal hooks (completion scoring, the last hidden state,
+#: the wrapped forward, the metrics store), which a later release may change.
+TESTED_TRL = "1.16"
+
+
+def untested_trl_warning(version: str) -> str | None:
+    """The warning for a TRL ``version`` outside the tested release line, else None."""
+    if version == TESTED_TRL or version.startswith(TESTED_TRL + "."):
+        return None
+    return (
+        f"kdcore.integrations.trl was tested with trl {TESTED_TRL}.x and overrides its "
+        f"internal hooks; trl {version} is installed. Check that the first logged loss "
+        "with span_weights=None equals trl.DistillationTrainer's on the same seed, or "
+        f'install "trl=={TESTED_TRL}.*".'
+    )
+
+
+_untested = untested_trl_warning(getattr(_trl, "__version__", "unknown"))
+if _untested is not None:
+    warnings.warn(_untested, UserWarning, stacklevel=2)
 
 #: The spans an on-policy completion is split into.
 _COMPLETION_SPANS = (int(Span.REASON), int(Span.ACT), int(Span.OBSERVATION))
