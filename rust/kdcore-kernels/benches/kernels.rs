@@ -22,6 +22,10 @@ use half::bf16;
 use kdcore_kernels::simd::{exp_slice, SimdLevel};
 use kdcore_kernels::{kl_div, pool, softmax, Element, KlGrads, SoftmaxKind};
 
+#[path = "common/floor.rs"]
+mod common_floor;
+use common_floor::floor;
+
 /// (rows, vocabulary): a Llama-2 sized and a Llama-3 sized vocabulary.
 const SHAPES: [(usize, usize); 2] = [(512, 32_000), (256, 128_256)];
 
@@ -91,6 +95,20 @@ fn bench_softmax(c: &mut Criterion) {
     bench_softmax_dtype::<bf16>(c);
 }
 
+/// One timed KL(p ‖ q) at T = 2 with the gradients `g` asks for.
+fn timed_kl<E: Element>(
+    p: &[E],
+    q: &[E],
+    rows: usize,
+    cols: usize,
+    w: &[f32],
+    loss: &mut [f32],
+    g: KlGrads<'_, E, E>,
+) {
+    kl_div(black_box(p), black_box(q), rows, cols, 2.0, w, loss, g).unwrap();
+    black_box(loss);
+}
+
 /// Teacher p and student q of one dtype; `grads` asks for both gradients.
 fn bench_kl_dtype<E: Element>(c: &mut Criterion, grads: bool) {
     let name = if grads {
@@ -123,37 +141,11 @@ fn bench_kl_dtype<E: Element>(c: &mut Criterion, grads: bool) {
                 } else {
                     KlGrads { p: None, q: None }
                 };
-                kl_div(
-                    black_box(&p),
-                    black_box(&q),
-                    rows,
-                    cols,
-                    2.0,
-                    &w,
-                    &mut loss,
-                    g,
-                )
-                .unwrap();
-                black_box(&mut loss);
+                timed_kl(&p, &q, rows, cols, &w, &mut loss, g);
             })
         });
     }
     group.finish();
-}
-
-/// out = s + t over scoped threads, one contiguous share each: the least
-/// traffic of a forward + backward (read both logits, write one gradient).
-fn floor<E: Element>(s: &[E], t: &[E], out: &mut [E], threads: usize) {
-    let len = s.len().div_ceil(threads);
-    std::thread::scope(|scope| {
-        for ((sc, tc), oc) in s.chunks(len).zip(t.chunks(len)).zip(out.chunks_mut(len)) {
-            scope.spawn(move || {
-                for ((o, a), b) in oc.iter_mut().zip(sc).zip(tc) {
-                    *o = E::from_f32(a.to_f32() + b.to_f32());
-                }
-            });
-        }
-    });
 }
 
 fn bench_floor_dtype<E: Element>(c: &mut Criterion) {
@@ -185,18 +177,7 @@ fn bench_floor_dtype<E: Element>(c: &mut Criterion) {
                     p: None,
                     q: Some(&mut out[..]),
                 };
-                kl_div(
-                    black_box(&p),
-                    black_box(&q),
-                    rows,
-                    cols,
-                    2.0,
-                    &w,
-                    &mut loss,
-                    g,
-                )
-                .unwrap();
-                black_box(&mut loss);
+                timed_kl(&p, &q, rows, cols, &w, &mut loss, g);
             })
         });
     }

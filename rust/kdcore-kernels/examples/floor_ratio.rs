@@ -14,6 +14,10 @@ use std::time::Instant;
 use half::bf16;
 use kdcore_kernels::{distill, pool, Divergence, Element, Grads};
 
+#[path = "../benches/common/floor.rs"]
+mod common_floor;
+use common_floor::floor;
+
 fn logits<E: Element>(rows: usize, cols: usize, seed: u64) -> Vec<E> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..rows * cols)
@@ -26,20 +30,6 @@ fn logits<E: Element>(rows: usize, cols: usize, seed: u64) -> Vec<E> {
             E::from_f32(3.0 * (u - 1.0) + ((i / cols) % 17) as f32 - 8.0)
         })
         .collect()
-}
-
-/// out = s + t, rows split evenly over `threads` scoped threads.
-fn floor<E: Element>(s: &[E], t: &[E], out: &mut [E], threads: usize) {
-    let len = s.len().div_ceil(threads);
-    std::thread::scope(|scope| {
-        for ((sc, tc), oc) in s.chunks(len).zip(t.chunks(len)).zip(out.chunks_mut(len)) {
-            scope.spawn(move || {
-                for ((o, a), b) in oc.iter_mut().zip(sc).zip(tc) {
-                    *o = E::from_f32(a.to_f32() + b.to_f32());
-                }
-            });
-        }
-    });
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
