@@ -95,11 +95,17 @@ def check_pair(student: Head, teacher: Head) -> None:
     vs, vt = student.weight.shape[0], teacher.weight.shape[0]
     if vs != vt:
         raise ValueError(
-            f"the student lm_head has {vs} rows (vocabulary entries) but the teacher's has {vt}; "
-            "distillation compares the full next-token distributions, so both models need the "
-            "same tokenizer and vocabulary. Use a teacher with the student's tokenizer, or "
-            "resize_token_embeddings() both to the same size."
+            _vocab_mismatch(f"lm_head has {vs} rows (vocabulary entries)", f"has {vt}")
+            + " or resize_token_embeddings() both to the same size."
         )
+
+
+def _vocab_mismatch(student: str, teacher: str) -> str:
+    return (
+        f"the student {student} but the teacher {teacher}; distillation compares the full "
+        "next-token distributions, so both models need the same tokenizer and vocabulary. "
+        "Use a teacher with the student's tokenizer"
+    )
 
 
 def check_vocab_sizes(student_model: Any, teacher_model: Any) -> None:
@@ -110,9 +116,7 @@ def check_vocab_sizes(student_model: Any, teacher_model: Any) -> None:
         sizes.append(getattr(config, "vocab_size", None))
     if None not in sizes and sizes[0] != sizes[1]:
         raise ValueError(
-            f"the student has vocab_size {sizes[0]} but the teacher has vocab_size {sizes[1]}; "
-            "distillation compares the full next-token distributions, so both models need the "
-            "same tokenizer and vocabulary. Use a teacher with the student's tokenizer."
+            _vocab_mismatch(f"has vocab_size {sizes[0]}", f"has vocab_size {sizes[1]}") + "."
         )
 
 
