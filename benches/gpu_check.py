@@ -21,7 +21,9 @@ compilation).
    copy floor (read student, read teacher, write gradient at the device-copy
    bandwidth measured in this run); then JSD, distillation_loss and span_loss
    relative to KL at 8192 x 128256; the fused linear loss, plain and with
-   kdcore.VocabParallel on a one-rank NCCL group.
+   kdcore.VocabParallel on a one-rank NCCL group; the fused linear loss
+   against TRL's chunked divergence and Liger's fused linear JSD (each when
+   importable; benches/trl_compare.py) with loss and gradient differences.
 
 Prints a table and writes JSON. Exits 1 if a correctness check failed.
 """
@@ -731,8 +733,37 @@ def benchmarks(args, tbps: float, results: list[dict]) -> None:
         free()
     fused_linear_case(args, results)
     free()
+    trl_case(args, results)
+    free()
     vocab_parallel_case(args, results)
     free()
+
+
+def trl_case(args, results: list[dict]) -> None:
+    """kdcore's fused linear loss vs TRL's chunked divergence (the loss of its
+    DistillationTrainer) and Liger's fused linear JSD, each where importable,
+    at the fused linear shape in bf16: benches/trl_compare.py's comparison."""
+    try:
+        import trl_compare  # benches/ is this script's directory
+    except Exception as exc:
+        log(f"benches/trl_compare.py not importable ({exc!r}): the TRL comparison is skipped")
+        return
+    for beta in (0.0, 0.5):
+        rows = trl_compare.compare(
+            8192,
+            2048,
+            4096,
+            128256,
+            beta=beta,
+            temperature=T,
+            device="cuda",
+            dtype=torch.bfloat16,
+            timer=lambda fn: measure(fn, args.rep_ms),
+        )
+        for row in rows:
+            row["impl"] = f"{row['impl']} beta={beta}"
+        results.extend(rows)
+        free()
 
 
 def autotune_choices() -> dict:

@@ -15,6 +15,9 @@ echo "== virtualenv $venv"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
 "$venv/bin/python" -m pip install -q -r scripts/requirements-test.txt
+# The hf extra's tests (kdcore.integrations) import these at module level: a
+# missing one fails here, never as a silently skipped test.
+"$venv/bin/python" -c "import transformers, trl, datasets, accelerate"
 
 echo "== Rust: fmt, clippy, tests"
 export PYO3_PYTHON="$venv/bin/python"
@@ -67,6 +70,9 @@ assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
 assert b"tEXtSoftware\x00Matplotlib" in data, "the PNG does not come from matplotlib"
 print("demo.png drawn by matplotlib,", len(data), "bytes")
 EOF
+echo "-- the hf extra brings what kdcore.integrations imports"
+"$user/bin/python" -m pip install -q "${wheel}[hf]"
+"$user/bin/python" -c "import kdcore.integrations.trl, kdcore.integrations.transformers"
 cd "$root"
 
 echo "== the sdist builds from source"

@@ -29,9 +29,11 @@ from collections.abc import Iterator
 import torch
 
 from . import _modes
-from ._backend import DistillArgs, KernelBackend, SparseKLArgs
+from ._backend import KernelBackend
 
 BACKENDS = ("auto", "rust", "triton", "torch")
+#: The settings under which CPU tensors of kernel dtypes run the Rust kernels.
+_RUST_ON_CPU = ("auto", "rust")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -221,6 +223,21 @@ def backend_name(*tensors: torch.Tensor) -> str:
     return _select(tensors, devices)
 
 
+def _plain_cpu(tensors: tuple[torch.Tensor, ...]) -> bool:
+    """The common eager case, checked cheaply: CPU tensors of kernel dtypes, no
+    torch.func transform, not compiling (then :func:`backend_name` is ``"rust"``
+    under ``KDCORE_BACKEND=auto|rust``)."""
+    functorch = _modes._functorch
+    if functorch is None:
+        return False  # (a torch without torch.func: the general path decides)
+    if torch.compiler.is_compiling() or functorch.maybe_current_level() is not None:
+        return False
+    for t in tensors:
+        if not t.is_cpu or t.dtype not in KERNEL_DTYPES or functorch.is_functorch_wrapped_tensor(t):
+            return False
+    return True
+
+
 def route(*tensors: torch.Tensor) -> Route:
     """Where a public op over ``tensors`` runs, decided once per call:
 
@@ -229,36 +246,14 @@ def route(*tensors: torch.Tensor) -> Route:
       and every kernel call under torch.compile);
     - else the :class:`~kdcore._backend.KernelBackend` whose kernels run eagerly.
     """
+    if _forced in _RUST_ON_CPU and _plain_cpu(tensors):  # (the same answer, sooner)
+        return _objects.get("rust") or _backend_object("rust")
     name = backend_name(*tensors)
     if name == "torch":
         return None
     if name == "meta" or torch.compiler.is_compiling():
         return REGISTERED
     return _backend_object(name)
-
-
-class _PositionalKernels:
-    """Transitional: the backend with the positional signatures of before
-    :class:`~kdcore._backend.DistillArgs`, for ops/fused_linear.py (to be removed
-    once it builds ``DistillArgs`` / ``SparseKLArgs`` itself)."""
-
-    def __init__(self, backend: KernelBackend) -> None:
-        self._backend = backend
-
-    def distill(self, *args, grad_dtype=None):
-        """``distill(student, teacher, weight, temperature, divergence, beta, labels,
-        ce_weight, grad_student, grad_teacher, *, grad_dtype=None)``."""
-        return self._backend.distill(DistillArgs(*args, grad_dtype=grad_dtype))
-
-    def sparse_kl(self, *args):
-        """``sparse_kl(student, teacher_ids, teacher_logprobs, weight, temperature,
-        teacher_temperature, tail, grad_student)``."""
-        return self._backend.sparse_kl(SparseKLArgs(*args))
-
-
-def kernels(op: str, *tensors: torch.Tensor) -> _PositionalKernels:
-    """Transitional (ops/fused_linear.py): :func:`kernels_for` with positional arguments."""
-    return _PositionalKernels(kernels_for(op, *tensors))
 
 
 def reference_dtype(device: torch.device) -> torch.dtype:

@@ -204,13 +204,13 @@ _NUMPY_STORAGE = {
 def empty_like(x: torch.Tensor) -> torch.Tensor:
     """``torch.empty_like(x)`` (contiguous), from the buffer cache when large."""
     nbytes = x.numel() * x.element_size()
-    if x.device.type == "cpu" and nbytes >= _MIN_RECYCLE_BYTES and x.dtype in _NUMPY_STORAGE:
+    if nbytes >= _MIN_RECYCLE_BYTES and x.is_cpu and x.dtype in _NUMPY_STORAGE:
         view = _cache.take(nbytes, _NUMPY_STORAGE[x.dtype])
         if view is not None:
             # The storage holds `view` itself: its lifetime is the buffer's lease.
             return torch.from_numpy(view).view(x.dtype).view(x.shape)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    if out.device.type == "cpu":
+    if nbytes >= _MIN_ADVISE_BYTES and out.is_cpu:
         _advise_huge(out.data_ptr(), nbytes)
     return out
 

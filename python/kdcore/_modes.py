@@ -18,15 +18,26 @@ from __future__ import annotations
 
 import torch
 
+_functorch = getattr(torch._C, "_functorch", None)
+
+
+def functorch_level() -> int | None:
+    """The innermost running ``torch.func`` transform's level, None outside one."""
+    return None if _functorch is None else _functorch.maybe_current_level()
+
+
+def functorch_wrapped(t: torch.Tensor) -> bool:
+    """Whether ``t`` is wrapped by a ``torch.func`` transform."""
+    return _functorch is not None and _functorch.is_functorch_wrapped_tensor(t)
+
 
 def functorch_active(*tensors: torch.Tensor) -> bool:
     """Whether a ``torch.func`` transform is running (or a tensor is wrapped by one)."""
-    functorch = getattr(torch._C, "_functorch", None)
-    if functorch is None or torch.compiler.is_compiling():  # (dynamo cannot trace these calls)
+    if _functorch is None or torch.compiler.is_compiling():  # (dynamo cannot trace these calls)
         return False
-    if functorch.maybe_current_level() is not None:
+    if _functorch.maybe_current_level() is not None:
         return True
-    return any(functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+    return any(_functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
 def any_meta(*tensors: torch.Tensor) -> bool:
@@ -45,21 +56,7 @@ def readable(value: torch.Tensor) -> bool:
     not itself carried by a torch.func transform."""
     if torch.compiler.is_compiling() or value.device.type == "meta":
         return False
-    functorch = getattr(torch._C, "_functorch", None)
-    return functorch is None or not functorch.is_functorch_wrapped_tensor(value)
-
-
-def backend(*tensors: torch.Tensor) -> str:
-    """Transitional (ops/fused_linear.py): ``_dispatch.backend_name``, the one decision."""
-    from . import _dispatch
-
-    return _dispatch.backend_name(*tensors)
-
-
-def registered_op(x: torch.Tensor) -> bool:
-    """Whether to call the ``torch.library`` op rather than the eager autograd.Function:
-    under torch.compile, and for meta tensors (the op's fake kernel gives the shapes)."""
-    return torch.compiler.is_compiling() or x.device.type == "meta"
+    return not functorch_wrapped(value)
 
 
 def first_order_only(grad: torch.Tensor | None, op: str) -> torch.Tensor | None:

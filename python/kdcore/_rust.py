@@ -89,15 +89,17 @@ class RustBackend:
         weight = args.weight
         if weight.dtype != torch.float32:
             weight = weight.to(torch.float32)
-        loss = torch.empty(rows, dtype=torch.float32)
+        # Row outputs made by numpy and shared with torch: no view to borrow.
+        loss_rows = np.empty(rows, dtype=np.float32)
         ce_loss = None
         hard = {}
         if args.labels is not None:
-            ce_loss = torch.empty(rows, dtype=torch.float32)
+            ce_rows = np.empty(rows, dtype=np.float32)
+            ce_loss = torch.from_numpy(ce_rows)
             hard = {
                 "labels": _borrow(args.labels.to(torch.int64).contiguous()),
                 "ce_weight": _borrow(args.ce_weight.to(torch.float32).contiguous()),
-                "ce_loss": _borrow(ce_loss),
+                "ce_loss": ce_rows,
             }
         gs = _memory.empty_like(student) if args.grad_student else None
         gt = _memory.empty_like(teacher) if args.grad_teacher else None
@@ -110,7 +112,7 @@ class RustBackend:
             args.beta,
             args.temperature,
             _borrow(weight.contiguous()),
-            _borrow(loss),
+            loss_rows,
             grad_student=None if gs is None else _borrow(gs),
             grad_teacher=None if gt is None else _borrow(gt),
             **hard,
@@ -118,7 +120,7 @@ class RustBackend:
         grad_dtype = args.grad_dtype
         if gs is not None and grad_dtype is not None and grad_dtype != gs.dtype:
             gs = gs.to(grad_dtype)
-        return DistillResult(loss, ce_loss, gs, gt)
+        return DistillResult(torch.from_numpy(loss_rows), ce_loss, gs, gt)
 
     def sparse_kl(self, args: SparseKLArgs) -> tuple[torch.Tensor, torch.Tensor | None]:
         student = args.student.contiguous()

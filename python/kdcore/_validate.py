@@ -7,6 +7,9 @@ argument and what was seen (shape, dtype, device, value).
 from __future__ import annotations
 
 import math
+import numbers
+import operator
+from collections.abc import Mapping
 
 import torch
 
@@ -43,6 +46,8 @@ def logit_pair(student: object, teacher: object) -> tuple[torch.Tensor, torch.Te
 
 
 def same_device(name: str, x: torch.Tensor, like: torch.Tensor) -> None:
+    if x.is_cpu and like.is_cpu:  # (one CPU device; no device objects to build)
+        return
     if x.device != like.device:
         raise ValueError(
             f"{name} is on {x.device} but student_logits is on {like.device}; "
@@ -57,6 +62,8 @@ TEMPERATURE_RANGE = (1e-18, 1e3)
 
 
 def temperature(value: object) -> float:
+    if type(value) is float and TEMPERATURE_RANGE[0] <= value <= TEMPERATURE_RANGE[1]:
+        return value  # the common case (NaN and inf fail the comparison)
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"temperature must be a scalar, got shape {tuple(value.shape)}")
@@ -83,6 +90,27 @@ def temperature(value: object) -> float:
             "resolve the softmaxes' differences beyond that)"
         )
     return t
+
+
+def logit_scale(name: str, value: object) -> float:
+    """A multiplier of a model's logits (``student_logit_scale``, ...): finite and > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0.0):
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return float(value)
+
+
+def softcap(name: str, value: object) -> float | None:
+    """A soft cap ``c`` of a model's logits (``c · tanh(z / c)``): None (no cap),
+    or finite and > 0."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float or None, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0.0):
+        raise ValueError(f"{name} must be finite and > 0 (or None for no cap), got {value}")
+    return float(value)
 
 
 def reduction(value: object) -> str:
@@ -183,6 +211,91 @@ def normalize(value: object) -> str:
     if value not in _spans.NORMALIZE:
         raise ValueError(f"normalize must be 'span' or 'token'; got {value!r}")
     return str(value)
+
+
+def span_weights(value: Mapping[int, float] | None) -> dict[int, float]:
+    """``{span id: weight}`` checked (ids in [0, MAX_SPAN_ID], weights finite and
+    >= 0), as a new dict; None gives the default weights."""
+    if value is None:
+        return dict(_spans.DEFAULT_SPAN_WEIGHTS)
+    if not isinstance(value, Mapping):
+        raise TypeError(f"span_weights must map span id -> weight, got {type(value).__name__}")
+    if not value:
+        raise ValueError("span_weights is empty: give at least one span id a weight")
+    out: dict[int, float] = {}
+    top = _spans.MAX_SPAN_ID
+    for key, weight in value.items():
+        span_id = _span_id_key(key)
+        if span_id is None or not 0 <= span_id <= top:
+            raise ValueError(f"span_weights keys must be ints in [0, {top}], got {key!r}")
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+            raise TypeError(f"span_weights[{key}] must be a float, got {type(weight).__name__}")
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"span_weights[{key}] must be finite and >= 0, got {weight}")
+        out[span_id] = float(weight)
+    return out
+
+
+def _span_id_key(key: object) -> int | None:
+    """``key`` as an int if it is integer-like (int, numpy or 0-d torch integers), else None."""
+    if isinstance(key, bool) or isinstance(key, float):
+        return None
+    if isinstance(key, torch.Tensor) and (key.is_floating_point() or key.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(key)
+    except TypeError:
+        return None
+
+
+def span_ids(value: object, lead: torch.Size, like: torch.Tensor) -> torch.Tensor:
+    """``spans``: an integer tensor of the logits' leading shape, on their device."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"spans must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+        raise TypeError(f"spans must be an integer tensor of span ids, got {value.dtype}")
+    if value.shape != lead:
+        raise ValueError(
+            f"spans must have the logits' leading shape {tuple(lead)}, got {tuple(value.shape)}"
+        )
+    if value.device != like.device:
+        raise ValueError(f"spans is on {value.device} but student_logits is on {like.device}")
+    return value
+
+
+def span_ids_have_weights(spans: torch.Tensor, weights: dict[int, float]) -> None:
+    """Every span id in ``spans`` has a weight (a host sync; eager only)."""
+    ids = torch.unique(spans).tolist()
+    missing = [i for i in ids if i not in weights]
+    if missing:
+        raise ValueError(
+            f"span ids {missing} occur in spans but have no weight in span_weights "
+            f"(weights given for {sorted(weights)}); give them a weight (0 to ignore them)"
+        )
+
+
+def spans_beside_labels(
+    spans: object,
+    weights: Mapping[int, float] | None,
+    normalize_: str,
+    reduction_: str,
+    lead: torch.Size,
+    like: torch.Tensor,
+) -> tuple[torch.Tensor, dict[int, float]]:
+    """Checked ``(spans, weights)`` for a loss that takes span ids next to labels
+    (``distillation_loss``, the fused linear loss): reduction must be "mean",
+    every span id present needs a weight (eager mode only)."""
+    if reduction_ != "mean":
+        raise ValueError(
+            f"with spans the loss is normalised per span: reduction must be 'mean', "
+            f"got {reduction_!r}"
+        )
+    normalize(normalize_)
+    checked = span_weights(weights)
+    spans = span_ids(spans, lead, like)
+    if _modes.inspectable(spans, like):
+        span_ids_have_weights(spans, checked)
+    return spans, checked
 
 
 def labels_in_vocab(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
@@ -321,7 +434,7 @@ def loss_options(**options: object) -> None:
         "divergence": divergence,
         "normalize": _choice("normalize", _spans.NORMALIZE),
         "tail": tail,
-        "span_weights": _spans.validate_weights,
+        "span_weights": span_weights,
         "ignore_index": ignore_index,
     }
     for name, value in options.items():

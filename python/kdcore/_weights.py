@@ -9,6 +9,12 @@ import torch
 
 from . import _modes
 
+#: Uniform row weights (no labels, no mask) of CPU calls in eager mode, kept for
+#: the next call with the same rows and value: the kernels only read them, and
+#: a new tensor per call costs about as much as a small kernel.
+_UNIFORM: dict[tuple[int, float, torch.dtype], torch.Tensor] = {}
+_UNIFORM_MAX = 64
+
 
 def masked_row_weights(
     student: torch.Tensor,
@@ -32,6 +38,22 @@ def masked_row_weights(
     if labels is None and mask is None:  # the common case, in one op
         rows = student.numel() // student.shape[-1]
         value = scale / rows if reduction == "mean" and rows else scale
+        if (
+            type(student) is torch.Tensor  # (no fake or other tensor subclass)
+            and student.is_cpu
+            and not torch.compiler.is_compiling()
+            and not torch.is_inference_mode_enabled()
+            and _modes.functorch_level() is None
+        ):
+            key = (rows, value, dtype)
+            weight = _UNIFORM.get(key)
+            if weight is None:
+                weight = torch.full((rows,), value, dtype=dtype, device="cpu")
+                if type(weight) is torch.Tensor:  # (a dispatch mode may have made another)
+                    if len(_UNIFORM) >= _UNIFORM_MAX:
+                        _UNIFORM.clear()
+                    _UNIFORM[key] = weight
+            return weight
         return torch.full((rows,), value, dtype=dtype, device=student.device)
     # A float64 mask is normalised in float64: weights of 1e-300 or 1e39 are
     # fine relative to each other but leave float32 before the division.

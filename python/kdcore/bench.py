@@ -3,6 +3,14 @@
 Every contender runs with the same thread count, is warmed up, and is timed
 as the median of ``repeat`` runs (torch eager f+b, the slowest, of
 ``eager_repeat(repeat)``); ratios are computed inside this run only.
+
+Each row also times the memory floor on the same tensors,
+``torch.add(student, teacher, out=preallocated)``: one pass that reads both
+logit tensors and writes one tensor of their size into a buffer that is
+already paged in, the least traffic a forward+backward returning the
+student's gradient can move (docs/benchmarks.md). ``kd/floor`` is kdcore's
+f+b over it. The ``fused`` table times the fused linear + distillation loss
+against its four GEMMs alone (into preallocated outputs).
 For the KL table the torch contenders compute the formula a user writes
 today, ``F.kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True) * T²``;
 for the other losses they run kdcore's own pure-PyTorch reference (float32
@@ -30,7 +38,8 @@ KL_SHAPES = [(512, 32000), (256, 128256)]
 FAMILY_SHAPE = (512, 32000)
 SPARSE_SHAPE, SPARSE_K = (4096, 32000), 64
 DTYPES = [torch.float32, torch.bfloat16]
-OPS = ("kl", "family", "sparse")
+FUSED_SHAPE, FUSED_QUICK_SHAPE = (2048, 512, 32000), (256, 128, 4096)
+OPS = ("kl", "family", "sparse", "fused")
 REPEAT, QUICK_REPEAT = 7, 3
 
 
@@ -80,6 +89,7 @@ class Case:
     name: str
     shape: tuple[int, int]
     dtype: torch.dtype
+    teacher: torch.Tensor
     ours: Callable[[torch.Tensor], torch.Tensor]
     theirs: Callable[[torch.Tensor], torch.Tensor]
 
@@ -115,6 +125,7 @@ def _cases(ops, quick, gen):
                     "kl",
                     shape,
                     dtype,
+                    t,
                     lambda s, t=t: kdcore.kl_loss(s, t, temperature=T),
                     lambda s, t=t: torch_kd_loss(s, t),
                 )
@@ -142,6 +153,7 @@ def _cases(ops, quick, gen):
                     "kl",
                     fam,
                     dtype,
+                    t,
                     lambda s, t=t: kdcore.kl_loss(s, t, temperature=T),
                     lambda s, t=t: reference.kl_loss(s, t, temperature=T),
                 ),
@@ -150,6 +162,7 @@ def _cases(ops, quick, gen):
                     "jsd b=0.5",
                     fam,
                     dtype,
+                    t,
                     lambda s, t=t: kdcore.jsd_loss(s, t, beta=0.5, temperature=T),
                     lambda s, t=t: reference.jsd_loss(s, t, beta=0.5, temperature=T),
                 ),
@@ -158,6 +171,7 @@ def _cases(ops, quick, gen):
                     "tvd",
                     fam,
                     dtype,
+                    t,
                     lambda s, t=t: kdcore.tvd_loss(s, t, temperature=T),
                     lambda s, t=t: reference.tvd_loss(s, t, temperature=T),
                 ),
@@ -166,6 +180,7 @@ def _cases(ops, quick, gen):
                     "distill a=0.5",
                     fam,
                     dtype,
+                    t,
                     lambda s, t=t, y=labels: kdcore.distillation_loss(
                         s, t, y, alpha=0.5, temperature=T
                     ),
@@ -176,6 +191,7 @@ def _cases(ops, quick, gen):
                     "span",
                     fam,
                     dtype,
+                    t,
                     lambda s, t=t, sp=spans: kdcore.span_loss(s, t, sp, temperature=T),
                     torch_span,
                 ),
@@ -189,6 +205,7 @@ def _cases(ops, quick, gen):
                 "dense kl",
                 sparse,
                 dtype,
+                t,
                 lambda s, t=t: kdcore.kl_loss(s, t, temperature=T),
                 lambda s, t=t: reference.kl_loss(s, t, temperature=T),
             )
@@ -200,7 +217,7 @@ def _cases(ops, quick, gen):
                 return reference.sparse_kl_loss(s, ids, lps, temperature=T)
 
             name = f"sparse kl k={SPARSE_K}"
-            yield Case("sparse", name, sparse, dtype, ours_sparse, torch_sparse)
+            yield Case("sparse", name, sparse, dtype, t, ours_sparse, torch_sparse)
 
 
 def _measure(case: Case, repeat: int, compile: bool, gen) -> dict:
@@ -214,7 +231,14 @@ def _measure(case: Case, repeat: int, compile: bool, gen) -> dict:
     with torch.no_grad():
         ours, theirs = case.ours(student).double(), case.theirs(student).double()
     row["loss_rel_diff_vs_torch"] = abs(ours - theirs).item() / max(abs(theirs).item(), 1e-30)
+    floor_out = torch.empty_like(student)
+    plain = student.detach()
+
+    def floor():
+        torch.add(plain, case.teacher, out=floor_out)
+
     contenders = {
+        "floor_ms": (floor, repeat),
         "kdcore_fwd_bwd_ms": (_fwd_bwd(case.ours, student), repeat),
         "kdcore_fwd_ms": (_fwd(case.ours, student), repeat),
         # The cost of a fresh gradient-sized buffer from torch's allocator
@@ -230,6 +254,8 @@ def _measure(case: Case, repeat: int, compile: bool, gen) -> dict:
     # One warm-up call each (it compiles the torch.compile contender).
     row.update(interleaved_medians_ms(contenders, warmup=1))
     row["eager_over_kdcore"] = row["eager_fwd_bwd_ms"] / row["kdcore_fwd_bwd_ms"]
+    row["kdcore_over_floor"] = row["kdcore_fwd_bwd_ms"] / row["floor_ms"]
+    row["eager_over_floor"] = row["eager_fwd_bwd_ms"] / row["floor_ms"]
     row["fwd_bwd_over_fwd"] = row["kdcore_fwd_bwd_ms"] / row["kdcore_fwd_ms"]
     if compile:
         row["compile_over_kdcore"] = row["compile_fwd_bwd_ms"] / row["kdcore_fwd_bwd_ms"]
@@ -239,18 +265,80 @@ def _measure(case: Case, repeat: int, compile: bool, gen) -> dict:
 def _table(rows: list[dict]) -> str:
     head = (
         f"{'op':>16} {'shape':>11} {'dtype':>8} | {'kdcore f+b':>10} {'kdcore fwd':>10} "
-        f"{'eager f+b':>10} {'compile f+b':>11} {'grad alloc':>10} | {'eager/kd':>8} "
-        f"{'compile/kd':>10} {'f+b/fwd':>7}"
+        f"{'floor':>7} {'eager f+b':>10} {'compile f+b':>11} {'grad alloc':>10} | "
+        f"{'kd/floor':>8} {'eager/floor':>11} {'eager/kd':>8} {'compile/kd':>10} {'f+b/fwd':>7}"
     )
     lines = [head, "-" * len(head)]
     nan = float("nan")
     for r in rows:
         lines.append(
             f"{r['op']:>16} {r['shape']:>11} {r['dtype']:>8} | {r['kdcore_fwd_bwd_ms']:>10.2f} "
-            f"{r['kdcore_fwd_ms']:>10.2f} {r['eager_fwd_bwd_ms']:>10.2f} "
+            f"{r['kdcore_fwd_ms']:>10.2f} {r['floor_ms']:>7.2f} {r['eager_fwd_bwd_ms']:>10.2f} "
             f"{r.get('compile_fwd_bwd_ms', nan):>11.2f} {r['grad_alloc_ms']:>10.2f} | "
+            f"{r['kdcore_over_floor']:>8.2f} {r['eager_over_floor']:>11.1f} "
             f"{r['eager_over_kdcore']:>8.1f} "
             f"{r.get('compile_over_kdcore', nan):>10.2f} {r['fwd_bwd_over_fwd']:>7.2f}"
+        )
+    return "\n".join(lines)
+
+
+def _measure_fused(repeat: int, quick: bool, gen) -> dict:
+    """The fused linear + distillation loss (teacher as hidden states, alpha 0.5)
+    against its GEMMs alone: student and teacher logits, then the student's
+    hidden and weight gradients, each into a preallocated output."""
+    n, hidden, vocab = FUSED_QUICK_SHAPE if quick else FUSED_SHAPE
+    h = torch.randn(n, hidden, generator=gen).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=gen) / hidden**0.5).requires_grad_()
+    th = torch.randn(n, hidden, generator=gen)
+    tw = torch.randn(vocab, hidden, generator=gen) / hidden**0.5
+    labels = torch.randint(0, vocab, (n,), generator=gen)
+
+    def fused():
+        loss = kdcore.fused_linear_distillation_loss(
+            h,
+            w,
+            teacher_hidden=th,
+            teacher_weight=tw,
+            labels=labels,
+            alpha=0.5,
+            temperature=TEMPERATURE,
+        )
+        return torch.autograd.grad(loss, (h, w))
+
+    hd, wd = h.detach(), w.detach()
+    zs, zt = torch.empty(n, vocab), torch.empty(n, vocab)
+    grad_logits = torch.randn(n, vocab, generator=gen)
+    gh, gw = torch.empty(n, hidden), torch.empty(vocab, hidden)
+
+    def gemms():
+        torch.mm(hd, wd.t(), out=zs)
+        torch.mm(th, tw.t(), out=zt)
+        torch.mm(grad_logits, wd, out=gh)
+        torch.mm(grad_logits.t(), hd, out=gw)
+
+    # Fewer runs: one call is seconds at the full shape.
+    runs = max(3, repeat // 2)
+    times = interleaved_medians_ms({"fused_fwd_bwd_ms": (fused, runs), "gemms_ms": (gemms, runs)})
+    return {
+        "table": "fused",
+        "op": "fused linear distill",
+        "shape": f"{n}x{hidden}x{vocab}",
+        "dtype": "float32",
+        **times,
+        "fused_over_gemms": times["fused_fwd_bwd_ms"] / times["gemms_ms"],
+    }
+
+
+def _fused_table(rows: list[dict]) -> str:
+    head = (
+        f"{'op':>20} {'shape':>16} {'dtype':>8} | {'fused f+b':>10} {'GEMMs alone':>11} | "
+        f"{'fused/GEMMs':>11}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['op']:>20} {r['shape']:>16} {r['dtype']:>8} | {r['fused_fwd_bwd_ms']:>10.1f} "
+            f"{r['gemms_ms']:>11.1f} | {r['fused_over_gemms']:>11.2f}"
         )
     return "\n".join(lines)
 
@@ -326,6 +414,14 @@ def run(
             + f" (loss rel. diff vs torch {row['loss_rel_diff_vs_torch']:.1e})",
             flush=True,
         )
+    if "fused" in ops:
+        row = _measure_fused(repeat, quick, gen)
+        rows.append(row)
+        print(
+            f"  [fused] {row['op']} {row['shape']}: fused f+b {row['fused_fwd_bwd_ms']:.1f} ms, "
+            f"GEMMs alone {row['gemms_ms']:.1f} ms",
+            flush=True,
+        )
 
     small_s = torch.randn(1, 8, generator=gen).requires_grad_()
     small_t = torch.randn(1, 8, generator=gen)
@@ -346,7 +442,7 @@ def run(
         picked = [r for r in rows if r["table"] == table]
         if picked:
             print(f"[{table}]")
-            print(_table(picked))
+            print(_fused_table(picked) if table == "fused" else _table(picked))
             print()
     for line in _summary(rows):
         print(line)

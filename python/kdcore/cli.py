@@ -161,9 +161,10 @@ def _bench_parser(sub) -> None:
     )
     bench.add_argument(
         "--ops",
-        default="kl,family,sparse",
+        default="kl,family,sparse,fused",
         help="tables to run, comma-separated: kl (the KL anchor shapes), family "
-        "(kl/jsd/tvd/distillation/span at 512x32000), sparse (top-k teacher vs dense)",
+        "(kl/jsd/tvd/distillation/span at 512x32000), sparse (top-k teacher vs dense), "
+        "fused (fused linear + distillation loss vs its GEMMs alone)",
     )
 
 

@@ -3,14 +3,8 @@
 from __future__ import annotations
 
 import enum
-import math
-import numbers
-import operator
-from collections.abc import Mapping
 
 import torch
-
-from . import _modes, _validate
 
 
 class Span(enum.IntEnum):
@@ -40,89 +34,6 @@ def span_name(span_id: int) -> int:
         return Span(span_id)
     except ValueError:
         return span_id
-
-
-def validate_weights(span_weights: Mapping[int, float] | None) -> dict[int, float]:
-    if span_weights is None:
-        return dict(DEFAULT_SPAN_WEIGHTS)
-    if not isinstance(span_weights, Mapping):
-        raise TypeError(
-            f"span_weights must map span id -> weight, got {type(span_weights).__name__}"
-        )
-    if not span_weights:
-        raise ValueError("span_weights is empty: give at least one span id a weight")
-    out: dict[int, float] = {}
-    for key, value in span_weights.items():
-        span_id = _integer(key)
-        if span_id is None or not 0 <= span_id <= MAX_SPAN_ID:
-            raise ValueError(f"span_weights keys must be ints in [0, {MAX_SPAN_ID}], got {key!r}")
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"span_weights[{key}] must be a float, got {type(value).__name__}")
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"span_weights[{key}] must be finite and >= 0, got {value}")
-        out[span_id] = float(value)
-    return out
-
-
-def _integer(key: object) -> int | None:
-    """``key`` as an int if it is integer-like (int, numpy or 0-d torch integers), else None."""
-    if isinstance(key, bool) or isinstance(key, float):
-        return None
-    if isinstance(key, torch.Tensor) and (key.is_floating_point() or key.dtype == torch.bool):
-        return None
-    try:
-        return operator.index(key)
-    except TypeError:
-        return None
-
-
-def validate_spans(spans: object, lead: torch.Size, like: torch.Tensor) -> torch.Tensor:
-    if not isinstance(spans, torch.Tensor):
-        raise TypeError(f"spans must be a torch.Tensor, got {type(spans).__name__}")
-    if spans.dtype.is_floating_point or spans.dtype.is_complex or spans.dtype == torch.bool:
-        raise TypeError(f"spans must be an integer tensor of span ids, got {spans.dtype}")
-    if spans.shape != lead:
-        raise ValueError(
-            f"spans must have the logits' leading shape {tuple(lead)}, got {tuple(spans.shape)}"
-        )
-    if spans.device != like.device:
-        raise ValueError(f"spans is on {spans.device} but student_logits is on {like.device}")
-    return spans
-
-
-def check_ids_have_weights(spans: torch.Tensor, weights: dict[int, float]) -> None:
-    """Raises if a span id in ``spans`` has no weight (a host sync; eager only)."""
-    ids = torch.unique(spans).tolist()
-    missing = [i for i in ids if i not in weights]
-    if missing:
-        raise ValueError(
-            f"span ids {missing} occur in spans but have no weight in span_weights "
-            f"(weights given for {sorted(weights)}); give them a weight (0 to ignore them)"
-        )
-
-
-def prepare(
-    spans: object,
-    span_weights: Mapping[int, float] | None,
-    normalize: str,
-    reduction: str,
-    lead: torch.Size,
-    like: torch.Tensor,
-) -> tuple[torch.Tensor, dict[int, float]]:
-    """Validated ``(spans, weights)`` for a loss that takes span ids next to
-    labels (``distillation_loss``, the fused linear loss): reduction must be
-    "mean", every span id present needs a weight (eager mode only)."""
-    if reduction != "mean":
-        raise ValueError(
-            f"with spans the loss is normalised per span: reduction must be 'mean', "
-            f"got {reduction!r}"
-        )
-    _validate.normalize(normalize)
-    weights = validate_weights(span_weights)
-    spans = validate_spans(spans, lead, like)
-    if _modes.inspectable(spans, like):
-        check_ids_have_weights(spans, weights)
-    return spans, weights
 
 
 def span_row_weights(

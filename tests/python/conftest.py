@@ -82,6 +82,7 @@ TRITON_SUITE = (
     "test_sparse.py",
     "test_torch_integration.py",
     "test_fused_linear.py",
+    "test_fused_linear_transforms.py",
     "test_triton_kernels.py",
 )
 #: Tests of the suite that do not apply to the Triton kernels, and why.

@@ -22,7 +22,7 @@ def test_bench_quick_runs_and_writes_json(tmp_path):
             "--threads",
             "1",
             "--ops",
-            "kl,sparse",
+            "kl,sparse,fused",
             "--json",
             str(out),
         ],
@@ -32,11 +32,18 @@ def test_bench_quick_runs_and_writes_json(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "kdcore f+b" in proc.stdout and "eager/kd" in proc.stdout
+    assert "kd/floor" in proc.stdout and "fused/GEMMs" in proc.stdout
     data = json.loads(out.read_text())
     assert data["meta"]["threads"] == 1
     ops = {(r["table"], r["op"], r["dtype"]) for r in data["rows"]}
     assert ("kl", "kl", "bfloat16") in ops and ("sparse", "sparse kl k=64", "float32") in ops
-    for row in data["rows"]:
+    (fused,) = [r for r in data["rows"] if r["table"] == "fused"]
+    assert fused["shape"] == "256x128x4096"
+    assert fused["fused_over_gemms"] == fused["fused_fwd_bwd_ms"] / fused["gemms_ms"] > 0
+    for row in (r for r in data["rows"] if r["table"] != "fused"):
+        # The floor is timed in the same run, and every ratio is against it.
+        assert row["floor_ms"] > 0
+        assert row["kdcore_over_floor"] == row["kdcore_fwd_bwd_ms"] / row["floor_ms"]
         assert row["kdcore_fwd_bwd_ms"] > 0 and row["eager_fwd_bwd_ms"] > 0
         # kdcore and the torch formula agree on the loss they time.
         assert row["loss_rel_diff_vs_torch"] < 1e-4, row
@@ -50,7 +57,7 @@ def test_unknown_ops_are_rejected():
         timeout=120,
     )
     assert proc.returncode != 0
-    assert "--ops takes kl, family, sparse; got 'gpu'" in proc.stderr
+    assert "--ops takes kl, family, sparse, fused; got 'gpu'" in proc.stderr
 
 
 def _cli_error(capsys, argv) -> str:
@@ -85,7 +92,7 @@ def no_work(monkeypatch):
         (["--repeat", "three"], "argument --repeat: must be an integer >= 1; got 'three'"),
         (["--threads", "-1"], "argument --threads: must be >= 1; got -1"),
         (["--threads", "0"], "argument --threads: must be >= 1; got 0"),
-        (["--ops", ","], "--ops takes kl, family, sparse; got ','"),
+        (["--ops", ","], "--ops takes kl, family, sparse, fused; got ','"),
         (["--json", "no-such-dir/out.json"], "argument --json: directory"),
     ],
 )

@@ -417,7 +417,10 @@ def test_compile_fullgraph_one_op_matches_eager(teacher_as, chunk_over):
 
 
 @pytest.mark.parametrize("chunk_over", ["rows", "vocab"])
-def test_fused_linear_op_opcheck(chunk_over):
+@pytest.mark.parametrize(
+    "transforms", [(1.0, 1.0, None, None), (1.5, 0.5, 4.0, 3.0)], ids=["plain", "transformed"]
+)
+def test_fused_linear_op_opcheck(chunk_over, transforms):
     h, w, b, labels, _, teacher = _compile_case("logits")
     rows = h.shape[0] * h.shape[1]
     args = (
@@ -441,6 +444,7 @@ def test_fused_linear_op_opcheck(chunk_over):
         40,
         4,
         chunk_over,
+        *transforms,
         True,
         True,
         True,

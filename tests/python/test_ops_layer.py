@@ -4,6 +4,7 @@ object they are handed, and a kernel op's eager twin and registered op agree."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import pathlib
 import re
@@ -14,6 +15,8 @@ import torch
 import kdcore
 from kdcore import _dispatch, _rust, _triton
 from kdcore._backend import KernelBackend
+from kdcore.ops import _fused_linear_problem
+from kdcore.ops._fused_linear_autograd import FUSED_LINEAR
 from kdcore.ops.fused import DISTILL
 
 METHODS = ("softmax", "softmax_backward", "distill", "sparse_kl", "scale_grad")
@@ -73,12 +76,20 @@ def _sparse(s):
     return kdcore.sparse_kl_loss(s, ids, lps, temperature=2.0)
 
 
+def _fused_linear(s):
+    g = torch.Generator().manual_seed(1)
+    w, t = torch.randn(9, 7, generator=g), torch.randn(3, 9, generator=g)
+    return kdcore.fused_linear_distillation_loss(s, w, teacher_logits=t, temperature=2.0)
+
+
 @pytest.mark.parametrize(
     "loss, calls",
     [
         (_kl, ["distill", "scale_grad"]),
         (_softmax, ["softmax", "softmax_backward"]),
         (_sparse, ["sparse_kl", "scale_grad"]),
+        # (its backward scales (N, H) / (V, H) gradients with torch ops)
+        (_fused_linear, ["distill"]),
     ],
 )
 def test_ops_talk_only_to_the_routed_backend(monkeypatch, loss, calls):
@@ -113,6 +124,44 @@ def test_eager_twin_and_registered_op_agree():
         torch.testing.assert_close(eager, registered, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("chunk_over", ["rows", "vocab"])
+def test_fused_linear_twin_and_registered_op_agree(chunk_over):
+    g = torch.Generator().manual_seed(3)
+    h0, w0, b0 = torch.randn(6, 5, generator=g), torch.randn(11, 5, generator=g), torch.randn(11)
+    problem = _fused_linear_problem.Problem(
+        torch.randn(6, 11, generator=g),  # teacher logits
+        None,
+        None,
+        None,
+        None,
+        None,
+        torch.randint(0, 11, (6,), generator=g),
+        torch.rand(6, generator=g),
+        torch.rand(6, generator=g),
+        2.0,
+        1.0,
+        "bucket",
+        "reverse_kl",
+        0.5,
+        11,
+        4,
+        chunk_over,
+        1.5,
+        1.0,
+        3.0,
+        None,
+    )
+    results = []
+    for route in (_rust.BACKEND, _dispatch.REGISTERED):
+        h, w, b = (x.clone().requires_grad_() for x in (h0, w0, b0))
+        fields = [getattr(problem, f.name) for f in dataclasses.fields(problem)]
+        loss, *_ = FUSED_LINEAR(route, h, w, b, *fields, True, True, True)
+        (loss * 0.5).backward()
+        results.append((loss, h.grad, w.grad, b.grad))
+    for eager, registered in zip(*results, strict=True):
+        torch.testing.assert_close(eager, registered, rtol=0, atol=0)
+
+
 def test_ops_do_not_reach_into_a_backend_module():
     ops = pathlib.Path(kdcore.__file__).parent / "ops"
     for path in ops.glob("*.py"):
@@ -120,7 +169,7 @@ def test_ops_do_not_reach_into_a_backend_module():
         assert not re.search(r"import\s+(_triton|_rust)\b|from \.\.(_triton|_rust) import", source)
 
 
-@pytest.mark.parametrize("op", ["kl", "sparse", "softmax"])
+@pytest.mark.parametrize("op", ["kl", "sparse", "softmax", "fused_linear"])
 def test_backward_fills_no_logit_sized_zero_gradients(op):
     """The eager twin's outputs besides the loss are not differentiated: autograd
     must not materialise a (rows, V) zero gradient for each of them (that cost
@@ -135,8 +184,11 @@ def test_backward_fills_no_logit_sized_zero_gradients(op):
     elif op == "sparse":
         ids = torch.topk(t, 8, dim=-1).indices
         loss = kdcore.sparse_kl_loss(s, ids, torch.log_softmax(t, -1).gather(-1, ids))
-    else:
+    elif op == "softmax":
         loss = (kdcore.softmax(s) * t).sum()
+    else:  # s is the weight: no weight-sized zero gradient for the saved gradient outputs
+        h = torch.randn(8, vocab, requires_grad=True)
+        loss = kdcore.fused_linear_distillation_loss(h, s, teacher_logits=torch.randn(8, rows))
 
     class Fills(TorchDispatchMode):
         def __init__(self):
@@ -155,3 +207,96 @@ def test_backward_fills_no_logit_sized_zero_gradients(op):
         (grad,) = torch.autograd.grad(loss, s)
     assert grad.shape == s.shape
     assert mode.big == [], f"logit-sized fills in the backward: {mode.big}"
+
+
+def _general_route(*tensors):
+    """``_dispatch.route`` without its fast path for plain CPU tensors."""
+    saved = _dispatch._plain_cpu
+    _dispatch._plain_cpu = lambda tensors: False
+    try:
+        return _dispatch.route(*tensors)
+    finally:
+        _dispatch._plain_cpu = saved
+
+
+@pytest.mark.parametrize("setting", ["auto", "rust", "torch"])
+def test_routes_fast_path_gives_the_general_answer(setting):
+    cases = [
+        (torch.randn(2, 3), torch.randn(2, 3)),
+        (torch.randn(2, 3, dtype=torch.bfloat16), torch.randn(2, 3)),
+        (torch.randn(2, 3, dtype=torch.float16),),
+        (torch.randn(2, 3), torch.randn(2, 3, dtype=torch.float64)),
+        (torch.randn(2, 3, dtype=torch.float64),),
+        (torch.empty(2, 3, device="meta"), torch.randn(2, 3)),
+        (torch.randn(2, 3, requires_grad=True),),
+    ]
+    with _dispatch.backend(setting):
+        for tensors in cases:
+            assert _dispatch.route(*tensors) is _general_route(*tensors), tensors
+        seen = []
+
+        def f(v):
+            seen.append((_dispatch.route(v), _general_route(v)))
+            return v.sum()
+
+        torch.func.grad(f)(torch.randn(3))
+        assert seen == [(None, None)]
+
+
+def test_reused_row_weights_are_never_written():
+    from kdcore import _weights
+
+    g = torch.Generator().manual_seed(5)
+    s0, t = torch.randn(4, 9, generator=g), torch.randn(4, 9, generator=g)
+    for temperature, reduction in [(1.0, "mean"), (2.0, "mean"), (1.0, "sum"), (1.0, "mean")]:
+        s = s0.clone().requires_grad_()
+        loss = kdcore.kl_loss(s, t, temperature=temperature, reduction=reduction)
+        loss.backward()
+        ref = (
+            torch.nn.functional.kl_div(
+                torch.log_softmax(s0.double() / temperature, -1),
+                torch.log_softmax(t.double() / temperature, -1),
+                reduction="sum",
+                log_target=True,
+            )
+            * temperature**2
+        )
+        ref = ref / 4 if reduction == "mean" else ref
+        assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    for (rows, value, dtype), weight in _weights._UNIFORM.items():
+        assert torch.equal(weight, torch.full((rows,), value, dtype=dtype))
+    with torch.inference_mode():  # no inference tensor is kept for later calls
+        count = len(_weights._UNIFORM)
+        kdcore.kl_loss(torch.randn(13, 9), torch.randn(13, 9), temperature=3.0)
+        assert len(_weights._UNIFORM) == count
+
+
+def test_unreduced_total_is_not_the_row_term_output():
+    """The total of a single term is that term's rows: the eager twin returns a
+    copy as the loss when it does not sum it (outputs may not alias)."""
+    s, t = torch.randn(3, 7, requires_grad=True), torch.randn(3, 7)
+    weight = torch.ones(3)
+    outputs = DISTILL(_rust.BACKEND, s, t, weight, 1.0, "kl", 0.5, None, None, True, False)
+    total, div_rows = outputs[0], outputs[1]
+    assert torch.equal(total, div_rows)
+    assert total.untyped_storage().data_ptr() != div_rows.untyped_storage().data_ptr()
+    assert total.requires_grad and not div_rows.requires_grad
+
+
+def test_reused_row_weights_ignore_a_default_device_and_fake_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from kdcore import _weights
+
+    s, t = torch.randn(6, 5), torch.randn(6, 5)
+    with torch.device("meta"):  # a default device must not place the CPU weights
+        loss = kdcore.kl_loss(s, t, temperature=1.7)
+    assert loss.device.type == "cpu"
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(s)
+        weight = _weights.masked_row_weights(
+            fake, labels=None, ignore_index=-100, mask=None, reduction="mean", scale=2.3
+        )
+    assert weight.shape == (6,)
+    assert all(type(w) is torch.Tensor for w in _weights._UNIFORM.values())
+    assert all(w.device.type == "cpu" for w in _weights._UNIFORM.values())

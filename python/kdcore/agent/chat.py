@@ -19,6 +19,7 @@ from .chat_messages import (
     _scan,
     _tool_call,
 )
+from .chat_template import has_chat_template, render_chat_template
 from .encoding import Encoded, encode_text
 from .errors import TrajectoryError
 from .segments import SegmentBuilder
@@ -164,9 +165,28 @@ def encode_chat(
     add_bos: bool = False,
     add_eos: bool = False,
     allow_missing: bool = False,
+    tools: Sequence[Any] | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> Encoded:
-    """Renders chat ``messages`` with ``format`` (ChatML as Qwen by default) and
-    encodes the whole text at once into token ids, labels and span ids.
+    """Renders chat ``messages`` and encodes the whole text at once into token
+    ids, labels and span ids.
+
+    A tokenizer with a chat template (a Hugging Face tokenizer whose
+    ``chat_template`` is set), unless ``format`` is given, renders the
+    messages itself, with
+    ``apply_chat_template(messages, tools=tools, **chat_template_kwargs)``: the
+    model sees exactly its own format. Spans are then found on that text
+    (kdcore.agent.chat_template): each message lies between the renderings of
+    the messages before it and up to it; an assistant turn's header (what the
+    generation prompt adds) is PROMPT, its ``<think>`` blocks (or its
+    ``reasoning_content``) REASON, the rest ACT; roles' spans and think tags
+    are those of ``ChatFormat()``. A template that rewrites earlier turns
+    raises :class:`TrajectoryError`.
+
+    With ``format``, or without a template (kdcore's ``ByteTokenizer``, a
+    ``tokenizers.Tokenizer``, a tokenizer whose ``chat_template`` is unset),
+    kdcore's renderer draws them in ``format`` (ChatML as Qwen by default);
+    ``tools`` must then be None (the ChatML renderer has no tool list).
 
     Spans: system/user turns PROMPT; tool results and their template text
     OBSERVATION; the assistant header PROMPT; reasoning (``reasoning_content``
@@ -178,7 +198,18 @@ def encode_chat(
     :func:`encode_react`. Malformed messages raise :class:`TrajectoryError`
     naming the message index and the character position in its content.
     """
-    text, char_spans = render_chat(messages, format)
+    if format is None and tokenizer is not None and has_chat_template(tokenizer):
+        text, char_spans = render_chat_template(
+            messages, tokenizer, tools=tools, template_kwargs=chat_template_kwargs
+        )
+    else:
+        if tools is not None or chat_template_kwargs is not None:
+            raise ValueError(
+                "tools and chat_template_kwargs are passed to the tokenizer's chat template, "
+                f"but {type(tokenizer).__name__} has none or format= chose kdcore's renderer "
+                "(set tokenizer.chat_template and leave format out, or leave them out)"
+            )
+        text, char_spans = render_chat(messages, format)
     return encode_text(
         text,
         char_spans,

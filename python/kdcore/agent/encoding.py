@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from ..spans import Span, span_name, validate_weights
+from .. import _validate
+from ..spans import Span, span_name
 from .errors import TrajectoryError, reject_lone_surrogate
 from .segments import CharSpans, SegmentBuilder, span_of_token
 from .tokenizer import ByteTokenizer, special_id, token_offsets
@@ -139,7 +140,7 @@ def encode_text(
     its first non-whitespace character, label, add BOS/EOS, truncate, check."""
     check_options(max_length, truncation)
     reject_lone_surrogate(text, "the rendered text")  # callers name the source; this is the net
-    weights = validate_weights(span_weights)
+    weights = _validate.span_weights(span_weights)
     tok = _DEFAULT_TOKENIZER if tokenizer is None else tokenizer
     ids, offsets = token_offsets(tok, text)
     starts = [s for s, _, _ in char_spans]

@@ -1,9 +1,12 @@
-"""Autograd for the fused linear loss. Every strategy computes the loss and
-all requested gradients in one forward call,
-``loss_and_grads(h, w, b, problem, wants) -> (loss, grad_h, grad_w, grad_b)``;
-backward only scales the saved gradients. Eager mode runs them in
-``EagerLoss`` (an autograd.Function); ``torch.compile`` in the registered op
-``kdcore::fused_linear_distill`` (a fake implementation gives the shapes)."""
+"""Autograd for the fused linear loss: the kernel op ``kdcore::fused_linear_distill``,
+registered and eager, from one forward and one backward (``_kernel_op``).
+
+Every strategy computes the loss and all requested gradients in one forward
+call, ``loss_and_grads(kernels, h, w, b, problem, wants) -> (loss, grad_h,
+grad_w, grad_b)``; backward only scales the saved gradients. ``fused_loss``
+runs the op where ``_dispatch.route`` said: the eager twin on the backend
+object, or the registered op (torch.compile, meta tensors; its fake kernel
+gives the gradients' shapes)."""
 
 from __future__ import annotations
 
@@ -11,10 +14,12 @@ from dataclasses import fields
 
 import torch
 
-from .. import _modes
+from .. import _dispatch, _modes
+from .._backend import KernelBackend
 from . import _fused_linear_rows, _fused_linear_vocab
 from ._fused_linear_problem import Problem
 from ._grad import scale_rows
+from ._kernel_op import kernel_op
 
 OP = "kdcore::fused_linear_distill (fused_linear_distillation_loss)"
 
@@ -25,34 +30,15 @@ STRATEGIES = {
 }
 
 
-def strategy(problem: Problem):
-    return STRATEGIES[problem.chunk_over]
+def _absent(hidden, weight, *_) -> tuple:
+    """The registered op's outputs in place of gradients not asked for: distinct
+    empty tensors (custom op outputs may not alias each other)."""
+    return None, hidden.new_empty(0), weight.new_empty(0), weight.new_empty(0)
 
 
-def _needs_grad(x: torch.Tensor | None) -> bool:
-    return x is not None and x.requires_grad and torch.is_grad_enabled()
-
-
-class EagerLoss(torch.autograd.Function):
-    """Eager path: ``loss_and_grads`` computes every gradient in forward;
-    backward scales them."""
-
-    @staticmethod
-    def forward(ctx, h, w, b, problem, loss_and_grads):
-        want_b = b is not None and ctx.needs_input_grad[2]
-        wants = (*ctx.needs_input_grad[:2], want_b)
-        loss, *grads = loss_and_grads(h, w, b, problem, wants)
-        ctx.save_for_backward(*grads)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grads = [None if g is None else scale_rows(g, grad_out) for g in ctx.saved_tensors]
-        return (*(_modes.first_order_only(g, OP) for g in grads), None, None)
-
-
-@torch.library.custom_op("kdcore::fused_linear_distill", mutates_args=())
-def fused_linear_op(
+@kernel_op("kdcore::fused_linear_distill", dispatch_on=("hidden",), absent=_absent)
+def FUSED_LINEAR(
+    kernels: KernelBackend,
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -73,12 +59,17 @@ def fused_linear_op(
     vocab: int,
     chunk_size: int,
     chunk_over: str,
+    student_scale: float,
+    teacher_scale: float,
+    student_cap: float | None,
+    teacher_cap: float | None,
     grad_hidden: bool,
     grad_weight: bool,
     grad_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The traceable twin of ``EagerLoss``: (loss, grad_h, grad_w, grad_b),
-    gradients not asked for are empty. Only the loss is differentiable."""
+    """(loss, grad_h, grad_w, grad_b); gradients not asked for are empty (None
+    in the eager twin). Only the loss is differentiable. The arguments after
+    ``bias`` up to ``teacher_cap`` are the fields of ``Problem``, in order."""
     problem = Problem(
         teacher_logits,
         teacher_hidden,
@@ -97,18 +88,19 @@ def fused_linear_op(
         vocab,
         chunk_size,
         chunk_over,
+        student_scale,
+        teacher_scale,
+        student_cap,
+        teacher_cap,
     )
     wants = (grad_hidden, grad_weight, grad_bias)
-    loss, gh, gw, gb = strategy(problem)(hidden, weight, bias, problem, wants)
-    return (
-        loss,
-        gh if gh is not None else hidden.new_empty(0),
-        gw if gw is not None else weight.new_empty(0),
-        gb if gb is not None else weight.new_empty(0),
-    )
+    return STRATEGIES[chunk_over](kernels, hidden, weight, bias, problem, wants)
 
 
-@fused_linear_op.register_fake
+fused_linear_op = FUSED_LINEAR.op
+
+
+@FUSED_LINEAR.register_fake
 def _(hidden, weight, bias, *args):
     grad_hidden, grad_weight, grad_bias = args[-3:]
     return (
@@ -119,30 +111,39 @@ def _(hidden, weight, bias, *args):
     )
 
 
-def _op_setup(ctx, inputs, output) -> None:
+def _setup(ctx, inputs, output) -> None:
     ctx.wants = inputs[-3:]
-    ctx.mark_non_differentiable(*output[1:])
+    ctx.mark_non_differentiable(*(g for g in output[1:] if g is not None))
     ctx.save_for_backward(*output[1:])
 
 
-def _op_backward(ctx, grad_loss, *_):
+def _backward(ctx, grad_loss, *_):
+    # scale_rows on every backend: the saved gradients are (N, H), (V, H), (V,),
+    # not the (rows, V) logit gradients a backend's scale_grad is made for.
     grads = [
         scale_rows(g, grad_loss) if want else None
         for g, want in zip(ctx.saved_tensors, ctx.wants, strict=True)
     ]
-    grads = [_modes.first_order_only(g, OP) for g in grads]
-    return (*grads, *([None] * 20))
+    return tuple(_modes.first_order_only(g, OP) for g in grads)
 
 
-fused_linear_op.register_autograd(_op_backward, setup_context=_op_setup)
+FUSED_LINEAR.register_autograd(_backward, setup_context=_setup)
 
 
-def fused_loss(h2: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, problem: Problem):
-    """The loss through the kernel path: ``EagerLoss`` in eager mode, the
-    registered op where it must be traced."""
-    if not _modes.registered_op(h2):
-        return EagerLoss.apply(h2, w, b, problem, strategy(problem))
-    loss, *_ = fused_linear_op(
+def _needs_grad(x: torch.Tensor | None) -> bool:
+    return x is not None and x.requires_grad and torch.is_grad_enabled()
+
+
+def fused_loss(
+    route: _dispatch.Route,
+    h2: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    problem: Problem,
+) -> torch.Tensor:
+    """The loss through the kernel path, where ``route`` (not the reference) says."""
+    loss, *_ = FUSED_LINEAR(
+        route,
         h2,
         w,
         b,

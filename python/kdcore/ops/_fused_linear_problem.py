@@ -11,15 +11,18 @@ import torch
 
 from .. import _modes, _validate
 from .. import spans as _spans
+from . import _logit_transform
 from ._linear import logits_fp32
 from .fused import DIVERGENCES
 from .kl import kernel_divergence
 from .sparse import TAILS
 
 #: Row chunks: fp32 bytes of logits (student, teacher, gradient) one chunk may
-#: hold. A CPU chunk stays in cache-friendly sizes, a GPU chunk must be big
-#: enough for the GEMMs to run at speed.
-CHUNK_BUDGET_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
+#: hold. Chunks must be tall enough for the GEMMs to run at speed: on the CPU,
+#: 174-row chunks (64 MiB at V = 32000) made the chunk GEMMs 28% slower than
+#: the same GEMMs at full size; 128 MiB gives about 350 rows there (a middle
+#: ground: 700-row chunks were a little faster but doubled the peak memory).
+CHUNK_BUDGET_BYTES = {"cpu": 128 << 20, "cuda": 256 << 20}
 MIN_CHUNK_ROWS = 64
 #: Vocabulary slices: fp32 bytes of (rows, slice) temporaries one slice may
 #: hold (about five of them).
@@ -39,10 +42,18 @@ def default_slice(rows: int, device: torch.device) -> int:
     return max(MIN_SLICE, budget // (max(rows, 1) * 4 * 5) // MIN_SLICE * MIN_SLICE)
 
 
-def zero_unread(x: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
+def zero_unread(x: torch.Tensor, read: torch.Tensor | None) -> torch.Tensor:
     """``x`` (rows, ...) with the rows no term reads set to 0: they may hold
-    NaN, which must reach neither a sum nor a gradient."""
-    return torch.where(read[:, None], x, 0.0)
+    NaN, which must reach neither a sum nor a gradient. ``read=None``: every
+    row is read, ``x`` is returned as it is."""
+    return x if read is None else torch.where(read[:, None], x, 0.0)
+
+
+def unless_all_read(read: torch.Tensor) -> torch.Tensor | None:
+    """``read``, or None where every row is read and that is known on the CPU
+    (one host check saves a masking copy of each chunk; on CUDA it would cost
+    a device sync)."""
+    return None if read.device.type == "cpu" and bool(read.all()) else read
 
 
 def weighted(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -78,6 +89,11 @@ class Problem:
     vocab: int
     chunk_size: int  # rows per chunk, or vocabulary columns per slice (chunk_over="vocab")
     chunk_over: str = "rows"
+    # Logit transforms (``_logit_transform``): z -> cap · tanh(scale · z / cap).
+    student_scale: float = 1.0
+    teacher_scale: float = 1.0
+    student_cap: float | None = None
+    teacher_cap: float | None = None
 
     @property
     def hard(self) -> bool:
@@ -90,13 +106,37 @@ class Problem:
         return read | (self.ce_weight != 0) if self.ce_weight is not None else read
 
     def teacher_rows(self, start: int, stop: int) -> torch.Tensor:
-        """The dense teacher's logits of rows [start, stop), at least fp32, no gradient."""
+        """The dense teacher's logits of rows [start, stop), at least fp32, no
+        gradient, transformed (``teacher_logit_scale``, ``teacher_softcap``)."""
         with torch.no_grad():
             if self.teacher_logits is not None:
                 z = self.teacher_logits[start:stop]
-                return z.to(torch.promote_types(z.dtype, torch.float32))
+                z = z.to(torch.promote_types(z.dtype, torch.float32))
+                return self.teacher_transform(z, inplace=False)  # z may be the caller's
             hidden = self.teacher_hidden[start:stop]
-            return logits_fp32(hidden, self.teacher_weight, self.teacher_bias)
+            z = logits_fp32(hidden, self.teacher_weight, self.teacher_bias)
+            return self.teacher_transform(z, inplace=True)
+
+    def teacher_transform(self, z: torch.Tensor, *, inplace: bool) -> torch.Tensor:
+        return _logit_transform.transform(z, self.teacher_scale, self.teacher_cap, inplace=inplace)
+
+    def student_transform(self, z: torch.Tensor, *, inplace: bool) -> torch.Tensor:
+        """The student's logits transformed (``student_logit_scale``, ``student_softcap``);
+        ``inplace`` for a fresh buffer outside autograd."""
+        return _logit_transform.transform(z, self.student_scale, self.student_cap, inplace=inplace)
+
+    @property
+    def student_transformed(self) -> bool:
+        return not _logit_transform.is_identity(self.student_scale, self.student_cap)
+
+    def student_chain_(
+        self, grad: torch.Tensor, transformed: torch.Tensor, *, consume: bool = False
+    ) -> torch.Tensor:
+        """``grad`` w.r.t. the transformed student logits -> w.r.t. the logits (in
+        place); ``consume``: ``transformed`` may be overwritten."""
+        return _logit_transform.chain_(
+            grad, transformed, self.student_scale, self.student_cap, consume=consume
+        )
 
 
 @dataclass(frozen=True)
@@ -158,6 +198,10 @@ def build_problem(
     chunk_size,
     chunk_over,
     sharded: bool,
+    student_logit_scale=1.0,
+    teacher_logit_scale=1.0,
+    student_softcap=None,
+    teacher_softcap=None,
 ) -> Checked:
     """Check every argument of ``fused_linear_distillation_loss`` and build its
     problem: labels, spans, reduction and T² folded into per-row weights of the
@@ -181,6 +225,10 @@ def build_problem(
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}; got {divergence!r}")
     red = _validate.reduction(reduction)
+    s_scale = _validate.logit_scale("student_logit_scale", student_logit_scale)
+    t_scale = _validate.logit_scale("teacher_logit_scale", teacher_logit_scale)
+    s_cap = _validate.softcap("student_softcap", student_softcap)
+    t_cap = _validate.softcap("teacher_softcap", teacher_softcap)
     if red == "none":
         raise ValueError(
             "reduction='none' is not offered by the fused linear loss; use 'mean' or 'sum'"
@@ -210,6 +258,11 @@ def build_problem(
             raise TypeError("teacher_topk must be a pair (ids, logprobs) of tensors (..., k)")
         if divergence != "kl":
             raise ValueError(f"a top-k teacher trains with divergence='kl'; got {divergence!r}")
+        if not _logit_transform.is_identity(t_scale, t_cap):
+            raise ValueError(
+                "teacher_logit_scale / teacher_softcap transform teacher logits, but a top-k "
+                "teacher gives log-probabilities: store them from the transformed logits"
+            )
         if tail not in TAILS:
             raise ValueError(f"tail must be one of {', '.join(TAILS)}; got {tail!r}")
         ids, lps = teacher_topk
@@ -261,7 +314,7 @@ def build_problem(
     # Row weights in float64 for float64 inputs (the reference path), else float32.
     weight_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
     if spans is not None:
-        spans, weights = _spans.prepare(spans, span_weights, normalize, red, lead, h)
+        spans, weights = _validate.spans_beside_labels(spans, span_weights, normalize, red, lead, h)
         base, _ = _spans.span_row_weights(spans, weights, normalize, 1.0, weight_dtype, valid=valid)
     else:
         base = valid.to(weight_dtype)
@@ -309,6 +362,10 @@ def build_problem(
         vocab=vocab,
         chunk_size=chunk,
         chunk_over=chunk_over,
+        student_scale=s_scale,
+        teacher_scale=t_scale,
+        student_cap=s_cap,
+        teacher_cap=t_cap,
     )
     return Checked(
         hidden=h2,

@@ -19,6 +19,7 @@ def unfused_loss(h2, w, bias, problem: Problem, divergence: str) -> torch.Tensor
     read = problem.rows_read()
     h2 = zero_unread(h2, read)
     z_s = logits_fp32(h2, w, bias).to(_dispatch.reference_dtype(h2.device))
+    z_s = problem.student_transform(z_s, inplace=False)  # (autograd records it)
     z_s = zero_unread(pad_vocab(z_s, problem.vocab), read)
     if problem.topk_ids is None:
         z_t = pad_vocab(problem.teacher_rows(0, h2.shape[0]).to(z_s.dtype), problem.vocab)

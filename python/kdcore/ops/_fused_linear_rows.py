@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import torch
 
-from .. import _dispatch
-from ._fused_linear_problem import Problem, zero_unread
+from .._backend import DistillArgs, KernelBackend, SparseKLArgs
+from ._fused_linear_problem import Problem, unless_all_read, zero_unread
 from ._linear import addmm32_, mm32, pad_vocab, tensor_cores
 
 
-def _chunk_loss(kernels, problem: Problem, z_s: torch.Tensor, start: int, stop: int, grad_dtype):
+def _chunk_loss(
+    kernels: KernelBackend, problem: Problem, z_s: torch.Tensor, start: int, stop: int, grad_dtype
+):
     """Loss sum (float64) and gradient w.r.t. one chunk's student logits,
     stored in ``grad_dtype``."""
     hard = problem.hard
@@ -22,32 +24,35 @@ def _chunk_loss(kernels, problem: Problem, z_s: torch.Tensor, start: int, stop: 
     code, beta = problem.divergence, problem.beta
     if problem.topk_ids is None:
         z_t = pad_vocab(problem.teacher_rows(start, stop), problem.vocab)
-        div_rows, ce_rows, g_z, _ = kernels.distill(
-            z_s, z_t, div_w, t, code, beta, y, ce, True, False, grad_dtype=grad_dtype
-        )
+        args = DistillArgs(z_s, z_t, div_w, t, code, beta, y, ce, True, False, grad_dtype)
+        div_rows, ce_rows, g_z, _ = kernels.distill(args)
         loss = div_rows.double().sum()
         return loss + (ce_rows.double().sum() if ce_rows is not None else 0.0), g_z
     div_rows, g_z = kernels.sparse_kl(
-        z_s,
-        problem.topk_ids[start:stop],
-        problem.topk_logprobs[start:stop],
-        div_w,
-        t,
-        problem.teacher_temperature,
-        problem.tail,
-        True,
+        SparseKLArgs(
+            z_s,
+            problem.topk_ids[start:stop],
+            problem.topk_logprobs[start:stop],
+            div_w,
+            t,
+            problem.teacher_temperature,
+            problem.tail,
+            True,
+        )
     )
     loss = div_rows.double().sum()
     if ce is not None:  # the hard-label term: the distill kernel with a zero divergence weight
-        _, ce_rows, g_ce, _ = kernels.distill(
-            z_s, z_s, torch.zeros_like(ce), 1.0, code, beta, y, ce, True, False
-        )
+        args = DistillArgs(z_s, z_s, torch.zeros_like(ce), 1.0, code, beta, y, ce, True, False)
+        _, ce_rows, g_ce, _ = kernels.distill(args)
         loss, g_z = loss + ce_rows.double().sum(), g_z + g_ce
     return loss, g_z.to(grad_dtype)
 
 
-def loss_and_grads(h, w, b, problem: Problem, wants: tuple[bool, bool, bool]):
-    """The loss and every requested gradient, chunk by chunk over rows.
+def loss_and_grads(
+    kernels: KernelBackend, h, w, b, problem: Problem, wants: tuple[bool, bool, bool]
+):
+    """The loss and every requested gradient, chunk by chunk over rows, each
+    chunk's loss through ``kernels`` (the Rust or Triton backend).
 
     ``wants``: whether the hidden-state, weight and bias gradients are asked for.
     Returns ``(loss (float32, 0-d), grad_h, grad_w, grad_b)``, each gradient
@@ -56,7 +61,6 @@ def loss_and_grads(h, w, b, problem: Problem, wants: tuple[bool, bool, bool]):
     """
     want_h, want_w, want_b = wants
     rows, device = h.shape[0], h.device
-    kernels = _dispatch.kernels("fused_linear_distillation_loss", h)  # _rust or _triton
     grad_h = torch.empty_like(h) if want_h else None
     grad_w = torch.zeros(w.shape, dtype=torch.float32, device=device) if want_w else None
     grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=device) if want_b else None
@@ -65,18 +69,27 @@ def loss_and_grads(h, w, b, problem: Problem, wants: tuple[bool, bool, bool]):
     # dtype (rounded once), the GEMM operand of all three gradients, and
     # cuBLAS accumulates in fp32 (fp32 logits, fp32 weight-gradient accumulator).
     w_mm = w if tensor_cores(w, w) else w.float()
-    read = problem.rows_read()
+    # A logit transform multiplies the kernel's gradient by its slope first: in fp32.
+    grad_dtype = torch.float32 if problem.student_transformed else w_mm.dtype
+    read = unless_all_read(problem.rows_read())
     total = torch.zeros((), dtype=torch.float64, device=device)
     for start in range(0, rows, problem.chunk_size):
         stop = min(rows, start + problem.chunk_size)
-        h_c = zero_unread(h[start:stop], read[start:stop]).to(w_mm.dtype)
+        rows_read = None if read is None else read[start:stop]
+        h_c = zero_unread(h[start:stop], rows_read).to(w_mm.dtype)
         z_s = mm32(h_c, w_mm.t())
-        z_s = pad_vocab(z_s + b.float() if b is not None else z_s, problem.vocab)
-        loss, g_z = _chunk_loss(kernels, problem, z_s, start, stop, w_mm.dtype)
-        del z_s
+        z_s = problem.student_transform(z_s + b.float() if b is not None else z_s, inplace=True)
+        loss, g_z = _chunk_loss(
+            kernels, problem, pad_vocab(z_s, problem.vocab), start, stop, grad_dtype
+        )
         total += loss
         g_z = g_z[:, : w.shape[0]]
-        if want_h:
+        if problem.student_transformed:
+            g_z = problem.student_chain_(g_z, z_s, consume=True).to(w_mm.dtype)
+        del z_s
+        if want_h and grad_h.dtype == g_z.dtype == w_mm.dtype == torch.float32:
+            torch.mm(g_z, w_mm, out=grad_h[start:stop])  # no (chunk, H) temporary
+        elif want_h:
             grad_h[start:stop] = mm32(g_z, w_mm).to(h.dtype)
         if want_w:
             addmm32_(grad_w, g_z.t(), h_c)

@@ -32,32 +32,40 @@ from ._linear import logits_fp32, mm32, pad_vocab, tensor_cores
 
 
 def _slice_logits(problem: Problem, h, w, b, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(student, teacher) fp32 logits of vocabulary columns [v0, v1), not yet
-    divided by T, in fresh buffers; columns beyond a model's vocabulary are -inf."""
+    """(student, teacher) fp32 logits of vocabulary columns [v0, v1), transformed
+    (the logit transforms), not yet divided by T, in fresh buffers; columns beyond
+    a model's vocabulary are -inf."""
     rows, width = h.shape[0], v1 - v0
 
-    def linear(hidden, weight, bias):
+    def linear(hidden, weight, bias, transform):
         hi = min(v1, weight.shape[0])
         if hi <= v0:
             return h.new_full((rows, width), -math.inf, dtype=torch.float32)
         z = logits_fp32(hidden, weight[v0:hi], None if bias is None else bias[v0:hi])
-        return pad_vocab(z, width)
+        return pad_vocab(transform(z, inplace=True), width)
 
-    z_s = linear(h, w, b)
+    z_s = linear(h, w, b, problem.student_transform)
     with torch.no_grad():
         t = problem.teacher_logits
         if t is None:
-            z_t = linear(problem.teacher_hidden, problem.teacher_weight, problem.teacher_bias)
+            z_t = linear(
+                problem.teacher_hidden,
+                problem.teacher_weight,
+                problem.teacher_bias,
+                problem.teacher_transform,
+            )
         elif min(v1, t.shape[1]) <= v0:
             z_t = h.new_full((rows, width), -math.inf, dtype=torch.float32)
         else:
             # A copy: the caller's teacher logits are never written (the passes work in place).
-            z_t = pad_vocab(t[:, v0:v1].to(torch.float32, copy=True), width)
+            z_t = t[:, v0:v1].to(torch.float32, copy=True)
+            z_t = pad_vocab(problem.teacher_transform(z_t, inplace=True), width)
     return z_s, z_t
 
 
-def loss_and_grads(h, w, b, problem: Problem, wants: tuple[bool, bool, bool]):
-    """Loss and requested gradients, two passes over vocabulary slices.
+def loss_and_grads(kernels, h, w, b, problem: Problem, wants: tuple[bool, bool, bool]):
+    """Loss and requested gradients, two passes over vocabulary slices
+    (torch arithmetic: ``kernels``, the backend object, is not needed).
 
     ``problem`` has a dense teacher and divergence ``"kl"`` or
     ``"reverse_kl"``; ``problem.chunk_size`` is the slice width. Takes and
@@ -136,6 +144,9 @@ def loss_and_grads(h, w, b, problem: Problem, wants: tuple[bool, bool, bool]):
                 continue  # a teacher-only tail of a padded vocabulary: no student weights
             with torch.no_grad():
                 z_s, z_t = _slice_logits(problem, h, w, b, v0, v1)
+                # The student's transformed logits (before the in-place work below)
+                # give the transform's slope.
+                z_kept = z_s[:, : hi - v0].clone() if problem.student_cap is not None else None
                 if hard:  # softmax at T = 1 minus the one-hot, times the CE weights
                     g_ce = z_s.sub(log_z1.float()[:, None]).exp_().mul_(ce_w.float()[:, None])
                     inside = (labels >= v0) & (labels < v1)
@@ -155,6 +166,8 @@ def loss_and_grads(h, w, b, problem: Problem, wants: tuple[bool, bool, bool]):
                 if hard:
                     g.add_(g_ce)
                 g = zero_unread(g, read)[:, : hi - v0]
+                if problem.student_transformed:
+                    g = problem.student_chain_(g, z_kept, consume=True)
                 g_g = g.to(gemm)
                 if want_h:
                     grad_h32 += mm32(g_g, w[v0:hi].to(gemm))

@@ -18,21 +18,23 @@ import torch
 def _is_one(grad_out: torch.Tensor) -> bool:
     # Only inspect real CPU tensors: no host sync on accelerators, and no
     # data-dependent branch while torch.compile traces (fake tensors).
-    if type(grad_out) is not torch.Tensor or grad_out.device.type != "cpu":
+    if type(grad_out) is not torch.Tensor or not grad_out.is_cpu:
         return False
     if grad_out.numel() == 1:
         return grad_out.item() == 1.0
     return bool((grad_out == 1).all())
 
 
+_keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+
+
 def graph_kept() -> bool:
     """Whether the running backward keeps the graph (the saved gradient will
     be read again). True when torch cannot tell: then a copy is the safe answer."""
-    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    if keep_graph is None:
+    if _keep_graph is None:
         return True
     try:
-        return bool(keep_graph())
+        return bool(_keep_graph())
     except RuntimeError:
         return True
 

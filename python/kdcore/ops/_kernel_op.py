@@ -12,7 +12,9 @@ same code:
   schema is inferred from the other parameters' annotations. An output not
   computed is ``None``: the twin returns it so (no allocation per call), the
   registered op (which cannot return None) the tensor ``absent(*inputs)``
-  gives in its place.
+  gives in its place. An output may be the same tensor as another (a total
+  of one term); it is copied only where outputs must be distinct tensors
+  (the registered op; the twin unless it sums the first output).
 - ``setup(ctx, inputs, output)`` and ``backward(ctx, *grad_outputs)``, as for
   ``register_autograd``. ``backward`` returns the gradients of the leading
   inputs it differentiates; the ``None`` of every later input is added here.
@@ -43,6 +45,18 @@ def scale_saved(ctx, saved: torch.Tensor, grad_out: torch.Tensor, key: str) -> t
     return kernels.scale_grad(saved, grad_out, ctx, key)
 
 
+def _distinct(output):
+    """``output`` with each tensor that is also a later output copied (op outputs
+    may not alias each other; the first output, the loss, becomes the copy)."""
+    if not isinstance(output, tuple):
+        return output
+    fixed = list(output)
+    for i, o in enumerate(fixed):
+        if o is not None and any(o is p for p in fixed[i + 1 :]):
+            fixed[i] = o.clone()
+    return tuple(fixed)
+
+
 class KernelOp:
     """A kernel op, registered and eager; made by :func:`kernel_op`."""
 
@@ -60,11 +74,11 @@ class KernelOp:
         def body(*inputs):
             kernels = _dispatch.kernels_for(name, *(inputs[i] for i in picks))
             output = forward(kernels, *inputs)
-            if absent is None or not isinstance(output, tuple) or None not in output:
-                return output
-            return tuple(
-                a if o is None else o for o, a in zip(output, absent(*inputs), strict=True)
-            )
+            if absent is not None and isinstance(output, tuple) and None in output:
+                output = tuple(
+                    a if o is None else o for o, a in zip(output, absent(*inputs), strict=True)
+                )
+            return _distinct(output)
 
         body.__signature__ = signature.replace(parameters=params)
         body.__name__ = forward.__name__
@@ -79,10 +93,10 @@ class KernelOp:
 
     def register_autograd(self, backward: Callable, *, setup_context: Callable) -> None:
         """One backward for the registered op and the eager twin."""
-        forward, count = self._forward, self._inputs
+        forward, nones = self._forward, (None,) * self._inputs
 
         def padded(grads: tuple) -> tuple:
-            return (*grads, *([None] * (count - len(grads))))
+            return (*grads, *nones[len(grads) :])
 
         def op_setup(ctx, inputs, output) -> None:  # (torch passes these by name)
             ctx.kernels = None
@@ -98,6 +112,8 @@ class KernelOp:
             # fill a (rows, V) zero gradient for each saved-gradient output.
             ctx.set_materialize_grads(False)
             output = forward(kernels, *twin_inputs)
+            if not reduce_first:  # (summed, the first output is a new tensor anyway)
+                output = _distinct(output)
             ctx.kernels = kernels
             setup_context(ctx, twin_inputs, output)
             if reduce_first:

@@ -63,7 +63,9 @@ def distillation_loss(
         _validate.labels_in_vocab(labels, vocab, ignore_index)
     weights = None
     if spans is not None:
-        spans, weights = _spans.prepare(spans, span_weights, normalize, red, lead, student)
+        spans, weights = _validate.spans_beside_labels(
+            spans, span_weights, normalize, red, lead, student
+        )
     scale = t * t if scale_t2 else 1.0
     options = dict(
         alpha=a,

@@ -23,7 +23,7 @@ OP = "kdcore::distill (kl_loss, jsd_loss, tvd_loss, span_loss, distillation_loss
 
 
 def loss_dtype(student: torch.Tensor, teacher: torch.Tensor) -> torch.dtype:
-    f64 = torch.float64 in (student.dtype, teacher.dtype)
+    f64 = student.dtype is torch.float64 or teacher.dtype is torch.float64
     return torch.float64 if f64 else torch.float32
 
 
@@ -66,8 +66,8 @@ def DISTILL(
         grad_teacher,
     )
     div_rows, ce_rows, gs, gt = kernels.distill(args)
-    # (A clone, not div_rows itself: op outputs may not alias each other.)
-    total = div_rows + ce_rows if ce_rows is not None else div_rows.clone()
+    # div_rows itself without a CE term: kernel_op copies it where outputs must differ.
+    total = div_rows + ce_rows if ce_rows is not None else div_rows
     return total, div_rows, ce_rows, gs, gt
 
 
@@ -92,7 +92,7 @@ def _(student, teacher, weight, temperature, divergence, beta, labels, ce_weight
 
 def _setup(ctx, inputs, output) -> None:
     ctx.grad_student, ctx.grad_teacher = inputs[8], inputs[9]
-    ctx.mark_non_differentiable(*(out for out in output[1:] if out is not None))
+    ctx.mark_non_differentiable(*[out for out in output[1:] if out is not None])
     ctx.save_for_backward(output[3], output[4])
 
 
@@ -100,7 +100,7 @@ def _backward(ctx, grad_total, *_):
     gs, gt = ctx.saved_tensors
     grad_s = scale_saved(ctx, gs, grad_total, "student") if ctx.grad_student else None
     grad_t = scale_saved(ctx, gt, grad_total, "teacher") if ctx.grad_teacher else None
-    return tuple(_modes.first_order_only(g, OP) for g in (grad_s, grad_t))
+    return _modes.first_order_only(grad_s, OP), _modes.first_order_only(grad_t, OP)
 
 
 DISTILL.register_autograd(_backward, setup_context=_setup)
@@ -113,10 +113,6 @@ class FusedResult:
     loss: torch.Tensor
     div_rows: torch.Tensor
     ce_rows: torch.Tensor | None
-
-
-def _needs_grad(x: torch.Tensor) -> bool:
-    return x.requires_grad and torch.is_grad_enabled()
 
 
 def fused_rows(
@@ -139,8 +135,12 @@ def fused_rows(
     differentiable w.r.t. both logits. Rows whose weights are all 0 are never read.
     """
     vocab = student.shape[-1]
-    s2, t2 = student.reshape(-1, vocab), teacher.reshape(-1, vocab)
-    labels = None if labels is None else labels.reshape(-1)
+    # (2-D logits as they are: a reshape to the same shape still costs a view)
+    s2 = student if student.dim() == 2 else student.reshape(-1, vocab)
+    t2 = teacher if teacher.dim() == 2 else teacher.reshape(-1, vocab)
+    if labels is not None and labels.dim() != 1:
+        labels = labels.reshape(-1)
+    grad_on = torch.is_grad_enabled()
     loss, div_rows, ce_rows, _, _ = DISTILL(
         route,
         s2,
@@ -151,8 +151,8 @@ def fused_rows(
         beta,
         labels,
         ce_weight,
-        _needs_grad(student),
-        _needs_grad(teacher),
+        grad_on and student.requires_grad,
+        grad_on and teacher.requires_grad,
         reduce_first=reduce,
     )
     return FusedResult(loss, div_rows, ce_rows if labels is not None else None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _modes
+from .. import _dispatch
 from ._fused_linear_autograd import fused_loss
 from ._fused_linear_problem import build_problem
 from ._fused_linear_reference import unfused_loss
@@ -47,6 +47,10 @@ def fused_linear_distillation_loss(
     chunk_size: int | None = None,
     chunk_over: str = "rows",
     vocab_parallel: VocabParallel | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
 ) -> torch.Tensor:
     r"""``distillation_loss`` on ``student_hidden @ student_weight.T (+ bias)``
     without ever holding the full (tokens × vocab) logits.
@@ -63,12 +67,12 @@ def fused_linear_distillation_loss(
     ``normalize`` weight rows as in :func:`kdcore.distillation_loss` (both
     terms; ``reduction`` must be ``"mean"``).
 
-    Rows are processed in chunks of ``chunk_size`` (default: what fits 64 MiB
-    of fp32 logits, at least 64 rows): each chunk's logits are formed with
-    fp32 accumulation and kept in fp32 (never rounded to bf16 before the
-    loss), go through the fused kernel, and give their share of the gradients
-    w.r.t. ``student_hidden``, ``student_weight`` (accumulated in fp32, cast
-    at the end) and ``student_bias``.
+    Rows are processed in chunks of ``chunk_size`` (default: what fits 128 MiB
+    of fp32 logits on the CPU, 256 MiB on CUDA, at least 64 rows): each
+    chunk's logits are formed with fp32 accumulation and kept in fp32 (never
+    rounded to bf16 before the loss), go through the fused kernel, and give
+    their share of the gradients w.r.t. ``student_hidden``, ``student_weight``
+    (accumulated in fp32, cast at the end) and ``student_bias``.
 
     ``chunk_over="vocab"`` trades time for memory: all rows at once, two
     passes over vocabulary slices of ``chunk_size`` columns (default: what
@@ -85,6 +89,16 @@ def fused_linear_distillation_loss(
     ``"sum"``; ``"none"`` is not offered (the weight gradient is summed over
     rows as it is computed). ``alpha > 0`` needs ``labels``.
     On devices without a kernel (and for float64) the unfused reference runs.
+
+    Logit transforms, per model: ``student_logit_scale`` / ``teacher_logit_scale``
+    multiply the logits, ``student_softcap`` / ``teacher_softcap`` cap them
+    softly: the logits become ``cap · tanh(scale · z / cap)`` (``scale · z``
+    without a cap), then are divided by the temperature; the CE term sees the
+    transformed student logits too. Gradients flow through the tanh. Applied to
+    each chunk's logits (never to a full (tokens × vocab) tensor), before any
+    ``pad_vocab`` padding (padded entries stay -inf; a teacher's own -inf logit
+    becomes -cap under a cap, as the formula says). A top-k teacher takes no
+    teacher transform (its log-probabilities are final).
 
     ``vocab_parallel=kdcore.VocabParallel(start, stop, group)``: a
     tensor-parallel head. Each rank of ``group`` passes its rows
@@ -133,6 +147,10 @@ def fused_linear_distillation_loss(
         chunk_size=chunk_size,
         chunk_over=chunk_over,
         sharded=sharded,
+        student_logit_scale=student_logit_scale,
+        teacher_logit_scale=teacher_logit_scale,
+        student_softcap=student_softcap,
+        teacher_softcap=teacher_softcap,
     )
     h2, w, problem = checked.hidden, student_weight, checked.problem
     if sharded:
@@ -147,6 +165,7 @@ def fused_linear_distillation_loss(
         )
         if loss is not None:
             return loss
-    if _modes.backend(student_hidden, w) not in ("rust", "triton", "meta"):
+    route = _dispatch.route(student_hidden, w)
+    if route is None:
         return unfused_loss(h2, w, student_bias, problem, checked.divergence)
-    return fused_loss(h2, w, student_bias, problem)
+    return fused_loss(route, h2, w, student_bias, problem)

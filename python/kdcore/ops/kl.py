@@ -61,7 +61,9 @@ def divergence_loss(
     )
     kernel = kernel_divergence(divergence, beta)
     result = fused_rows(route, student, teacher, weight, t, kernel, beta=beta, reduce=red != "none")
-    loss = result.loss.to(loss_dtype(student, teacher))  # (meta float64: float32 fake rows)
+    loss, dtype = result.loss, loss_dtype(student, teacher)
+    if loss.dtype != dtype:  # (meta float64: float32 fake rows)
+        loss = loss.to(dtype)
     return loss.reshape(lead) if red == "none" else loss
 
 

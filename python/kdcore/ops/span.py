@@ -56,10 +56,10 @@ def span_loss(
     divergence = _validate.divergence(divergence)
     beta = _validate.beta(beta)
     normalize = _validate.normalize(normalize)
-    weights = _spans.validate_weights(span_weights)
-    span_ids = _spans.validate_spans(spans, student.shape[:-1], student)
+    weights = _validate.span_weights(span_weights)
+    span_ids = _validate.span_ids(spans, student.shape[:-1], student)
     if _modes.inspectable(student, span_ids):
-        _spans.check_ids_have_weights(span_ids, weights)
+        _validate.span_ids_have_weights(span_ids, weights)
     scale = t * t if scale_t2 else 1.0
     route = _dispatch.route(student, teacher)
     if route is None:

@@ -33,9 +33,9 @@ from typing import Any
 
 import torch
 
-from .. import _validate
-from ._fused_linear_autograd import EagerLoss
+from .. import _modes, _validate
 from ._fused_linear_problem import Checked, default_rows, weighted, zero_unread
+from ._grad import scale_rows
 from ._linear import addmm32_, mm32, tensor_cores
 
 #: The divergences the sharded loss computes (JSD with β 0 or 1 is a KL).
@@ -206,19 +206,28 @@ def _all_reduce(x: torch.Tensor, op, group) -> torch.Tensor:
     return x
 
 
-@dataclass(frozen=True)
-class ShardedRows:
-    """The strategy over vocabulary shards: row chunks of ``chunk`` rows of
-    this rank's shard ``vp``; see the module docstring."""
+OP = "fused_linear_distillation_loss(vocab_parallel=...)"
 
-    vp: VocabParallel
-    chunk: int
 
-    def __call__(self, h, w, b, problem, wants: tuple[bool, bool, bool]):
-        """``loss_and_grads`` as the row-chunk path's: ``(loss (0-d), grad_h,
-        grad_w, grad_b)``, the same loss and the full ``grad_h`` on every rank,
-        this rank's slice of the weight and bias gradients."""
-        return _sharded(h, w, b, problem, self.vp, self.chunk, *wants)
+class ShardedLoss(torch.autograd.Function):
+    """The strategy over vocabulary shards (row chunks of ``chunk`` rows of this
+    rank's shard ``vp``; see the module docstring) under autograd: forward
+    computes the loss (the same on every rank) and every requested gradient
+    (the full ``grad_h`` on every rank, this rank's slice of the weight and
+    bias gradients); backward scales them. Eager mode only, so no registered
+    op: a process group is not an op argument."""
+
+    @staticmethod
+    def forward(ctx, h, w, b, problem, vp: VocabParallel, chunk: int):
+        want_b = b is not None and ctx.needs_input_grad[2]
+        loss, *grads = _sharded(h, w, b, problem, vp, chunk, *ctx.needs_input_grad[:2], want_b)
+        ctx.save_for_backward(*grads)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads = [None if g is None else scale_rows(g, grad_out) for g in ctx.saved_tensors]
+        return (*(_modes.first_order_only(g, OP) for g in grads), None, None, None)
 
 
 def _sharded(h, w, b, problem, vp: VocabParallel, chunk: int, want_h, want_w, want_b):
@@ -248,6 +257,7 @@ def _sharded(h, w, b, problem, vp: VocabParallel, chunk: int, want_h, want_w, wa
         z_s = mm32(h_c, w_mm.t())
         if b_w is not None:
             z_s = z_s + b_w
+        z_s = problem.student_transform(z_s, inplace=True)  # shard-local, elementwise
         z_t = zero_unread(problem.teacher_rows(r0, r1).to(wide), keep)
         a, t = z_s * inv_t, z_t * inv_t
         # 1. maxima over the whole vocabulary (a shard of -inf logits gives -inf).
@@ -305,7 +315,7 @@ def _sharded(h, w, b, problem, vp: VocabParallel, chunk: int, want_h, want_w, wa
             soft = torch.exp(z_s - lse_1.to(wide)[:, None]) * ce_w.to(wide)[:, None]
             onehot = torch.where(here, ce_w, 0.0).to(wide)
             g = soft.scatter_add(1, col[:, None], -onehot[:, None]) + g
-        g = zero_unread(g, keep)
+        g = zero_unread(problem.student_chain_(g, z_s, consume=True), keep)
         if want_h:
             grad_h[r0:r1] = mm32(g.to(w_mm.dtype), w_mm)
         if want_w:
@@ -358,6 +368,10 @@ def vocab_parallel_loss(
         problem.teacher_logits is None,
         b is None,
         problem.teacher_bias is None,
+        problem.student_scale,
+        problem.teacher_scale,
+        problem.student_cap,
+        problem.teacher_cap,
         _rows_fingerprint(problem),
     )
     vocab, size, chunk = check_shards(
@@ -376,4 +390,4 @@ def vocab_parallel_loss(
         _validate.labels_in_vocab(labels, vocab, ignore_index)
     if size == 1 and PLAIN_PATH_AT_SIZE_ONE:
         return None
-    return EagerLoss.apply(h2, w, b, problem, ShardedRows(vp, chunk))
+    return ShardedLoss.apply(h2, w, b, problem, vp, chunk)

@@ -109,7 +109,7 @@ class Objective:
 
     def _span_index(self, spans: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight per slot (float64), slot per row): ids without a weight use the last slot."""
-        weights = _spans.validate_weights(self.span_weights)
+        weights = _validate.span_weights(self.span_weights)
         size = max(weights) + 1
         table = torch.zeros(size + 1, dtype=torch.float64, device=spans.device)
         table[list(weights)] = torch.tensor(
@@ -166,8 +166,8 @@ class Objective:
         if self.mode == "span":
             if batch.get("spans") is None:
                 raise KeyError("loss='span' needs batch['spans'] (span ids per token)")
-            spans = _spans.validate_spans(batch["spans"][:, 1:], labels.shape, student)
-            _spans.check_ids_have_weights(spans, _spans.validate_weights(self.span_weights))
+            spans = _validate.span_ids(batch["spans"][:, 1:], labels.shape, student)
+            _validate.span_ids_have_weights(spans, _validate.span_weights(self.span_weights))
         local = self.counts(batch)
         totals = local if totals is None else totals.to(local.device)
         if self.mode == "sft":
@@ -190,7 +190,7 @@ class Objective:
         """The weight of one row of each slot (span id; 0 without spans) in the step."""
         if self.mode != "span":
             return {0: 1.0 / max(float(totals[0]), 1.0)}
-        weights = _spans.validate_weights(self.span_weights)
+        weights = _validate.span_weights(self.span_weights)
         if self.normalize == "span":
             return {k: w / max(float(totals[k]), 1.0) for k, w in weights.items()}
         return {k: w / max(float(totals[-1]), 1.0) for k, w in weights.items()}
@@ -221,7 +221,7 @@ class Objective:
         if spans is None:
             return loss, comps
         nan = torch.full((), math.nan, dtype=torch.float32, device=student.device)
-        for k, w in sorted(_spans.validate_weights(self.span_weights).items()):
+        for k, w in sorted(_validate.span_weights(self.span_weights).items()):
             if w <= 0:
                 continue
             name = _spans.span_name(k)
@@ -266,7 +266,7 @@ class Objective:
             _, index = self._span_index(spans)
             scored = w_row.reshape(-1) > 0
             d = rows.detach().reshape(-1).double()
-            for k, w in sorted(_spans.validate_weights(self.span_weights).items()):
+            for k, w in sorted(_validate.span_weights(self.span_weights).items()):
                 if w > 0:
                     n = float(totals[k])
                     share = torch.where((index == k) & scored, d, 0.0).sum() / n if n > 0 else None

@@ -7,6 +7,10 @@
 //! shapes are large (up to 33M elements per call) and these numbers are for
 //! tracking, not for ratios against other libraries (see benches/*.py).
 //! Threads: kdcore's pool (`KDCORE_NUM_THREADS`, else every CPU).
+//! `student_grad_vs_floor` puts the fused KL with the student's gradient (what
+//! `kdcore.kl_loss` runs) next to the memory floor on the same shape: one
+//! pass reading both logit rows and writing one row, split over as many
+//! threads (docs/benchmarks.md). `examples/floor_ratio.rs` prints the ratios.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -17,6 +21,10 @@ use criterion::{
 use half::bf16;
 use kdcore_kernels::simd::{exp_slice, SimdLevel};
 use kdcore_kernels::{kl_div, pool, softmax, Element, KlGrads, SoftmaxKind};
+
+#[path = "common/floor.rs"]
+mod common_floor;
+use common_floor::floor;
 
 /// (rows, vocabulary): a Llama-2 sized and a Llama-3 sized vocabulary.
 const SHAPES: [(usize, usize); 2] = [(512, 32_000), (256, 128_256)];
@@ -87,6 +95,20 @@ fn bench_softmax(c: &mut Criterion) {
     bench_softmax_dtype::<bf16>(c);
 }
 
+/// One timed KL(p ‖ q) at T = 2 with the gradients `g` asks for.
+fn timed_kl<E: Element>(
+    p: &[E],
+    q: &[E],
+    rows: usize,
+    cols: usize,
+    w: &[f32],
+    loss: &mut [f32],
+    g: KlGrads<'_, E, E>,
+) {
+    kl_div(black_box(p), black_box(q), rows, cols, 2.0, w, loss, g).unwrap();
+    black_box(loss);
+}
+
 /// Teacher p and student q of one dtype; `grads` asks for both gradients.
 fn bench_kl_dtype<E: Element>(c: &mut Criterion, grads: bool) {
     let name = if grads {
@@ -119,22 +141,52 @@ fn bench_kl_dtype<E: Element>(c: &mut Criterion, grads: bool) {
                 } else {
                     KlGrads { p: None, q: None }
                 };
-                kl_div(
-                    black_box(&p),
-                    black_box(&q),
-                    rows,
-                    cols,
-                    2.0,
-                    &w,
-                    &mut loss,
-                    g,
-                )
-                .unwrap();
-                black_box(&mut loss);
+                timed_kl(&p, &q, rows, cols, &w, &mut loss, g);
             })
         });
     }
     group.finish();
+}
+
+fn bench_floor_dtype<E: Element>(c: &mut Criterion) {
+    let mut group = c.benchmark_group("student_grad_vs_floor");
+    configure(&mut group);
+    let threads = pool::num_threads();
+    for (rows, cols) in SHAPES {
+        let n = rows * cols;
+        let p: Vec<E> = logits(rows, cols, 2);
+        let q: Vec<E> = logits(rows, cols, 3);
+        let w = vec![1.0f32; rows];
+        let mut loss = vec![0.0f32; rows];
+        // Written once before timing, as kdcore's recycled gradient buffers are.
+        let mut out = vec![E::from_f32(0.0); n];
+        group.throughput(Throughput::Elements(n as u64));
+        let shape = format!("{rows}x{cols}");
+        group.bench_function(
+            BenchmarkId::new(format!("floor/{}", E::NAME), &shape),
+            |b| {
+                b.iter(|| {
+                    floor(black_box(&p), black_box(&q), &mut out, threads);
+                    black_box(&mut out);
+                })
+            },
+        );
+        group.bench_function(BenchmarkId::new(format!("kl/{}", E::NAME), &shape), |b| {
+            b.iter(|| {
+                let g = KlGrads {
+                    p: None,
+                    q: Some(&mut out[..]),
+                };
+                timed_kl(&p, &q, rows, cols, &w, &mut loss, g);
+            })
+        });
+    }
+    group.finish();
+}
+
+fn bench_floor(c: &mut Criterion) {
+    bench_floor_dtype::<f32>(c);
+    bench_floor_dtype::<bf16>(c);
 }
 
 fn bench_kl(c: &mut Criterion) {
@@ -168,5 +220,5 @@ fn bench_exp(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_softmax, bench_kl, bench_exp);
+criterion_group!(benches, bench_softmax, bench_kl, bench_floor, bench_exp);
 criterion_main!(benches);

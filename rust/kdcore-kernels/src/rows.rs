@@ -138,6 +138,41 @@ pub(crate) fn wide_sum(v: &Wide) -> f64 {
     v.iter().sum()
 }
 
+/// Bytes of one cache line (64 on every x86-64 and most aarch64 cores; a
+/// wrong guess only changes how many hints are issued).
+const LINE: usize = 64;
+
+/// Hints the CPU to bring the cache lines of chunk `k` of `row` into L2.
+///
+/// The row kernels read a row from memory once (its maxima) and then work on
+/// it from cache: without a hint those phases alternate, waiting on memory
+/// and then computing. Hinting the next row (and the gradient row about to
+/// be written) while a row's exponentials are computed overlaps the two. A
+/// hint never faults: `row` may be empty or shorter than the chunk.
+#[inline(always)]
+pub(crate) fn prefetch_chunk<E>(row: &[E], k: usize) {
+    if row.is_empty() {
+        return;
+    }
+    let bytes = LANES * std::mem::size_of::<E>();
+    let start = (row.as_ptr() as *const u8).wrapping_add(k * bytes);
+    for offset in (0..bytes).step_by(LINE) {
+        prefetch_l2(start.wrapping_add(offset));
+    }
+}
+
+#[inline(always)]
+fn prefetch_l2(_p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    #[allow(unused_unsafe)]
+    // SAFETY: a prefetch is only a hint: it never faults and has no
+    // architectural effect, whatever the address (SSE, baseline on x86-64).
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        _mm_prefetch::<_MM_HINT_T1>(_p as *const i8)
+    }
+}
+
 /// Maximum of a row, widened to f32.
 #[inline(always)]
 pub(crate) fn row_max<E: Element>(row: &[E]) -> f32 {
