@@ -20,6 +20,7 @@ _DEMO_ONLY = (
     "temperature",
     "seed",
     "seeds",
+    "workers",
     "device",
     "teacher",
 )
@@ -201,6 +202,12 @@ def _demo_parser(sub) -> None:
     )
     demo.add_argument("--threads", type=_positive_int, help="CPU threads for torch and kdcore")
     demo.add_argument(
+        "--workers",
+        type=_positive_int,
+        help="processes training students side by side, one thread each (default: one per "
+        "CPU thread on a CPU, 1 on a GPU)",
+    )
+    demo.add_argument(
         "--device", type=_device, help="auto (cuda if available; the default), cpu, cuda"
     )
     demo.add_argument(
@@ -294,6 +301,7 @@ def _run_demo(args) -> int:
         "temperature": args.temperature,
         "seed": args.seed,
         "seeds": args.seeds,
+        "workers": args.workers,
         "out_dir": args.out,
         "teacher_path": args.teacher,
         "device": args.device,

@@ -17,12 +17,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import png_info
-from kdcore.agent import ByteTokenizer
+from kdcore.demo.data import TOKENIZER
 from kdcore.demo.model import ModelConfig, TinyLM
 from kdcore.demo.rollout import run_agent
 from kdcore.demo.task import CalcError, calculate, make_problems, oracle_trajectory, prompt
 
-TOKENIZER = ByteTokenizer()
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
 
 
@@ -103,7 +102,7 @@ class ScriptedAgent(torch.nn.Module):
         return []
 
     def decode_step(self, tokens, cache, pos):
-        logits = torch.full((len(self.scripts), 259), -1e4)
+        logits = torch.full((len(self.scripts), TOKENIZER.vocab_size), -1e4)
         for b, script in enumerate(self.scripts):
             self.fed[b].append(int(tokens[b]))
             logits[b, script[pos + 1] if pos + 1 < len(script) else TOKENIZER.eos_id] = 0.0
@@ -149,7 +148,7 @@ def test_kv_cache_decoding_matches_the_full_forward(positions):
     torch.manual_seed(0)
     cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, max_len=64, positions=positions)
     model = TinyLM(cfg).eval()
-    ids = torch.randint(0, 259, (3, 20))
+    ids = torch.randint(0, TOKENIZER.vocab_size, (3, 20))
     full = model(ids)
     cache = model.new_cache(3)
     steps = torch.stack([model.decode_step(ids[:, i], cache, i) for i in range(20)], 1)

@@ -14,13 +14,14 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..agent import ByteTokenizer, Encoded, collate, encode_react
+from ..agent import Encoded, collate, encode_react
 from ..spans import Span
 from .task import Problem, make_problems
+from .tokenizer import DemoTokenizer
 
 TEACHER_SEED, STUDENT_SEED, HELD_OUT_SEED, VALIDATION_SEED = 1, 2, 3, 4
 TEACHER_PROBLEMS = 6000
-TOKENIZER = ByteTokenizer()
+TOKENIZER = DemoTokenizer()
 
 #: Token-level KD learns every token after the prompt, observations included.
 ALL_AFTER_PROMPT = {Span.PROMPT: 0.0, Span.REASON: 1.0, Span.ACT: 1.0, Span.OBSERVATION: 1.0}

@@ -1,7 +1,8 @@
 """Why an agent fails: per-span token accuracy and where a failed episode goes wrong.
 
-- :func:`span_token_accuracy`: greedy next-token accuracy on the reasoning
-  and on the action tokens of reference trajectories (teacher-forced).
+- :func:`span_diagnostics`: greedy next-token accuracy and the KL from the
+  teacher, on the reasoning and on the action tokens of reference
+  trajectories (teacher-forced).
 - :func:`first_error`: for a failed episode, the kind of the first token at
   which its text leaves every correct trajectory of its problem (the oracle's
   plan under any of its thought phrasings). Observations are written by the
@@ -36,28 +37,58 @@ ERROR_KINDS = (
 _CALC, _FINISH = "Action: calc[", "Action: finish["
 
 
+_SPANS = (("reason", Span.REASON), ("action", Span.ACT))
+
+
 @torch.no_grad()
+def span_diagnostics(
+    model: torch.nn.Module,
+    items: list[Encoded],
+    teacher: torch.nn.Module | None = None,
+    batch_size: int = 64,
+) -> dict[str, dict[str, float]]:
+    """Per span of reference trajectories (teacher-forced), ``{"reason": {...},
+    "action": {...}}`` with ``token_accuracy`` (greedy next-token accuracy) and,
+    given the ``teacher`` model, ``teacher_kl``: the mean KL(teacher || model)
+    per token in nats, computed in float64 (how closely the student matches the
+    teacher's distribution, which success alone does not show). NaN where
+    there is no such token."""
+    model.eval()
+    hits = dict.fromkeys(dict(_SPANS).values(), 0)
+    total = dict.fromkeys(hits, 0)
+    kl = dict.fromkeys(hits, 0.0)
+    for start in range(0, len(items), batch_size):
+        batch = collate(items[start : start + batch_size], pad_id=TOKENIZER.pad_id)
+        logits = model(batch["input_ids"])[:, :-1]
+        target, spans = batch["input_ids"][:, 1:], batch["spans"][:, 1:]
+        real = batch["attention_mask"][:, 1:].bool()
+        per_token = None
+        if teacher is not None:
+            log_q = torch.log_softmax(logits.double(), -1)
+            log_p = torch.log_softmax(teacher(batch["input_ids"])[:, :-1].double(), -1)
+            per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
+        for span in hits:
+            where = (spans == span) & real
+            hits[span] += int(((logits.argmax(-1) == target) & where).sum())
+            total[span] += int(where.sum())
+            if per_token is not None:
+                kl[span] += float(per_token[where].sum())
+    out = {}
+    for name, span in _SPANS:
+        n = total[span]
+        out[name] = {"token_accuracy": hits[span] / n if n else float("nan")}
+        if teacher is not None:
+            out[name]["teacher_kl"] = kl[span] / n if n else float("nan")
+    return out
+
+
 def span_token_accuracy(
     model: torch.nn.Module, items: list[Encoded], batch_size: int = 64
 ) -> dict[str, float]:
     """Greedy next-token accuracy per span of reference trajectories:
     ``{"reason": ..., "action": ...}`` (NaN where there is no such token)."""
-    model.eval()
-    hits = {Span.REASON: 0, Span.ACT: 0}
-    total = {Span.REASON: 0, Span.ACT: 0}
-    for start in range(0, len(items), batch_size):
-        batch = collate(items[start : start + batch_size], pad_id=TOKENIZER.pad_id)
-        pred = model(batch["input_ids"])[:, :-1].argmax(-1)
-        target, spans = batch["input_ids"][:, 1:], batch["spans"][:, 1:]
-        real = batch["attention_mask"][:, 1:].bool()
-        for span in hits:
-            where = (spans == span) & real
-            hits[span] += int(((pred == target) & where).sum())
-            total[span] += int(where.sum())
-    return {
-        name: hits[span] / total[span] if total[span] else float("nan")
-        for name, span in (("reason", Span.REASON), ("action", Span.ACT))
-    }
+    spans = span_diagnostics(model, items, batch_size=batch_size)
+    return {name: value["token_accuracy"] for name, value in spans.items()}
 
 
 def _common_prefix(a: str, b: str) -> int:
@@ -99,7 +130,7 @@ def first_error(episode: Episode) -> str | None:
 
     The episode's text is matched against every correct trajectory of its
     problem; the first character past the longest common prefix is the first
-    wrong token (the byte tokenizer makes characters tokens). An episode that
+    wrong token (the first character that differs lies in it). An episode that
     stopped early (end of sequence) is wrong where the correct text goes on; a
     number written with a digit too many is wrong in that number.
     """

@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import platform
 import sys
@@ -50,9 +49,10 @@ from .evaluate import Evaluation, evaluate
 from .model import ModelConfig, TinyLM
 from .report import aggregate, format_seed_table, format_table, paired_gaps
 from .rollout import run_agent
-from .students import LEARNING_RATES, STUDENTS, train_student
+from .students import LEARNING_RATES, STUDENTS
 from .task import oracle_trajectory
 from .teacher import STUDENT_CONFIG, TeacherRecipe, load_teacher, train_teacher
+from .workers import StudentRun, train_students
 
 __all__ = ["STUDENTS", "DemoConfig", "aggregate", "format_table", "run_demo"]
 
@@ -129,16 +129,17 @@ def teacher_data(
     }
 
 
-def _row(name: str, model: TinyLM, result: Evaluation, seconds: float | None, what: str) -> dict:
+def _row(name: str, parameters: int, result: Evaluation, seconds: float | None, what: str) -> dict:
     failed = [e for e in result.episodes if not e.success]
     return {
         "model": name,
         "objective": what,
-        "parameters": model.num_parameters(),
+        "parameters": parameters,
         "train_seconds": seconds,
         "success_rate": result.success_rate,
         "action_token_accuracy": result.action_token_accuracy,
         "reason_token_accuracy": result.reason_token_accuracy,
+        "spans": result.spans,
         "mean_actions": result.mean_actions,
         "tool_errors": result.tool_errors,
         "first_error": first_error_counts(failed),
@@ -153,61 +154,6 @@ def _row(name: str, model: TinyLM, result: Evaluation, seconds: float | None, wh
             for e in result.episodes
         ],
     }
-
-
-#: What the seeds' workers read (a forked worker inherits it; nothing is pickled).
-_SHARED: dict[str, Any] = {}
-
-
-def _workers(cfg: DemoConfig, device: torch.device) -> int:
-    """Worker processes for the seeds: one per seed up to the CPU count, on the
-    CPU only (one thread each: a small model trains faster that way than with
-    two threads on one copy); 1 (in this process) elsewhere or when asked."""
-    if cfg.workers:
-        wanted = cfg.workers
-    elif device.type != "cpu" or "fork" not in multiprocessing.get_all_start_methods():
-        wanted = 1
-    else:
-        wanted = max(1, torch.get_num_threads())
-    return max(1, min(wanted, cfg.seeds * len(STUDENTS)))
-
-
-def _student(task: tuple[int, str]) -> tuple[dict, dict, float]:
-    """Trains and evaluates one student of one seed (in a worker or here)."""
-    seed, name = task
-    cfg, out, device = _SHARED["cfg"], _SHARED["out"], _SHARED["device"]
-    in_worker = multiprocessing.parent_process() is not None
-    if in_worker:
-        torch.set_num_threads(1)
-        set_num_threads(1)
-    i = list(STUDENTS).index(name) + 1
-    lr = cfg.learning_rates[name]
-    _say(f"[student {i}/3, seed {seed}] {name}: {STUDENTS[name]}, lr {lr:g}, {cfg.steps} steps")
-    t0 = time.perf_counter()
-    log = out / "logs" / (f"{name}.jsonl" if cfg.seeds == 1 else f"{name}_seed{seed}.jsonl")
-    model, trained = train_student(
-        name,
-        lr=lr,
-        config=cfg.student,
-        steps=cfg.steps,
-        batch_size=cfg.batch_size,
-        temperature=cfg.temperature,
-        seed=seed,
-        dataset=_SHARED["datasets"][name],
-        device=device,
-        log_path=log,
-        description=name if cfg.seeds == 1 else f"{name} seed {seed}",
-        progress=not in_worker,
-    )
-    result = evaluate(model, _SHARED["test"], _SHARED["references"])
-    row = _row(name, model, result, trained["seconds"], STUDENTS[name])
-    row.update(seed=seed, lr=lr, initial_loss_scale=trained["initial"])
-    seconds = time.perf_counter() - t0
-    _say(
-        f"  train + evaluate {name} (seed {seed}): {seconds:.1f} s, held-out success "
-        f"{100 * result.success_rate:.1f}%"
-    )
-    return row, trained, seconds
 
 
 def run_demo(cfg: DemoConfig, *, threads: int | None = None) -> dict[str, Any]:
@@ -252,7 +198,7 @@ def run_demo(cfg: DemoConfig, *, threads: int | None = None) -> dict[str, Any]:
     rows = [
         _row(
             "teacher",
-            teacher,
+            teacher.num_parameters(),
             evaluate(teacher, test, references),
             None,
             "SFT on oracle trajectories (shipped)",
@@ -262,24 +208,34 @@ def run_demo(cfg: DemoConfig, *, threads: int | None = None) -> dict[str, Any]:
     seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
     curves: dict[str, dict[str, list]] = {}
     initial: dict[str, dict[str, dict]] = {}
-    _SHARED.update(cfg=cfg, datasets=datasets, test=test, references=references, out=out)
-    _SHARED.update(device=device)
-    tasks = [(seed, name) for seed in seeds for name in STUDENTS]
-    workers = _workers(cfg, device)
-    if workers > 1:
-        _say(f"training {len(tasks)} students in {workers} worker processes (one thread each)")
-        context = multiprocessing.get_context("fork")
-        with context.Pool(workers) as pool:
-            results = pool.map(_student, tasks, chunksize=1)
-    else:
-        results = [_student(task) for task in tasks]
-    _SHARED.clear()
-    for row, trained, seconds in results:  # in the order of tasks: seed by seed
-        name, seed = row["model"], row["seed"]
-        curves.setdefault(name, {})[str(seed)] = trained["curve"]
-        initial.setdefault(name, {})[str(seed)] = trained["initial"]
+    runs = [
+        StudentRun(
+            name,
+            seed,
+            cfg.learning_rates[name],
+            out / "logs" / (f"{name}.jsonl" if cfg.seeds == 1 else f"{name}_seed{seed}.jsonl"),
+            f"student {i}/3, seed {seed}: {name}",
+        )
+        for seed in seeds
+        for i, name in enumerate(STUDENTS, start=1)
+    ]
+    trained = train_students(
+        runs,
+        cfg=cfg,
+        datasets=datasets,
+        problems=test,
+        references=references,
+        teacher=teacher,
+        device=device,
+    )
+    for t in trained:  # in the order of runs: seed by seed
+        name, seed = t.run.name, t.run.seed
+        row = _row(name, t.parameters, t.evaluation, t.fit["seconds"], STUDENTS[name])
+        row.update(seed=seed, lr=t.run.lr, initial_loss_scale=t.fit["initial"])
         rows.append(row)
-        phases[f"train + evaluate {name} (seed {seed})"] = seconds
+        curves.setdefault(name, {})[str(seed)] = t.fit["curve"]
+        initial.setdefault(name, {})[str(seed)] = t.fit["initial"]
+        phases[f"train + evaluate {name} (seed {seed})"] = t.seconds
 
     agg = aggregate(rows)
     gaps = paired_gaps(rows, PAIRS) if cfg.seeds > 1 else []

@@ -36,6 +36,11 @@ def aggregate(rows: list[dict]) -> list[dict]:
         }
         if all("reason_token_accuracy" in r for r in runs):
             row["reason_token_accuracy"] = sum(r["reason_token_accuracy"] for r in runs) / len(runs)
+        if all("spans" in r for r in runs):
+            row["spans"] = {
+                span: {k: sum(r["spans"][span][k] for r in runs) / len(runs) for k in values}
+                for span, values in runs[0]["spans"].items()
+            }
         if all("first_error" in r for r in runs):
             row["first_error"] = {k: sum(r["first_error"][k] for r in runs) for k in ERROR_KINDS}
         out.append(row)
@@ -58,17 +63,21 @@ def paired_gaps(rows: list[dict], pairs: list[tuple[str, str]]) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     head = f"{'model':<9} {'params':>7}  {'objective':<40} {'lr':>7} {'success':>8} {'sd':>5} "
-    head += f"{'act-tok':>7} {'rsn-tok':>7} {'actions':>7}"
+    head += f"{'act-tok':>7} {'rsn-tok':>7} {'act KL':>7} {'rsn KL':>7} {'actions':>7}"
     lines = [head, "-" * len(head)]
     for r in rows:
         lr = "-" if r.get("lr") is None else f"{r['lr']:.0e}"
         sd = f"{100 * r['success_sd']:.1f}" if len(r.get("success_by_seed", [])) > 1 else "-"
         reason = r.get("reason_token_accuracy")
         reason = "-" if reason is None else f"{100 * reason:.1f}%"
+        kl = {k: v.get("teacher_kl") for k, v in r.get("spans", {}).items()}
+        act_kl, rsn_kl = (
+            "-" if kl.get(k) is None else f"{kl[k]:.4f}" for k in ("action", "reason")
+        )
         lines.append(
             f"{r['model']:<9} {r['parameters'] / 1e3:>6.0f}k  {r['objective']:<40} {lr:>7} "
             f"{100 * r['success_rate']:>7.1f}% {sd:>5} {100 * r['action_token_accuracy']:>6.1f}% "
-            f"{reason:>7} {r['mean_actions']:>7.2f}"
+            f"{reason:>7} {act_kl:>7} {rsn_kl:>7} {r['mean_actions']:>7.2f}"
         )
     return "\n".join(lines)
 

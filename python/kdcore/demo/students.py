@@ -18,19 +18,18 @@ from ..train import Distiller
 from .data import loader
 from .diagnostics import loss_scale
 from .model import ModelConfig, TinyLM
+from .numerics import flush_denormals
 from .teacher import STUDENT_CONFIG, cosine_schedule
 
 STUDENTS = {
     "sft": "hard-label CE on thought + action tokens",
     "token_kd": "KL on every token after the prompt",
-    "span_kd": "span loss: KL per span (reason, action, obs)",
+    "span_kd": "span loss: KL per span (reason, action)",
 }
-#: Span-level KD's weights: each span type averaged over its own tokens, then
-#: summed. The tool's observations are kept: the diagnosis (docs/demo.md) found
-#: that predicting them is what teaches a student to copy the numbers its next
-#: action needs; with kdcore's default weights (observations 0) span-level KD
-#: fails like SFT does.
-SPAN_KD_WEIGHTS = {Span.PROMPT: 0.0, Span.REASON: 1.0, Span.ACT: 1.0, Span.OBSERVATION: 1.0}
+#: Span-level KD's weights: kdcore's defaults. Reasoning and action spans are
+#: each averaged over their own tokens, then summed; the prompt and the tool's
+#: observations (text the agent never writes) are not learnt.
+SPAN_KD_WEIGHTS = {Span.PROMPT: 0.0, Span.REASON: 1.0, Span.ACT: 1.0, Span.OBSERVATION: 0.0}
 LOSS_MODE = {"sft": "sft", "token_kd": "token", "span_kd": "span"}
 
 #: Peak learning rate per objective, chosen on the validation split by
@@ -79,13 +78,14 @@ def train_student(
     first = {k: v.to(device) for k, v in next(iter(loader(dataset, batch_size, seed))).items()}
     scale = loss_scale(student, distiller, first)
     epochs = -(-steps // len(data))
-    summary = distiller.fit(
-        data,
-        epochs=epochs,
-        max_steps=steps,
-        description=description or name,
-        progress=progress,
-    )
+    with flush_denormals():
+        summary = distiller.fit(
+            data,
+            epochs=epochs,
+            max_steps=steps,
+            description=description or name,
+            progress=progress,
+        )
     curve = []
     if log_path is not None:
         curve = [(r["step"], r["loss"]) for r in map(json.loads, log_path.read_text().splitlines())]

@@ -17,12 +17,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .data import encode, held_out_problems, student_problems, validation_problems
-from .evaluate import evaluate
 from .pipeline import DemoConfig, _device, _say, _write_json, teacher_data
 from .report import mean_sd
-from .students import STUDENTS, train_student
+from .students import STUDENTS
 from .task import oracle_trajectory
 from .teacher import load_teacher
+from .workers import StudentRun, train_students
 
 LR_GRID = (1e-3, 2e-3, 4e-3, 8e-3)
 VALIDATION_PROBLEMS = 200
@@ -58,38 +58,32 @@ def run_tune(
         device=device,
     )
     references = encode([oracle_trajectory(p) for p in val])
-    runs = []
-    for name in students:
-        for lr in grid:
-            for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-                model, trained = train_student(
-                    name,
-                    lr=lr,
-                    config=cfg.student,
-                    steps=cfg.steps,
-                    batch_size=cfg.batch_size,
-                    temperature=cfg.temperature,
-                    seed=seed,
-                    dataset=datasets[name],
-                    device=device,
-                    description=f"{name} lr {lr:g} seed {seed}",
-                )
-                result = evaluate(model, val, references)
-                runs.append(
-                    {
-                        "model": name,
-                        "lr": lr,
-                        "seed": seed,
-                        "validation_success": result.success_rate,
-                        "action_token_accuracy": result.action_token_accuracy,
-                        "reason_token_accuracy": result.reason_token_accuracy,
-                    }
-                )
-                _say(
-                    f"  {name:<9} lr {lr:<7g} seed {seed}: validation success "
-                    f"{100 * result.success_rate:5.1f}%, action-token accuracy "
-                    f"{100 * result.action_token_accuracy:5.1f}%"
-                )
+    plan = [
+        StudentRun(name, seed, lr, None, f"{name} lr {lr:g} seed {seed}")
+        for name in students
+        for lr in grid
+        for seed in range(cfg.seed, cfg.seed + cfg.seeds)
+    ]
+    trained = train_students(
+        plan,
+        cfg=cfg,
+        datasets=datasets,
+        problems=val,
+        references=references,
+        teacher=None,
+        device=device,
+    )
+    runs = [
+        {
+            "model": t.run.name,
+            "lr": t.run.lr,
+            "seed": t.run.seed,
+            "validation_success": t.evaluation.success_rate,
+            "action_token_accuracy": t.evaluation.action_token_accuracy,
+            "reason_token_accuracy": t.evaluation.reason_token_accuracy,
+        }
+        for t in trained
+    ]
     table, chosen = summarise(runs)
     print(format_tune(table, chosen))
     report = {
