@@ -9,7 +9,7 @@ import sys
 
 # torch.Generator.manual_seed takes seeds in [0, 2**64).
 _SEED_LIMIT = 2**64
-_TEACHER_STEPS = 1500
+_TEACHER_STEPS = 2500
 # Options of the demo run itself; --train-teacher does not use them.
 _DEMO_ONLY = (
     "quick",
@@ -187,7 +187,7 @@ def _demo_parser(sub) -> None:
     demo.add_argument(
         "--problems",
         type=_positive_int,
-        help="training problems the teacher acts on (at least one batch, 32)",
+        help="training problems the teacher acts on (at least one batch, 16)",
     )
     demo.add_argument("--held-out", type=_positive_int, help="held-out problems to evaluate on")
     demo.add_argument(
@@ -224,6 +224,12 @@ def _demo_parser(sub) -> None:
         "prints the rates the demo's defaults should hold (--seeds defaults to 1 here)",
     )
     demo.add_argument(
+        "--lr-grid",
+        type=_rate_grid,
+        metavar="R1,R2,...",
+        help="with --tune: the learning rates to try (default: 1e-3,2e-3,4e-3,8e-3,1.6e-2)",
+    )
+    demo.add_argument(
         "--train-teacher",
         action="store_true",
         help="instead of the demo: retrain the teacher and write it to --save-teacher "
@@ -242,6 +248,20 @@ def _demo_parser(sub) -> None:
     )
 
 
+def _rate_grid(text: str) -> tuple[float, ...]:
+    """``1e-3,2e-3``: learning rates, each finite and in (0, 1]."""
+    rates = []
+    for part in text.split(","):
+        try:
+            rate = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {part.strip()!r}") from None
+        if not 0.0 < rate <= 1.0:
+            raise argparse.ArgumentTypeError(f"each rate must be in (0, 1]; got {part.strip()}")
+        rates.append(rate)
+    return tuple(dict.fromkeys(rates))
+
+
 def _flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
@@ -257,11 +277,13 @@ def _check_demo_args(args) -> None:
 
     error = args.command_parser.error
     if args.train_teacher:
-        if extra := _given(args, (*_DEMO_ONLY, "tune")):
+        if extra := _given(args, (*_DEMO_ONLY, "tune", "lr_grid")):
             error(f"--train-teacher does not take {', '.join(extra)}")
         return
     if extra := _given(args, _TEACHER_ONLY):
         error(f"{', '.join(extra)}: used only with --train-teacher")
+    if args.lr_grid is not None and not args.tune:
+        error("--lr-grid: used only with --tune")
     batch = DemoConfig.batch_size
     if args.problems is not None and args.problems < batch:
         error(f"--problems must be >= {batch} (one training batch); got {args.problems}")
@@ -312,7 +334,8 @@ def _run_demo(args) -> int:
 
         chosen.setdefault("seeds", 1)
         _set_threads(args.threads)
-        run_tune(DemoConfig.quick(**chosen) if args.quick else DemoConfig(**chosen))
+        grid = {} if args.lr_grid is None else {"grid": args.lr_grid}
+        run_tune(DemoConfig.quick(**chosen) if args.quick else DemoConfig(**chosen), **grid)
         return 0
     cfg = DemoConfig.quick(**chosen) if args.quick else DemoConfig(**chosen)
     run_demo(cfg, threads=args.threads)

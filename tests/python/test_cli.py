@@ -116,7 +116,7 @@ def test_bench_rejects_bad_arguments_up_front(capsys, no_work, argv, message):
         (["--seeds", "0"], "argument --seeds: must be >= 1; got 0"),
         (["--threads", "0"], "argument --threads: must be >= 1; got 0"),
         (["--problems", "0"], "argument --problems: must be >= 1; got 0"),
-        (["--problems", "31"], "--problems must be >= 32 (one training batch); got 31"),
+        (["--problems", "15"], "--problems must be >= 16 (one training batch); got 15"),
         (["--seed", "-1"], "argument --seed: must be in [0, 2**64); got -1"),
         (["--seed", str(2**64 - 1), "--seeds", "2"], "--seed + --seeds - 1 must be < 2**64"),
         (["--device", "gpu"], "argument --device: takes auto, cpu, cuda or cuda:N; got 'gpu'"),
@@ -200,7 +200,7 @@ def test_train_teacher_honours_threads(monkeypatch, tmp_path):
     finally:
         kdcore.set_num_threads(before[0])
         torch.set_num_threads(before[1])
-    assert seen == {"steps": 1500, "save_to": target, "threads": (1, 1)}
+    assert seen == {"steps": 2500, "save_to": target, "threads": (1, 1)}
 
 
 def test_bench_run_rejects_non_positive_counts():

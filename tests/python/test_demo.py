@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import operator
 import os
 import re
@@ -156,13 +157,17 @@ def test_kv_cache_decoding_matches_the_full_forward(positions):
 
 
 def _check_episode(episode: dict) -> None:
-    """Re-executes every action of an episode with the independent evaluator."""
-    lines = episode["text"].splitlines()
+    """Re-executes every action of an episode with the independent evaluator.
+
+    An observation cut off by the end of the context (the episode's last line,
+    without its newline) is not checked."""
+    lines = episode["text"].splitlines(keepends=True)
     finish = None
     for i, line in enumerate(lines):
         match = re.fullmatch(r"Action: calc\[(.*)\]", line.strip())
-        if match and i + 1 < len(lines) and lines[i + 1].startswith("Observation:"):
-            observed = lines[i + 1][len("Observation:") :].strip()
+        following = lines[i + 1] if i + 1 < len(lines) else ""
+        if match and following.startswith("Observation:") and following.endswith("\n"):
+            observed = following[len("Observation:") :].strip()
             try:
                 value = exact_value(match.group(1))
             except (ValueError, SyntaxError, ZeroDivisionError):
@@ -210,6 +215,14 @@ def test_demo_quick_end_to_end(tmp_path):
         failed = [e for e in episodes if not e["success"]]
         assert sum(row["first_error"].values()) == len(failed)
         assert all((e["first_error"] is None) == e["success"] for e in episodes)
+    # Per-span diagnostics: each student's KL from the teacher, averaged over seeds.
+    for name in ("sft", "token_kd", "span_kd"):
+        for span in ("reason", "action"):
+            values = [runs[(name, s)]["spans"][span]["teacher_kl"] for s in range(seeds)]
+            assert all(math.isfinite(v) and v >= 0 for v in values)
+            agg_kl = {r["model"]: r for r in summary["aggregate"]}[name]["spans"][span]
+            assert agg_kl["teacher_kl"] == pytest.approx(sum(values) / seeds)
+    assert "teacher_kl" not in runs[("teacher", None)]["spans"]["action"]
     # Paired: the students of one seed start from the same weights and see the same
     # batches, so their initial loss scales come from the same batch and weights.
     for s in range(seeds):
@@ -255,6 +268,11 @@ def test_demo_quick_end_to_end(tmp_path):
         (["--steps", "0"], "argument --steps: must be >= 1; got 0"),
         (["--held-out", "-3"], "argument --held-out: must be >= 1; got -3"),
         (["--threads", "0"], "argument --threads: must be >= 1; got 0"),
+        (["--tune", "--lr-grid", "0"], "argument --lr-grid: each rate must be in (0, 1]; got 0"),
+        (["--tune", "--lr-grid", "1e-3,nan"], "each rate must be in (0, 1]; got nan"),
+        (["--tune", "--lr-grid", "1e-3,x"], "argument --lr-grid: not a number: 'x'"),
+        (["--lr-grid", "1e-3"], "--lr-grid: used only with --tune"),
+        (["--train-teacher", "--lr-grid", "1e-3"], "--train-teacher does not take --lr-grid"),
     ],
 )
 def test_demo_rejects_bad_arguments(argv, message, capsys):
@@ -316,3 +334,22 @@ def test_seed_aggregate_is_mean_and_sample_sd():
     assert sft["success_rate"] == pytest.approx(0.4)
     assert sft["success_sd"] == pytest.approx(0.2828427, rel=1e-6)  # sqrt(0.08 / 1)
     assert sft["success_by_seed"] == [0.2, 0.6] and sft["seeds"] == [0, 1]
+
+
+def test_shipped_teacher_matches_the_demo_tokenizer():
+    from kdcore.demo.teacher import TEACHER_CONFIG, load_teacher
+    from kdcore.demo.tokenizer import VOCAB_SIZE
+
+    teacher, meta = load_teacher()
+    assert teacher.cfg == TEACHER_CONFIG and teacher.cfg.vocab_size == VOCAB_SIZE
+    assert "--train-teacher" in meta["command"]
+
+
+def test_flush_denormals_flushes_inside_and_restores_after():
+    from kdcore.demo.numerics import flush_denormals
+
+    tiny = torch.tensor([1e-40], dtype=torch.float32)  # a float32 denormal
+    assert float(tiny * 1.0) != 0.0
+    with flush_denormals():
+        assert float(tiny * 1.0) == 0.0
+    assert float(tiny * 1.0) != 0.0

@@ -1,9 +1,9 @@
 """``kdcore demo``: distil a small calculator-using agent three ways and compare.
 
 1. The teacher (shipped checkpoint) acts on the students' problems; its
-   successful trajectories are the training data, and its logits on them are
-   computed once. Every student of every seed learns from these same
-   trajectories.
+   trajectories that solve the problem without a tool error are the training
+   data, and its logits on them are computed once. Every student of every
+   seed learns from these same trajectories.
 2. Three students of the same size train for the same number of steps, for
    each seed from the same initial weights on the same batches in the same
    order (a paired comparison): hard-label SFT on the thought and action
@@ -14,8 +14,9 @@
    objective has its own learning rate, chosen on the validation split.
 3. Every model — teacher included — acts on held-out problems (its actions
    executed by the calculator, observations fed back): task success rate,
-   action- and reasoning-token accuracy on the oracle trajectories, where
-   each failed episode first goes wrong, training time.
+   action- and reasoning-token accuracy and the KL from the teacher on the
+   oracle trajectories, where each failed episode first goes wrong, training
+   time.
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ PAIRS = [("span_kd", "token_kd"), ("span_kd", "sft"), ("token_kd", "sft")]
 class DemoConfig:
     student_problems: int = 1000
     held_out: int = 200
-    steps: int = 500
-    batch_size: int = 32
+    steps: int = 800
+    batch_size: int = 16
     learning_rates: dict[str, float] = field(default_factory=lambda: dict(LEARNING_RATES))
     student: ModelConfig = STUDENT_CONFIG
     temperature: float = 1.0
@@ -81,7 +82,7 @@ class DemoConfig:
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
         """A smoke-test size: well under a minute on two CPU cores."""
-        return replace(cls(student_problems=128, held_out=32, steps=30, seeds=2), **overrides)
+        return replace(cls(student_problems=128, held_out=32, steps=30), **overrides)
 
 
 def _say(message: str) -> None:
@@ -115,7 +116,8 @@ def teacher_data(
             temperature=temperature,
             generator=generator,
         )
-    kept = [e.text for e in episodes if e.success]
+    # Solved without a tool error: a malformed action is not something to imitate.
+    kept = [e.text for e in episodes if e.success and not e.errors]
     if len(kept) < batch_size:
         raise RuntimeError(f"the teacher solved only {len(kept)} training problems")
     default_items = encode(kept)

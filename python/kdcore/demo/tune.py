@@ -24,7 +24,7 @@ from .task import oracle_trajectory
 from .teacher import load_teacher
 from .workers import StudentRun, train_students
 
-LR_GRID = (1e-3, 2e-3, 4e-3, 8e-3)
+LR_GRID = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2)
 VALIDATION_PROBLEMS = 200
 
 
