@@ -7,6 +7,7 @@ import json
 import math
 import operator
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -353,3 +354,35 @@ def test_flush_denormals_flushes_inside_and_restores_after():
     with flush_denormals():
         assert float(tiny * 1.0) == 0.0
     assert float(tiny * 1.0) != 0.0
+
+
+def test_readme_and_docs_tables_are_the_recorded_default_runs_output():
+    """The README's and docs/demo.md's tables are what the default command printed:
+    the run's summary is kept in docs/demo-run/, its config is today's default,
+    and the tables are rebuilt from its aggregate rows by the demo's own report."""
+    from dataclasses import asdict
+
+    from kdcore.demo.pipeline import DemoConfig
+    from kdcore.demo.report import format_seed_table
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    summary = json.loads((root / "docs" / "demo-run" / "summary.json").read_text())
+    defaults = asdict(DemoConfig())
+    recorded = dict(summary["config"])
+    for key in ("out_dir", "teacher_path", "device"):
+        recorded.pop(key), defaults.pop(key)
+    recorded["student"] = ModelConfig(**recorded["student"])
+    defaults["student"] = ModelConfig(**defaults["student"])
+    assert recorded == defaults
+    printed = format_seed_table(summary["aggregate"], summary["paired_gaps"])
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    quick_start = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"^```(\w*)\n(.*?)^```", quick_start, flags=re.S | re.M)
+    output = [text for language, text in blocks if not language]
+    assert output[0].rstrip("\n") == printed.split("\n\nfirst wrong")[0]
+    docs = (root / "docs" / "demo.md").read_text(encoding="utf-8")
+    assert printed in docs
+    for row in summary["aggregate"]:
+        assert row["model"] == "teacher" or (
+            row["success_rate"] >= 0.6 and row["success_sd"] <= 0.05 and len(row["seeds"]) >= 3
+        )

@@ -34,7 +34,7 @@ LOSS_MODE = {"sft": "sft", "token_kd": "token", "span_kd": "span"}
 
 #: Peak learning rate per objective, chosen on the validation split by
 #: ``kdcore demo --tune`` (its output is in docs/demo.md).
-LEARNING_RATES = {"sft": 8e-3, "token_kd": 4e-3, "span_kd": 4e-3}
+LEARNING_RATES = {"sft": 4e-3, "token_kd": 4e-3, "span_kd": 4e-3}
 WARMUP_STEPS = 20
 
 
