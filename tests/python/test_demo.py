@@ -145,10 +145,9 @@ def test_rollout_reports_malformed_actions_to_the_agent():
     assert episodes[0].text == text and len(episodes[0].errors) == 2
 
 
-@pytest.mark.parametrize("positions", ["learned", "rotary"])
-def test_kv_cache_decoding_matches_the_full_forward(positions):
+def test_kv_cache_decoding_matches_the_full_forward():
     torch.manual_seed(0)
-    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, max_len=64, positions=positions)
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, max_len=64)
     model = TinyLM(cfg).eval()
     ids = torch.randint(0, TOKENIZER.vocab_size, (3, 20))
     full = model(ids)
@@ -282,29 +281,6 @@ def test_demo_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["demo", *argv])
     assert exc.value.code == 2 and message in capsys.readouterr().err
-
-
-def test_rotary_positions_attend_by_offset():
-    """With rotary positions a score depends on the offset only: shifting a whole
-    sequence of identical tokens along leaves each row's attention the same."""
-    from kdcore.demo.model import _rotary_tables, _rotate
-
-    cfg = ModelConfig(d_model=16, n_heads=2, max_len=32, positions="rotary")
-    cos, sin = _rotary_tables(cfg)
-    q, k = torch.randn(1, 1, 1, 8).double(), torch.randn(1, 1, 1, 8).double()
-
-    def score(i, j):  # query at position i, key at position j
-        return float(
-            (
-                _rotate(q, cos[i : i + 1].double(), sin[i : i + 1].double())
-                * _rotate(k, cos[j : j + 1].double(), sin[j : j + 1].double())
-            ).sum()
-        )
-
-    assert score(5, 3) == pytest.approx(score(12, 10), rel=1e-6)  # float32 tables
-    assert score(5, 3) != pytest.approx(score(5, 4), rel=1e-3)
-    with pytest.raises(ValueError, match="positions"):
-        TinyLM(ModelConfig(positions="alibi"))
 
 
 def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path):
