@@ -362,3 +362,37 @@ def test_readme_and_docs_tables_are_the_recorded_default_runs_output():
         assert row["model"] == "teacher" or (
             row["success_rate"] >= 0.6 and row["success_sd"] <= 0.05 and len(row["seeds"]) >= 3
         )
+
+
+def test_tune_quick_end_to_end(tmp_path):
+    """`kdcore demo --tune` trains every student at every rate, scores them on
+    validation problems disjoint from the held-out ones, and records the choice."""
+    from kdcore.demo.data import held_out_problems, student_problems, validation_problems
+    from kdcore.demo.pipeline import DemoConfig
+
+    out = tmp_path / "tune"
+    argv = ["demo", "--tune", "--quick", "--seeds", "1", "--lr-grid", "1e-3,4e-3"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdcore", *argv, "--out", str(out), "--threads", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "tune.json").read_text())
+    assert report["grid"] == [1e-3, 4e-3]
+    runs = {(r["model"], r["lr"], r["seed"]) for r in report["runs"]}
+    assert runs == {(n, lr, 0) for n in ("sft", "token_kd", "span_kd") for lr in (1e-3, 4e-3)}
+    for name, lr in report["chosen"].items():
+        cells = [r for r in report["runs"] if r["model"] == name]
+        assert (
+            lr
+            == max(cells, key=lambda r: (r["validation_success"], r["action_token_accuracy"]))["lr"]
+        )
+    assert "chosen: " in proc.stdout
+    cfg = DemoConfig.quick()
+    problems = student_problems(cfg.student_problems)
+    val = validation_problems(report["validation_problems"], exclude=problems, held_out=200)
+    held = held_out_problems(cfg.held_out, exclude=problems)
+    assert not {p.question for p in val} & {p.question for p in held}
+    assert not {p.question for p in val} & {p.question for p in problems}
