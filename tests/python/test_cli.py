@@ -171,7 +171,7 @@ def test_demo_options_reach_the_config(monkeypatch, tmp_path):
         3,
         2,
     )
-    assert (cfg.steps, cfg.held_out, cfg.student_problems) == (40, 40, 160)  # --quick sizes
+    assert (cfg.steps, cfg.held_out, cfg.student_problems) == (30, 32, 128)  # --quick sizes
     assert seen["threads"] == 1
 
 
@@ -200,7 +200,7 @@ def test_train_teacher_honours_threads(monkeypatch, tmp_path):
     finally:
         kdcore.set_num_threads(before[0])
         torch.set_num_threads(before[1])
-    assert seen == {"steps": 1500, "save_to": target, "threads": (1, 1)}
+    assert seen == {"steps": 2500, "save_to": target, "threads": (1, 1)}
 
 
 def test_bench_run_rejects_non_positive_counts():

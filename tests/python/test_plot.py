@@ -177,3 +177,26 @@ def test_kdcore_plot_needs_an_existing_summary(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["plot", str(tmp_path / "missing.json")])
     assert exc.value.code == 2 and "no such file" in capsys.readouterr().err
+
+
+def test_figure_shows_where_failed_episodes_first_go_wrong():
+    summary = make_summary()
+    summary["config"] = {"held_out": 50}
+    counts = {"sft": (10, 5), "token_kd": (3, 0), "span_kd": (0, 6)}  # reason, answer
+    for row in summary["aggregate"][1:]:
+        reason, answer = counts[row["model"]]
+        row["first_error"] = {"reason": reason, "action:tool": 0, "answer": answer}
+    fig = draw_demo_figure(summary)
+    assert len(fig.axes) == 3
+    error_ax = fig.axes[2]
+    from matplotlib.container import BarContainer
+
+    stacks = [c for c in error_ax.containers if isinstance(c, BarContainer)]
+    assert [c.get_label() for c in stacks] == ["reason", "answer"]  # kinds never seen: left out
+    # Share of all held-out episodes over the 3 seeds (150 per student), stacked.
+    reason_bars, answer_bars = stacks
+    want_reason = [100 * counts[n][0] / 150 for n in STUDENTS]
+    want_answer = [100 * counts[n][1] / 150 for n in STUDENTS]
+    assert [b.get_height() for b in reason_bars] == pytest.approx(want_reason)
+    assert [b.get_height() for b in answer_bars] == pytest.approx(want_answer)
+    assert [b.get_y() for b in answer_bars] == pytest.approx(want_reason)

@@ -1,9 +1,10 @@
 """Problem sets and token batches for the demo.
 
-Three disjoint streams of problems: the teacher's training problems (oracle
+Four disjoint streams of problems: the teacher's training problems (oracle
 trajectories), the students' problems (the teacher acts on them and its
-trajectories are what the students learn from) and the held-out problems
-(never trained on; used for evaluation).
+trajectories are what the students learn from), the validation problems
+(never trained on; the learning rates are chosen on them) and the held-out
+problems (never trained on nor tuned on; the reported results).
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..agent import ByteTokenizer, Encoded, collate, encode_react
+from ..agent import Encoded, collate, encode_react
 from ..spans import Span
 from .task import Problem, make_problems
+from .tokenizer import DemoTokenizer
 
-TEACHER_SEED, STUDENT_SEED, HELD_OUT_SEED = 1, 2, 3
+TEACHER_SEED, STUDENT_SEED, HELD_OUT_SEED, VALIDATION_SEED = 1, 2, 3, 4
 TEACHER_PROBLEMS = 6000
-TOKENIZER = ByteTokenizer()
+TOKENIZER = DemoTokenizer()
 
 #: Token-level KD learns every token after the prompt, observations included.
 ALL_AFTER_PROMPT = {Span.PROMPT: 0.0, Span.REASON: 1.0, Span.ACT: 1.0, Span.OBSERVATION: 1.0}
@@ -35,11 +37,24 @@ def student_problems(count: int) -> list[Problem]:
 
 def held_out_problems(count: int, *, exclude: Sequence[Problem] = ()) -> list[Problem]:
     """``count`` problems whose questions occur in no training stream."""
+    return _fresh_problems(count, HELD_OUT_SEED, exclude)
+
+
+def validation_problems(
+    count: int, *, exclude: Sequence[Problem] = (), held_out: int = 0
+) -> list[Problem]:
+    """``count`` problems in no training stream and not among the first
+    ``held_out`` held-out problems (what the learning rates are chosen on)."""
+    excluded = [*exclude, *held_out_problems(held_out, exclude=exclude)] if held_out else exclude
+    return _fresh_problems(count, VALIDATION_SEED, excluded)
+
+
+def _fresh_problems(count: int, seed: int, exclude: Sequence[Problem]) -> list[Problem]:
     seen = {p.question for p in teacher_problems()} | {p.question for p in exclude}
     out: list[Problem] = []
     batch = 0
     while len(out) < count:
-        for p in make_problems(max(count, 64), HELD_OUT_SEED + 1000 * batch):
+        for p in make_problems(max(count, 64), seed + 1000 * batch):
             if p.question not in seen and len(out) < count:
                 seen.add(p.question)
                 out.append(p)

@@ -14,14 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .tokenizer import VOCAB_SIZE
+
 
 @dataclass(frozen=True)
 class ModelConfig:
-    vocab_size: int = 259
+    vocab_size: int = VOCAB_SIZE  # the demo tokenizer's
     d_model: int = 128
     n_layers: int = 4
     n_heads: int = 4
-    max_len: int = 384
+    max_len: int = 192
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)

@@ -1,26 +1,32 @@
 """``kdcore demo``: distil a small calculator-using agent three ways and compare.
 
 1. The teacher (shipped checkpoint) acts on the students' problems; its
-   successful trajectories are the training data, and its logits on them are
-   computed once.
-2. Three students of the same size and initial weights train for the same
-   number of steps on the same batches: hard-label SFT on the thought and
-   action tokens; token-level KD (KL on every token after the prompt, tool
+   trajectories that solve the problem without a tool error are the training
+   data, and its logits on them are computed once. Every student of every
+   seed learns from these same trajectories.
+2. Three students of the same size train for the same number of steps, for
+   each seed from the same initial weights on the same batches in the same
+   order (a paired comparison): hard-label SFT on the thought and action
+   tokens; token-level KD (KL on every token after the prompt, tool
    observations included — what KD on the raw trajectory does); span-level
    KD (kdcore's span loss: KL on reasoning and action spans, each span type
-   averaged over its own tokens, observations and prompt excluded).
+   averaged over its own tokens, observations and prompt excluded). Each
+   objective has its own learning rate, chosen on the validation split.
 3. Every model — teacher included — acts on held-out problems (its actions
    executed by the calculator, observations fed back): task success rate,
-   action-token accuracy on the oracle trajectories, training time.
+   action- and reasoning-token accuracy and the KL from the teacher on the
+   oracle trajectories, where each failed episode first goes wrong, training
+   time.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,29 +36,30 @@ from .. import __version__
 from .._extras import MissingExtraError
 from .._files import atomic_write
 from .._threads import get_num_threads, set_num_threads
-from ..train import Distiller
 from .data import (
     ALL_AFTER_PROMPT,
     TOKENIZER,
     TrajectoryDataset,
     encode,
     held_out_problems,
-    loader,
     student_problems,
     teacher_logits,
 )
+from .diagnostics import first_error, first_error_counts
 from .evaluate import Evaluation, evaluate
-from .model import TinyLM
+from .model import ModelConfig, TinyLM
+from .report import aggregate, format_seed_table, format_table, paired_gaps
 from .rollout import run_agent
+from .students import LEARNING_RATES, STUDENTS
 from .task import oracle_trajectory
-from .teacher import STUDENT_CONFIG, TeacherRecipe, cosine_schedule, load_teacher, train_teacher
+from .teacher import STUDENT_CONFIG, TeacherRecipe, load_teacher, train_teacher
+from .workers import StudentRun, train_students
+
+__all__ = ["STUDENTS", "DemoConfig", "aggregate", "format_table", "run_demo"]
 
 ROLLOUT_BATCH = 256
-STUDENTS = {
-    "sft": "hard-label CE on thought + action tokens",
-    "token_kd": "KL on every token after the prompt",
-    "span_kd": "span loss: KL per span (reason, action)",
-}
+#: The comparisons the demo reports seed by seed.
+PAIRS = [("span_kd", "token_kd"), ("span_kd", "sft"), ("token_kd", "sft")]
 
 
 @dataclass(frozen=True)
@@ -61,11 +68,13 @@ class DemoConfig:
     held_out: int = 200
     steps: int = 800
     batch_size: int = 16
-    lr: float = 3e-3
+    learning_rates: dict[str, float] = field(default_factory=lambda: dict(LEARNING_RATES))
+    student: ModelConfig = STUDENT_CONFIG
     temperature: float = 1.0
-    rollout_temperature: float = 1.0  # the teacher samples the students' trajectories
+    rollout_temperature: float = 1.0  # the teacher's sampling of the students' trajectories
     seed: int = 0
-    seeds: int = 1  # students trained and evaluated for seeds seed, seed+1, ...
+    seeds: int = 3  # students trained and evaluated for seeds seed, seed+1, ...
+    workers: int = 0  # processes training the seeds side by side; 0: one per CPU thread
     out_dir: str = "kdcore-demo"
     teacher_path: str | None = None  # None: the shipped teacher
     device: str = "auto"
@@ -73,11 +82,17 @@ class DemoConfig:
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
         """A smoke-test size: well under a minute on two CPU cores."""
-        return replace(cls(student_problems=160, held_out=40, steps=40), **overrides)
+        return replace(cls(student_problems=128, held_out=32, steps=30), **overrides)
 
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished workers."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def _device(name: str) -> torch.device:
@@ -86,107 +101,67 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _train_student(
-    name: str, cfg: DemoConfig, seed: int, dataset, out: Path, device
-) -> tuple[TinyLM, dict]:
-    torch.manual_seed(seed)  # the students of one seed start from the same weights
-    student = TinyLM(STUDENT_CONFIG).to(device)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.01)
-    loss = {"sft": "sft", "token_kd": "token", "span_kd": "span"}[name]
-    log = out / "logs" / (f"{name}.jsonl" if cfg.seeds == 1 else f"{name}_seed{seed}.jsonl")
-    log.unlink(missing_ok=True)
-    distiller = Distiller(
-        student,
-        None,
-        optimizer,
-        loss=loss,
-        temperature=cfg.temperature,
-        alpha=0.0,
-        max_grad_norm=1.0,
-        scheduler=cosine_schedule(optimizer, cfg.steps, warmup=20),
-        log_path=log,
-    )
-    data = loader(dataset, cfg.batch_size, seed)
-    epochs = -(-cfg.steps // len(data))
-    label = name if cfg.seeds == 1 else f"{name} seed {seed}"
-    summary = distiller.fit(data, epochs=epochs, max_steps=cfg.steps, description=label)
-    curve = [(r["step"], r["loss"]) for r in map(json.loads, log.read_text().splitlines())]
-    return student.eval(), {**summary, "curve": curve}
+def teacher_data(
+    teacher: TinyLM, problems: list, *, temperature: float, seed: int, batch_size: int, device
+) -> dict[str, TrajectoryDataset]:
+    """The teacher acts on ``problems``; its successful trajectories become
+    each student's dataset (the teacher's logits computed once, shared)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    episodes = []
+    for start in range(0, len(problems), ROLLOUT_BATCH):  # bounded KV cache per batch
+        episodes += run_agent(
+            teacher,
+            problems[start : start + ROLLOUT_BATCH],
+            tokenizer=TOKENIZER,
+            temperature=temperature,
+            generator=generator,
+        )
+    # Solved without a tool error: a malformed action is not something to imitate.
+    kept = [e.text for e in episodes if e.success and not e.errors]
+    if len(kept) < batch_size:
+        raise RuntimeError(f"the teacher solved only {len(kept)} training problems")
+    default_items = encode(kept)
+    logits = teacher_logits(teacher, default_items, device=device)
+    # Both KD students score observations (labelled); the span loss weighs them by span.
+    all_items = encode(kept, ALL_AFTER_PROMPT)
+    return {
+        "sft": TrajectoryDataset(default_items),
+        "token_kd": TrajectoryDataset(all_items, logits),
+        "span_kd": TrajectoryDataset(all_items, logits),
+    }
 
 
-def _row(name: str, model: TinyLM, result: Evaluation, seconds: float | None, what: str) -> dict:
+def _row(name: str, parameters: int, result: Evaluation, seconds: float | None, what: str) -> dict:
+    failed = [e for e in result.episodes if not e.success]
     return {
         "model": name,
         "objective": what,
-        "parameters": model.num_parameters(),
+        "parameters": parameters,
         "train_seconds": seconds,
         "success_rate": result.success_rate,
         "action_token_accuracy": result.action_token_accuracy,
+        "reason_token_accuracy": result.reason_token_accuracy,
+        "spans": result.spans,
         "mean_actions": result.mean_actions,
         "tool_errors": result.tool_errors,
+        "first_error": first_error_counts(failed),
         "episodes": [
             {
                 "question": e.problem.question,
                 "answer": e.problem.answer,
                 "text": e.text,
                 "success": e.success,
+                "first_error": first_error(e),
             }
             for e in result.episodes
         ],
     }
 
 
-def format_table(rows: list[dict]) -> str:
-    head = f"{'model':<9} {'params':>7}  {'objective':<42} {'train s':>7} {'success':>8} "
-    head += f"{'act-tok acc':>11} {'actions':>7}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        secs = "-" if r["train_seconds"] is None else f"{r['train_seconds']:.1f}"
-        lines.append(
-            f"{r['model']:<9} {r['parameters'] / 1e3:>6.0f}k  {r['objective']:<42} {secs:>7} "
-            f"{100 * r['success_rate']:>7.1f}% {100 * r['action_token_accuracy']:>10.1f}% "
-            f"{r['mean_actions']:>7.2f}"
-        )
-    return "\n".join(lines)
-
-
-def aggregate(rows: list[dict]) -> list[dict]:
-    """Per model over seeds: mean and spread of success, mean of the rest."""
-    out = []
-    for name in dict.fromkeys(r["model"] for r in rows):
-        runs = [r for r in rows if r["model"] == name]
-        rates = [r["success_rate"] for r in runs]
-        mean = sum(rates) / len(rates)
-        sd = (sum((x - mean) ** 2 for x in rates) / max(1, len(rates) - 1)) ** 0.5
-        secs = [r["train_seconds"] for r in runs if r["train_seconds"] is not None]
-        out.append(
-            {
-                "model": name,
-                "objective": runs[0]["objective"],
-                "parameters": runs[0]["parameters"],
-                "seeds": [r.get("seed") for r in runs],
-                "success_rate": mean,
-                "success_sd": sd,
-                "success_by_seed": rates,
-                "action_token_accuracy": sum(r["action_token_accuracy"] for r in runs) / len(runs),
-                "mean_actions": sum(r["mean_actions"] for r in runs) / len(runs),
-                "train_seconds": sum(secs) / len(secs) if secs else None,
-            }
-        )
-    return out
-
-
-def format_seed_table(agg: list[dict]) -> str:
-    lines = [format_table(agg), "", "success by seed:"]
-    for r in agg:
-        values = " ".join(f"{100 * x:5.1f}%" for x in r["success_by_seed"])
-        lines.append(f"  {r['model']:<9} {values}   (sd {100 * r['success_sd']:.1f})")
-    return "\n".join(lines)
-
-
 def run_demo(cfg: DemoConfig, *, threads: int | None = None) -> dict[str, Any]:
     """Runs the whole demo; returns the summary that is also written as JSON."""
     started = time.perf_counter()
+    cpu_started = _cpu_seconds()
     if threads is not None:
         set_num_threads(threads)
         torch.set_num_threads(threads)
@@ -208,36 +183,24 @@ def run_demo(cfg: DemoConfig, *, threads: int | None = None) -> dict[str, Any]:
         f"[teacher] ({teacher.num_parameters() / 1e3:.0f}k parameters) acts on "
         f"{len(problems)} training problems"
     )
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    episodes = []
-    for start in range(0, len(problems), ROLLOUT_BATCH):  # bounded KV cache per batch
-        episodes += run_agent(
-            teacher,
-            problems[start : start + ROLLOUT_BATCH],
-            tokenizer=TOKENIZER,
-            temperature=cfg.rollout_temperature,
-            generator=generator,
-        )
-    kept = [e.text for e in episodes if e.success]
-    if len(kept) < cfg.batch_size:
-        raise RuntimeError(f"the teacher solved only {len(kept)} training problems")
-    default_items = encode(kept)
-    all_items = encode(kept, ALL_AFTER_PROMPT)
-    logits = teacher_logits(teacher, default_items, device=device)
+    datasets = teacher_data(
+        teacher,
+        problems,
+        temperature=cfg.rollout_temperature,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        device=device,
+    )
+    kept = len(datasets["sft"])
     phase("teacher trajectories + logits", t0)
-    _say(f"      kept {len(kept)}/{len(problems)} successful teacher trajectories")
+    _say(f"      kept {kept}/{len(problems)} successful teacher trajectories")
 
-    datasets = {
-        "sft": TrajectoryDataset(default_items),
-        "token_kd": TrajectoryDataset(all_items, logits),
-        "span_kd": TrajectoryDataset(default_items, logits),
-    }
     references = encode([oracle_trajectory(p) for p in test])
     t0 = time.perf_counter()
     rows = [
         _row(
             "teacher",
-            teacher,
+            teacher.num_parameters(),
             evaluate(teacher, test, references),
             None,
             "SFT on oracle trajectories (shipped)",
@@ -246,44 +209,68 @@ def run_demo(cfg: DemoConfig, *, threads: int | None = None) -> dict[str, Any]:
     phase("teacher on held-out problems", t0)
     seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
     curves: dict[str, dict[str, list]] = {}
-    for seed in seeds:
-        for i, name in enumerate(STUDENTS, start=1):
-            _say(f"[student {i}/3, seed {seed}] {name}: {STUDENTS[name]}, {cfg.steps} steps")
-            t0 = time.perf_counter()
-            model, trained = _train_student(name, cfg, seed, datasets[name], out, device)
-            curves.setdefault(name, {})[str(seed)] = trained["curve"]
-            row = _row(
-                name, model, evaluate(model, test, references), trained["seconds"], STUDENTS[name]
-            )
-            rows.append({**row, "seed": seed})
-            phase(f"train + evaluate {name} (seed {seed})", t0)
+    initial: dict[str, dict[str, dict]] = {}
+    runs = [
+        StudentRun(
+            name,
+            seed,
+            cfg.learning_rates[name],
+            out / "logs" / (f"{name}.jsonl" if cfg.seeds == 1 else f"{name}_seed{seed}.jsonl"),
+            f"student {i}/3, seed {seed}: {name}",
+        )
+        for seed in seeds
+        for i, name in enumerate(STUDENTS, start=1)
+    ]
+    trained = train_students(
+        runs,
+        cfg=cfg,
+        datasets=datasets,
+        problems=test,
+        references=references,
+        teacher=teacher,
+        device=device,
+    )
+    for t in trained:  # in the order of runs: seed by seed
+        name, seed = t.run.name, t.run.seed
+        row = _row(name, t.parameters, t.evaluation, t.fit["seconds"], STUDENTS[name])
+        row.update(seed=seed, lr=t.run.lr, initial_loss_scale=t.fit["initial"])
+        rows.append(row)
+        curves.setdefault(name, {})[str(seed)] = t.fit["curve"]
+        initial.setdefault(name, {})[str(seed)] = t.fit["initial"]
+        phases[f"train + evaluate {name} (seed {seed})"] = t.seconds
 
     agg = aggregate(rows)
-    print(format_table(rows) if cfg.seeds == 1 else format_seed_table(agg))
+    gaps = paired_gaps(rows, PAIRS) if cfg.seeds > 1 else []
+    print(format_table(rows) if cfg.seeds == 1 else format_seed_table(agg, gaps))
     summary = {
         "config": asdict(cfg),
         "teacher": {
             "meta": meta,
-            "training_trajectories": len(kept),
+            "training_trajectories": kept,
             "training_problems": len(problems),
         },
         "rows": rows,
         "aggregate": agg,
+        "paired_gaps": gaps,
+        "initial_loss_scale": initial,
         "curves_by_seed": curves,
         "phases_seconds": phases,
         "total_seconds": time.perf_counter() - started,
+        "cpu_seconds": _cpu_seconds() - cpu_started,
         "environment": {
             "kdcore": __version__,
             "torch": torch.__version__,
             "python": platform.python_version(),
             "device": str(device),
             "threads": get_num_threads(),
+            "torch_threads": torch.get_num_threads(),
         },
     }
     _write_json(out / "summary.json", summary)
     figure = _write_figure(out / "demo.png", summary, out / "summary.json")
     _say(
-        f"wrote {out / 'summary.json'}{figure} and logs/ ({summary['total_seconds']:.0f} s in all)"
+        f"wrote {out / 'summary.json'}{figure} and logs/ ({summary['total_seconds']:.0f} s in all, "
+        f"{summary['cpu_seconds']:.0f} s of CPU time)"
     )
     return summary
 

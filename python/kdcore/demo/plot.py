@@ -1,9 +1,12 @@
 """The demo's figure, drawn by matplotlib (the ``plot`` extra) on the Agg canvas.
 
 Left: each student's training loss against the step — the mean over seeds as
-a line, the range over seeds as a band. Right: held-out task success per
+a line, the range over seeds as a band. Middle: held-out task success per
 model — the mean over seeds as a bar, one dot per seed, and the standard
-deviation over seeds as an error bar.
+deviation over seeds as an error bar. Then (when the summary has them):
+where the failed episodes first go wrong, per student, as a share of all
+its held-out episodes over all seeds; and each student's KL from the teacher
+on the reasoning and the action spans.
 
 Everything it draws comes from ``summary.json``, so ``kdcore plot`` can draw
 the figure of a demo that ran without matplotlib.
@@ -58,8 +61,14 @@ def draw_demo_figure(summary: Mapping[str, Any]):
         name: {"0": curve} for name, curve in summary.get("curves", {}).items()
     }
     seeds = max((len(r.get("success_by_seed", [])) for r in aggregate), default=1)
-    fig = Figure(figsize=(11, 4.4), layout="constrained")
-    loss_ax, success_ax = fig.subplots(1, 2, width_ratios=(3, 2))
+    errors = [r for r in aggregate if r["model"] != "teacher" and "first_error" in r]
+    kl_rows = [r for r in aggregate if r["model"] != "teacher" and _has_span_kl(r)]
+    ratios = (3, 2) + ((2,) if errors else ()) + ((2,) if kl_rows else ())
+    fig = Figure(figsize=(11 + 4 * (len(ratios) - 2), 4.4), layout="constrained")
+    axes = list(fig.subplots(1, len(ratios), width_ratios=ratios))
+    loss_ax, success_ax = axes[:2]
+    error_ax = axes[2] if errors else None
+    kl_ax = axes[-1] if kl_rows else None
     students = [r["model"] for r in aggregate if r["model"] != "teacher"]
     colour = {name: _COLOURS[i % len(_COLOURS)] for i, name in enumerate(students)}
     colour["teacher"] = _TEACHER
@@ -118,8 +127,56 @@ def draw_demo_figure(summary: Mapping[str, Any]):
     what = f"\nbar: mean ± sd over {seeds} seeds, dot: one seed" if seeds > 1 else " (one seed)"
     success_ax.set_title(f"held-out task success{what}", fontsize=11)
     success_ax.grid(True, axis="y", alpha=0.3)
+    if errors:
+        _draw_first_errors(error_ax, errors, summary)
+    if kl_rows:
+        _draw_span_kl(kl_ax, kl_rows, colour)
     fig.suptitle("kdcore demo: distilling a calculator agent")
     return fig
+
+
+def _draw_first_errors(ax, rows: list[Mapping[str, Any]], summary: Mapping[str, Any]) -> None:
+    """Stacked bars: per student, the share of held-out episodes (all seeds) whose
+    first wrong token is of each kind."""
+    kinds = [k for k in rows[0]["first_error"] if any(r["first_error"][k] for r in rows)]
+    held_out = summary.get("config", {}).get("held_out") or 1
+    x = list(range(len(rows)))
+    bottom = [0.0] * len(rows)
+    palette = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3")
+    for j, kind in enumerate(kinds):
+        share = [
+            100 * r["first_error"][kind] / (held_out * max(1, len(r.get("success_by_seed", [1]))))
+            for r in rows
+        ]
+        ax.bar(x, share, bottom=bottom, label=kind, color=palette[j % len(palette)])
+        bottom = [b + s for b, s in zip(bottom, share, strict=True)]
+    ax.set_xticks(x, [_TICKS.get(r["model"], r["model"]) for r in rows])
+    ax.set_ylabel("failed held-out episodes (%)")
+    ax.set_title("where failed episodes first go wrong\n(all seeds)", fontsize=11)
+    ax.grid(True, axis="y", alpha=0.3)
+    if kinds:
+        ax.legend(frameon=False, fontsize=8)
+
+
+def _has_span_kl(row: Mapping[str, Any]) -> bool:
+    spans = row.get("spans") or {}
+    return bool(spans) and all("teacher_kl" in v for v in spans.values())
+
+
+def _draw_span_kl(ax, rows: list[Mapping[str, Any]], colour: Mapping[str, str]) -> None:
+    """Grouped bars: per span, each student's mean KL from the teacher (nats per
+    token, teacher-forced on the held-out problems' reference trajectories)."""
+    spans = list(rows[0]["spans"])
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
+        x = [k + (i - (len(rows) - 1) / 2) * width for k in range(len(spans))]
+        values = [r["spans"][span]["teacher_kl"] for span in spans]
+        ax.bar(x, values, width, color=colour[r["model"]], label=_label(r["model"]), alpha=0.85)
+    ax.set_xticks(range(len(spans)), spans)
+    ax.set_ylabel("KL(teacher || student), nats per token")
+    ax.set_title("how closely each student matches the teacher\n(held-out references)", fontsize=11)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(frameon=False, fontsize=8)
 
 
 def write_demo_figure(path: str | Path, summary: Mapping[str, Any]) -> Path:

@@ -17,8 +17,6 @@ import torch
 from .model import TinyLM
 from .task import Episode, Problem, prompt, react_to_line
 
-NEWLINE = ord("\n")
-
 
 @torch.no_grad()
 def run_agent(
@@ -55,12 +53,12 @@ def run_agent(
                     continue
                 token = feed[b] = choice[b]
                 produced[b].append(token)
-                if token >= 256:  # EOS or another special token: the agent stopped
+                if tokenizer.is_special(token):  # EOS, BOS or PAD: the agent stopped
                     episode.done = True
                     continue
                 line[b].append(token)
-                if token == NEWLINE:
-                    text = bytes(line[b]).decode("utf-8", errors="replace")
+                if token == tokenizer.newline_id:
+                    text = tokenizer.decode(line[b])
                     line[b].clear()
                     reply = react_to_line(episode, text, max_actions=max_actions)
                     pending[b].extend(tokenizer.encode(reply))

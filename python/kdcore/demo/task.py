@@ -19,8 +19,10 @@ The environment executes ``calc[...]`` with a small arithmetic parser (no
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 NAMES = ("Ann", "Bob", "Cy", "Dee", "Eli", "Fay", "Gus", "Ida", "Jo", "Kim", "Lu", "Max")
@@ -36,6 +38,9 @@ class Problem:
     answer: int
     # (thought, expression) per calculator call; the oracle's plan.
     steps: tuple[tuple[str, str], ...]
+    # Per step, every phrasing the oracle could have chosen for its thought
+    # (each is as correct as the one in ``steps``); () when unknown.
+    thought_options: tuple[tuple[str, ...], ...] = ()
 
 
 def _pick(rng: random.Random, options: tuple[str, ...]) -> str:
@@ -45,11 +50,12 @@ def _pick(rng: random.Random, options: tuple[str, ...]) -> str:
 def _buy_boxes(rng: random.Random, name: str, item: str) -> Problem:
     a, b, c = rng.randint(2, 40), rng.randint(2, 9), rng.randint(2, 9)
     question = f"{name} has {a} {item}. {name} buys {b} boxes of {c} {item}. How many {item} now?"
-    steps = (
-        (_pick(rng, ("First the boxes.", "Count the boxes first.")), f"{b}*{c}"),
-        (_pick(rng, (f"Add them to the {a}.", f"Now add the {a}.")), f"{a}+{b * c}"),
+    options = (
+        ("First the boxes.", "Count the boxes first."),
+        (f"Add them to the {a}.", f"Now add the {a}."),
     )
-    return Problem(question, a + b * c, steps)
+    steps = ((_pick(rng, options[0]), f"{b}*{c}"), (_pick(rng, options[1]), f"{a}+{b * c}"))
+    return Problem(question, a + b * c, steps, options)
 
 
 def _buy_then_give(rng: random.Random, name: str, item: str) -> Problem:
@@ -58,12 +64,17 @@ def _buy_then_give(rng: random.Random, name: str, item: str) -> Problem:
     question = (
         f"{name} has {a} {item}, buys {b} bags of {c} and gives away {d}. How many {item} are left?"
     )
-    steps = (
-        (_pick(rng, ("First the bags.", "Count the bags first.")), f"{b}*{c}"),
-        (_pick(rng, (f"Add the {a}.", f"Now add the {a}.")), f"{a}+{b * c}"),
-        (_pick(rng, (f"Take away {d}.", f"Subtract the {d}.")), f"{a + b * c}-{d}"),
+    options = (
+        ("First the bags.", "Count the bags first."),
+        (f"Add the {a}.", f"Now add the {a}."),
+        (f"Take away {d}.", f"Subtract the {d}."),
     )
-    return Problem(question, a + b * c - d, steps)
+    steps = (
+        (_pick(rng, options[0]), f"{b}*{c}"),
+        (_pick(rng, options[1]), f"{a}+{b * c}"),
+        (_pick(rng, options[2]), f"{a + b * c}-{d}"),
+    )
+    return Problem(question, a + b * c - d, steps, options)
 
 
 def _share(rng: random.Random, name: str, item: str) -> Problem:
@@ -74,21 +85,23 @@ def _share(rng: random.Random, name: str, item: str) -> Problem:
         f"{name} has {a} {item} and finds {b} more, then shares them among {k} kids. "
         f"How many {item} does each kid get?"
     )
-    steps = (
-        (_pick(rng, ("First the total.", "Find the total first.")), f"{a}+{b}"),
-        (_pick(rng, (f"Split by {k}.", f"Divide among {k}.")), f"{a + b}/{k}"),
+    options = (
+        ("First the total.", "Find the total first."),
+        (f"Split by {k}.", f"Divide among {k}."),
     )
-    return Problem(question, each, steps)
+    steps = ((_pick(rng, options[0]), f"{a}+{b}"), (_pick(rng, options[1]), f"{a + b}/{k}"))
+    return Problem(question, each, steps, options)
 
 
 def _rows(rng: random.Random, name: str, item: str) -> Problem:
     r, c, e = rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 20)
     question = f"{name} puts {item} in {r} rows of {c}, and {e} extra. How many {item} in all?"
-    steps = (
-        (_pick(rng, ("First the rows.", "Count the rows first.")), f"{r}*{c}"),
-        (_pick(rng, (f"Add the {e} extra.", f"Now add {e}.")), f"{r * c}+{e}"),
+    options = (
+        ("First the rows.", "Count the rows first."),
+        (f"Add the {e} extra.", f"Now add {e}."),
     )
-    return Problem(question, r * c + e, steps)
+    steps = ((_pick(rng, options[0]), f"{r}*{c}"), (_pick(rng, options[1]), f"{r * c}+{e}"))
+    return Problem(question, r * c + e, steps, options)
 
 
 TEMPLATES = (_buy_boxes, _buy_then_give, _share, _rows)
@@ -123,14 +136,31 @@ def prompt(problem: Problem) -> str:
     return f"Question: {problem.question}\n"
 
 
-def oracle_trajectory(problem: Problem) -> str:
-    """The ideal ReAct trajectory (prompt included), observations from the tool."""
+def oracle_trajectory(problem: Problem, thoughts: Sequence[str] | None = None) -> str:
+    """The ideal ReAct trajectory (prompt included), observations from the tool.
+
+    ``thoughts``: one thought per step instead of the oracle's own phrasing.
+    """
+    if thoughts is None:
+        thoughts = [thought for thought, _ in problem.steps]
+    if len(thoughts) != len(problem.steps):
+        raise ValueError(f"need {len(problem.steps)} thoughts, one per step; got {len(thoughts)}")
     lines = [prompt(problem)]
-    for thought, expression in problem.steps:
+    for thought, (_, expression) in zip(thoughts, problem.steps, strict=True):
         lines.append(f"Thought: {thought}\nAction: calc[{expression}]\n")
         lines.append(f"Observation: {calculate(expression)}\n")
     lines.append(f"Action: finish[{problem.answer}]\n")
     return "".join(lines)
+
+
+def correct_trajectories(problem: Problem) -> list[str]:
+    """Every trajectory that solves ``problem`` the oracle's way, one per choice of
+    thought phrasings (just the oracle's own when the options are unknown)."""
+    if not problem.thought_options:
+        return [oracle_trajectory(problem)]
+    return [
+        oracle_trajectory(problem, list(c)) for c in itertools.product(*problem.thought_options)
+    ]
 
 
 # --- the calculator tool -----------------------------------------------------

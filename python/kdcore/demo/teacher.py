@@ -20,6 +20,7 @@ import torch
 from ..train import Distiller, atomic_save, load_checkpoint
 from .data import TrajectoryDataset, encode, loader, teacher_problems
 from .model import ModelConfig, TinyLM
+from .numerics import flush_denormals
 from .task import oracle_trajectory
 
 TEACHER_CONFIG = ModelConfig(d_model=128, n_layers=4, n_heads=4)
@@ -64,9 +65,10 @@ def train_teacher(recipe: TeacherRecipe, *, progress: bool = True, log_path=None
     )
     data = loader(TrajectoryDataset(items), recipe.batch_size, recipe.seed)
     epochs = math.ceil(recipe.steps / len(data))
-    distiller.fit(
-        data, epochs=epochs, max_steps=recipe.steps, progress=progress, description="teacher"
-    )
+    with flush_denormals():
+        distiller.fit(
+            data, epochs=epochs, max_steps=recipe.steps, progress=progress, description="teacher"
+        )
     return model.eval()
 
 
