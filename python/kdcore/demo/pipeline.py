@@ -102,27 +102,31 @@ def _device(name: str) -> torch.device:
 
 
 def teacher_data(
-    teacher: TinyLM, problems: list, *, temperature: float, seed: int, batch_size: int, device
+    teacher: TinyLM, problems: list, cfg: DemoConfig, device: torch.device
 ) -> dict[str, TrajectoryDataset]:
-    """The teacher acts on ``problems``; its successful trajectories become
-    each student's dataset (the teacher's logits computed once, shared)."""
-    generator = torch.Generator(device=device).manual_seed(seed)
+    """The teacher acts on ``problems`` (sampling at ``cfg.rollout_temperature``,
+    seeded by ``cfg.seed``); its clean successful trajectories become each
+    student's dataset (the teacher's logits computed once, shared)."""
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
     episodes = []
     for start in range(0, len(problems), ROLLOUT_BATCH):  # bounded KV cache per batch
         episodes += run_agent(
             teacher,
             problems[start : start + ROLLOUT_BATCH],
             tokenizer=TOKENIZER,
-            temperature=temperature,
+            temperature=cfg.rollout_temperature,
             generator=generator,
         )
     # Solved without a tool error: a malformed action is not something to imitate.
     kept = [e.text for e in episodes if e.success and not e.errors]
-    if len(kept) < batch_size:
-        raise RuntimeError(f"the teacher solved only {len(kept)} training problems")
+    if len(kept) < cfg.batch_size:
+        raise RuntimeError(
+            f"the teacher solved only {len(kept)} training problems without a tool error; "
+            f"at least one batch ({cfg.batch_size}) is needed"
+        )
     default_items = encode(kept)
     logits = teacher_logits(teacher, default_items, device=device)
-    # Both KD students score observations (labelled); the span loss weighs them by span.
+    # Observations labelled: token-level KD learns them; the span loss weighs them 0.
     all_items = encode(kept, ALL_AFTER_PROMPT)
     return {
         "sft": TrajectoryDataset(default_items),
@@ -183,14 +187,7 @@ def run_demo(cfg: DemoConfig, *, threads: int | None = None) -> dict[str, Any]:
         f"[teacher] ({teacher.num_parameters() / 1e3:.0f}k parameters) acts on "
         f"{len(problems)} training problems"
     )
-    datasets = teacher_data(
-        teacher,
-        problems,
-        temperature=cfg.rollout_temperature,
-        seed=cfg.seed,
-        batch_size=cfg.batch_size,
-        device=device,
-    )
+    datasets = teacher_data(teacher, problems, cfg, device)
     kept = len(datasets["sft"])
     phase("teacher trajectories + logits", t0)
     _say(f"      kept {kept}/{len(problems)} successful teacher trajectories")

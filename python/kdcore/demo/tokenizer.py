@@ -22,6 +22,8 @@ from collections.abc import Iterable
 
 import torch
 
+from ..agent import ByteTokenizer
+
 # The word pieces of the task's questions, thoughts and actions. Appending
 # words keeps every existing id; reordering or removing them changes the
 # ids, and the shipped teacher must then be retrained.
@@ -45,16 +47,15 @@ def _vocabulary() -> tuple[str, ...]:
     return tuple(pieces)
 
 
-_FIRST_PIECE = 259
+_FIRST_PIECE = ByteTokenizer.vocab_size  # the pieces follow the bytes and PAD/BOS/EOS
 #: Ids in all: the bytes, PAD/BOS/EOS, then the pieces.
 VOCAB_SIZE = _FIRST_PIECE + len(_vocabulary())
 
 
-class DemoTokenizer:
-    """Word/number tokenizer with a byte fallback; the interface of
-    :class:`kdcore.agent.ByteTokenizer` (ids, offsets, PAD/BOS/EOS)."""
+class DemoTokenizer(ByteTokenizer):
+    """Word/number tokenizer with a byte fallback: the byte tokenizer's ids,
+    specials and interface (offsets, Hugging Face spellings), more pieces."""
 
-    pad_id, bos_id, eos_id = 256, 257, 258
     _first_piece = _FIRST_PIECE
 
     def __init__(self) -> None:
@@ -62,22 +63,6 @@ class DemoTokenizer:
         self._ids = {p: self._first_piece + i for i, p in enumerate(self.pieces)}
         self.vocab_size = self._first_piece + len(self.pieces)
         self.newline_id = ord("\n")
-
-    # Hugging Face spelling of the special ids.
-    @property
-    def pad_token_id(self) -> int:
-        return self.pad_id
-
-    @property
-    def bos_token_id(self) -> int:
-        return self.bos_id
-
-    @property
-    def eos_token_id(self) -> int:
-        return self.eos_id
-
-    def __len__(self) -> int:
-        return self.vocab_size
 
     def __repr__(self) -> str:
         return f"DemoTokenizer(vocab_size={self.vocab_size})"

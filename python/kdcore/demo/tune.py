@@ -51,14 +51,7 @@ def run_tune(
     held = {p.question for p in held_out_problems(cfg.held_out, exclude=problems)}
     if held & {p.question for p in val}:
         raise RuntimeError("validation and held-out problems overlap")
-    datasets = teacher_data(
-        teacher,
-        problems,
-        temperature=cfg.rollout_temperature,
-        seed=cfg.seed,
-        batch_size=cfg.batch_size,
-        device=device,
-    )
+    datasets = teacher_data(teacher, problems, cfg, device)
     references = encode([oracle_trajectory(p) for p in val])
     plan = [
         StudentRun(name, seed, lr, None, f"{name} lr {lr:g} seed {seed}")
