@@ -1,11 +1,16 @@
 """Calls into the Rust kernels: tensors in, tensors out (``BACKEND``, a
 :class:`kdcore._backend.KernelBackend`).
 
-Tensors are made contiguous and handed over as numpy views (16-bit floats as
-int16 views): no copies of logits, outputs allocated here and filled in place.
+Tensors are made contiguous and handed over as DLPack capsules
+(:func:`_capsule`): no copies of logits, outputs allocated here and filled in
+place. A capsule costs a fraction of a numpy view per argument, which is most
+of a small call's cost outside the kernel; it holds a reference to the
+tensor, and the binding only reads it (never consumes it). The hard-label
+and sparse-teacher arrays still go as numpy views (:func:`_borrow`).
 
-The views are borrowed (:class:`_Borrowed`), not made with ``Tensor.numpy()``,
-which marks a storage non-resizable for good (a later ``resize_`` fails).
+The numpy views are borrowed (:class:`_Borrowed`), not made with
+``Tensor.numpy()``, which marks a storage non-resizable for good (a later
+``resize_`` fails).
 """
 
 from __future__ import annotations
@@ -58,6 +63,17 @@ def _borrow(t: torch.Tensor) -> np.ndarray:
     return np.asarray(held)
 
 
+_to_dlpack = torch.utils.dlpack.to_dlpack
+
+
+def _capsule(t: torch.Tensor):
+    """A contiguous CPU tensor as a DLPack capsule (any kernel dtype; the binding
+    checks the element type against the dtype name it is given)."""
+    if not t.is_contiguous():
+        raise ValueError("kdcore: internal error, a kernel argument is not contiguous")
+    return _to_dlpack(t)
+
+
 class RustBackend:
     """The Rust kernels (``kdcore._native``) on CPU tensors: the :class:`KernelBackend`
     of CPU calls. The native binding checks every argument (ValueError / TypeError)."""
@@ -67,7 +83,7 @@ class RustBackend:
     def softmax(self, x: torch.Tensor, temperature: float, log: bool) -> torch.Tensor:
         x = x.contiguous()
         out = _memory.empty_like(x)
-        _native.softmax(_borrow(x), _borrow(out), _NAMES[x.dtype], temperature, log)
+        _native.softmax(_capsule(x), _capsule(out), _NAMES[x.dtype], temperature, log)
         return out
 
     def softmax_backward(
@@ -77,7 +93,7 @@ class RustBackend:
         grad = grad.to(y.dtype).contiguous()
         grad_x = _memory.empty_like(y)
         _native.softmax_backward(
-            _borrow(y), _borrow(grad), _borrow(grad_x), _NAMES[y.dtype], temperature, log
+            _capsule(y), _capsule(grad), _capsule(grad_x), _NAMES[y.dtype], temperature, log
         )
         return grad_x
 
@@ -91,31 +107,30 @@ class RustBackend:
             weight = weight.to(torch.float32)
         # Row outputs made by numpy and shared with torch: no view to borrow.
         loss_rows = np.empty(rows, dtype=np.float32)
-        ce_loss = None
-        hard = {}
+        ce_loss = labels = ce_weight = ce_rows = None
         if args.labels is not None:
             ce_rows = np.empty(rows, dtype=np.float32)
             ce_loss = torch.from_numpy(ce_rows)
-            hard = {
-                "labels": _borrow(args.labels.to(torch.int64).contiguous()),
-                "ce_weight": _borrow(args.ce_weight.to(torch.float32).contiguous()),
-                "ce_loss": ce_rows,
-            }
+            labels = _borrow(args.labels.to(torch.int64).contiguous())
+            ce_weight = _borrow(args.ce_weight.to(torch.float32).contiguous())
         gs = _memory.empty_like(student) if args.grad_student else None
         gt = _memory.empty_like(teacher) if args.grad_teacher else None
+        # (all positional: keywords cost a name lookup each in the binding)
         _native.distill(
-            _borrow(student),
+            _capsule(student),
             _NAMES[student.dtype],
-            _borrow(teacher),
+            _capsule(teacher),
             _NAMES[teacher.dtype],
             args.divergence,
             args.beta,
             args.temperature,
-            _borrow(weight.contiguous()),
+            _capsule(weight.contiguous()),
             loss_rows,
-            grad_student=None if gs is None else _borrow(gs),
-            grad_teacher=None if gt is None else _borrow(gt),
-            **hard,
+            labels,
+            ce_weight,
+            ce_rows,
+            None if gs is None else _capsule(gs),
+            None if gt is None else _capsule(gt),
         )
         grad_dtype = args.grad_dtype
         if gs is not None and grad_dtype is not None and grad_dtype != gs.dtype:
@@ -127,7 +142,7 @@ class RustBackend:
         loss = torch.empty(student.shape[0], dtype=torch.float32)
         grad = _memory.empty_like(student) if args.grad_student else None
         _native.sparse_kl(
-            _borrow(student),
+            _capsule(student),
             _NAMES[student.dtype],
             _borrow(args.teacher_ids.to(torch.int64).contiguous()),
             _borrow(args.teacher_logprobs.detach().to(torch.float32).contiguous()),
@@ -136,7 +151,7 @@ class RustBackend:
             args.tail,
             _borrow(args.weight.to(torch.float32).contiguous()),
             _borrow(loss),
-            None if grad is None else _borrow(grad),
+            None if grad is None else _capsule(grad),
         )
         return loss, grad
 

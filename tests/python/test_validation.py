@@ -156,3 +156,44 @@ def test_native_rejects_mismatched_arrays():
         _native.softmax(x, x.copy(), "float64", 1.0, False)
     with pytest.raises(ValueError, match=r"temperature: must be finite and > 0"):
         _native.softmax(x, x.copy(), "float32", 0.0, False)
+
+
+def test_native_checks_dlpack_capsules():
+    """The binding takes DLPack capsules (how kdcore hands tensors over): it computes
+    through them, and refuses outputs that share memory with another argument,
+    element types other than the named dtype, non-contiguous or wrong-rank tensors,
+    and capsules already consumed."""
+    from torch.utils.dlpack import to_dlpack
+
+    from kdcore import _native
+
+    x, out = torch.randn(2, 3), torch.empty(2, 3)
+    _native.softmax(to_dlpack(x), to_dlpack(out), "float32", 1.0, False)
+    torch.testing.assert_close(out, torch.softmax(x.double(), -1).float())
+    with pytest.raises(ValueError, match=r"x and out share memory"):
+        _native.softmax(to_dlpack(x), to_dlpack(x), "float32", 1.0, False)
+    rows = torch.randn(3, 3)
+    with pytest.raises(ValueError, match=r"x and out share memory"):
+        _native.softmax(to_dlpack(rows[:2]), to_dlpack(rows[1:]), "float32", 1.0, False)
+    with pytest.raises(TypeError, match=r"x: expected bfloat16 elements"):
+        _native.softmax(to_dlpack(x), to_dlpack(out), "bfloat16", 1.0, False)
+    with pytest.raises(ValueError, match=r"x: tensor must be C-contiguous"):
+        _native.softmax(to_dlpack(x.t()), to_dlpack(out.t().contiguous()), "float32", 1.0, False)
+    with pytest.raises(ValueError, match=r"x: expected a 2-D tensor, got 1 dimensions"):
+        _native.softmax(to_dlpack(x.reshape(-1)), to_dlpack(out), "float32", 1.0, False)
+    used = to_dlpack(x)
+    torch.from_dlpack(used)  # consumes it
+    with pytest.raises(TypeError, match=r"x: expected an unused \"dltensor\" capsule"):
+        _native.softmax(used, to_dlpack(out), "float32", 1.0, False)
+
+    s, t = torch.randn(2, 5), torch.randn(2, 5)
+    weight, loss = torch.ones(2), torch.empty(2).numpy()
+    args = (to_dlpack(s), "float32", to_dlpack(t), "float32", "kl", 0.5, 1.0)
+    with pytest.raises(ValueError, match=r"teacher and grad_student share memory"):
+        _native.distill(*args, to_dlpack(weight), loss, grad_student=to_dlpack(t))
+    grad = torch.empty(2, 5)
+    _native.distill(*args, to_dlpack(weight), loss, grad_student=to_dlpack(grad))
+    ref_s, ref_t = torch.log_softmax(s.double(), -1), torch.log_softmax(t.double(), -1)
+    ref = (ref_t.exp() * (ref_t - ref_s)).sum(-1)
+    torch.testing.assert_close(torch.from_numpy(loss).double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_s.exp() - ref_t.exp(), rtol=1e-5, atol=1e-6)

@@ -1,13 +1,19 @@
-//! numpy buffers viewed as typed slices.
+//! Kernel arguments viewed as typed slices.
 //!
-//! Python passes float32 tensors as float32 arrays and bfloat16/float16 ones
-//! as int16 views, plus the real dtype's name; this module checks the pair
-//! and reinterprets the 16-bit buffers as `half::bf16` / `half::f16`.
+//! Python passes tensors as DLPack capsules (see [`crate::dlpack`]) or as
+//! numpy arrays: float32 tensors as float32 arrays and bfloat16/float16 ones
+//! as int16 views. Either way the real dtype's name comes with them; this
+//! module checks the pair and reinterprets 16-bit buffers as `half::bf16` /
+//! `half::f16`.
 
 use half::{bf16, f16};
-use numpy::{PyReadonlyArray2, PyReadwriteArray2, PyUntypedArrayMethods};
+use numpy::{
+    PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadwriteArray2, PyUntypedArrayMethods,
+};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
+
+use crate::dlpack::{DlArray, Elem};
 
 /// The dtypes the kernels accept, by the names torch gives them.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -28,16 +34,36 @@ fn parse_dtype(name: &str, dtype: &str) -> PyResult<Dtype> {
     }
 }
 
+fn elem(dtype: Dtype) -> Elem {
+    match dtype {
+        Dtype::F32 => Elem::F32,
+        Dtype::Bf16 => Elem::Bf16,
+        Dtype::F16 => Elem::F16,
+    }
+}
+
+/// The bytes of a numpy array's buffer.
+fn np_bytes<T, D>(a: &numpy::PyReadonlyArray<'_, T, D>) -> std::ops::Range<usize>
+where
+    T: numpy::Element,
+    D: numpy::ndarray::Dimension,
+{
+    let start = a.data() as usize;
+    start..start + a.len() * std::mem::size_of::<T>()
+}
+
 /// A read-only 2-D input.
 pub enum Input<'py> {
     F32(PyReadonlyArray2<'py, f32>),
     Half(PyReadonlyArray2<'py, i16>, Dtype),
+    Dl(DlArray<'py>, Dtype),
 }
 
 /// A writable 2-D output.
 pub enum Output<'py> {
     F32(PyReadwriteArray2<'py, f32>, &'static str),
     Half(PyReadwriteArray2<'py, i16>, Dtype, &'static str),
+    Dl(DlArray<'py>, Dtype, &'static str),
 }
 
 /// A typed view of an input buffer.
@@ -70,7 +96,11 @@ fn wrong_array(name: &str, obj: &Bound<'_, PyAny>, want: &str) -> PyErr {
 
 impl<'py> Input<'py> {
     pub fn extract(name: &'static str, obj: &Bound<'py, PyAny>, dtype: &str) -> PyResult<Self> {
-        match parse_dtype(name, dtype)? {
+        let dtype = parse_dtype(name, dtype)?;
+        if let Some(a) = DlArray::extract(name, obj, 2, elem(dtype))? {
+            return Ok(Input::Dl(a, dtype));
+        }
+        match dtype {
             Dtype::F32 => obj
                 .extract::<PyReadonlyArray2<'py, f32>>()
                 .map(Input::F32)
@@ -86,13 +116,33 @@ impl<'py> Input<'py> {
         let s = match self {
             Input::F32(a) => a.shape(),
             Input::Half(a, _) => a.shape(),
+            Input::Dl(a, _) => &a.shape,
         };
         (s[0], s[1])
+    }
+
+    /// The bytes the input covers (see [`crate::dlpack::disjoint`]).
+    pub fn bytes(&self) -> std::ops::Range<usize> {
+        match self {
+            Input::F32(a) => np_bytes(a),
+            Input::Half(a, _) => np_bytes(a),
+            Input::Dl(a, _) => a.bytes(),
+        }
     }
 
     pub fn slice(&self) -> PyResult<InSlice<'_>> {
         Ok(match self {
             Input::F32(a) => InSlice::F32(contiguous("input", a.as_slice())?),
+            // SAFETY: `extract` checked the capsule's element type against
+            // `dtype`; outputs were checked disjoint from inputs before any
+            // slice is made (`dlpack::disjoint`).
+            Input::Dl(a, dtype) => unsafe {
+                match dtype {
+                    Dtype::F32 => InSlice::F32(a.slice()),
+                    Dtype::Bf16 => InSlice::Bf16(a.slice()),
+                    Dtype::F16 => InSlice::F16(a.slice()),
+                }
+            },
             Input::Half(a, dtype) => {
                 let raw = contiguous("input", a.as_slice())?;
                 // SAFETY: half::bf16 and half::f16 are #[repr(transparent)]
@@ -117,7 +167,11 @@ impl<'py> Input<'py> {
 
 impl<'py> Output<'py> {
     pub fn extract(name: &'static str, obj: &Bound<'py, PyAny>, dtype: &str) -> PyResult<Self> {
-        match parse_dtype(name, dtype)? {
+        let dtype = parse_dtype(name, dtype)?;
+        if let Some(a) = DlArray::extract(name, obj, 2, elem(dtype))? {
+            return Ok(Output::Dl(a, dtype, name));
+        }
+        match dtype {
             Dtype::F32 => obj
                 .extract::<PyReadwriteArray2<'py, f32>>()
                 .map(|a| Output::F32(a, name))
@@ -131,7 +185,7 @@ impl<'py> Output<'py> {
 
     pub fn name(&self) -> &'static str {
         match self {
-            Output::F32(_, n) | Output::Half(_, _, n) => n,
+            Output::F32(_, n) | Output::Half(_, _, n) | Output::Dl(_, _, n) => n,
         }
     }
 
@@ -139,13 +193,33 @@ impl<'py> Output<'py> {
         let s = match self {
             Output::F32(a, _) => a.shape(),
             Output::Half(a, _, _) => a.shape(),
+            Output::Dl(a, _, _) => &a.shape,
         };
         (s[0], s[1])
+    }
+
+    /// The bytes the output covers (see [`crate::dlpack::disjoint`]).
+    pub fn bytes(&self) -> std::ops::Range<usize> {
+        match self {
+            Output::F32(a, _) => np_bytes_mut(a),
+            Output::Half(a, _, _) => np_bytes_mut(a),
+            Output::Dl(a, _, _) => a.bytes(),
+        }
     }
 
     pub fn slice(&mut self) -> PyResult<OutSlice<'_>> {
         Ok(match self {
             Output::F32(a, name) => OutSlice::F32(contiguous(name, a.as_slice_mut())?),
+            // SAFETY: as in `Input::slice`; `&mut self` makes this the only
+            // view of the output, whose memory `dlpack::disjoint` checked
+            // apart from every other argument's.
+            Output::Dl(a, dtype, _) => unsafe {
+                match dtype {
+                    Dtype::F32 => OutSlice::F32(a.slice_mut()),
+                    Dtype::Bf16 => OutSlice::Bf16(a.slice_mut()),
+                    Dtype::F16 => OutSlice::F16(a.slice_mut()),
+                }
+            },
             Output::Half(a, dtype, name) => {
                 let raw = contiguous(name, a.as_slice_mut())?;
                 let (ptr, len) = (raw.as_mut_ptr(), raw.len());
@@ -161,6 +235,52 @@ impl<'py> Output<'py> {
                 }
             }
         })
+    }
+}
+
+fn np_bytes_mut<T, D>(a: &numpy::PyReadwriteArray<'_, T, D>) -> std::ops::Range<usize>
+where
+    T: numpy::Element,
+    D: numpy::ndarray::Dimension,
+{
+    let start = a.data() as usize;
+    start..start + a.len() * std::mem::size_of::<T>()
+}
+
+/// A read-only f32 vector (per-row weights): a DLPack capsule or a numpy array.
+pub enum Weights<'py> {
+    Np(PyReadonlyArray1<'py, f32>),
+    Dl(DlArray<'py>),
+}
+
+impl<'py> Weights<'py> {
+    pub fn extract(name: &'static str, obj: &Bound<'py, PyAny>) -> PyResult<Self> {
+        if let Some(a) = DlArray::extract(name, obj, 1, Elem::F32)? {
+            return Ok(Weights::Dl(a));
+        }
+        obj.extract::<PyReadonlyArray1<'py, f32>>()
+            .map(Weights::Np)
+            .map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "{name}: expected a 1-D float32 numpy array or DLPack capsule"
+                ))
+            })
+    }
+
+    pub fn bytes(&self) -> std::ops::Range<usize> {
+        match self {
+            Weights::Np(a) => np_bytes(a),
+            Weights::Dl(a) => a.bytes(),
+        }
+    }
+
+    pub fn slice(&self, name: &str) -> PyResult<&[f32]> {
+        match self {
+            Weights::Np(a) => contiguous(name, a.as_slice()),
+            // SAFETY: `extract` checked f32 elements; no output overlaps it
+            // (`dlpack::disjoint`, checked before slices are made).
+            Weights::Dl(a) => Ok(unsafe { a.slice() }),
+        }
     }
 }
 

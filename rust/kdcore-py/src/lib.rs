@@ -1,8 +1,9 @@
 //! `kdcore._native`: the thin Python binding of `kdcore-kernels`.
 //!
-//! It only validates arguments, views numpy buffers as typed slices, and
-//! runs the kernels. 16-bit tensors arrive as `int16` views (numpy has no
-//! bfloat16) together with the name of their real dtype.
+//! It only validates arguments, views the tensors' memory as typed slices,
+//! and runs the kernels. Tensors arrive as DLPack capsules (the cheapest
+//! handover, see [`dlpack`]) or as numpy arrays, 16-bit ones as `int16`
+//! views (numpy has no bfloat16), together with the name of their real dtype.
 //!
 //! The GIL stays held while a kernel reads memory Python owns: a Python
 //! thread could otherwise move an input's storage under the kernel
@@ -11,6 +12,7 @@
 //! A kernel panic becomes a `RuntimeError` (see [`run_kernel`]).
 
 mod arrays;
+mod dlpack;
 
 use kdcore_kernels::{
     self as kernels, Divergence, Grads, HardLabels, KernelError, SoftmaxKind, SparseTeacher, Tail,
@@ -19,7 +21,8 @@ use numpy::{PyReadonlyArray1, PyReadonlyArray2, PyReadwriteArray1, PyUntypedArra
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
-use arrays::{typed_input_like, typed_like, with_input, Input, Output};
+use arrays::{typed_input_like, typed_like, with_input, Input, Output, Weights};
+use dlpack::disjoint;
 
 fn to_py(err: KernelError) -> PyErr {
     PyValueError::new_err(err.to_string())
@@ -47,6 +50,18 @@ fn run_kernel(call: impl FnOnce() -> Result<(), KernelError>) -> PyResult<()> {
     }
 }
 
+/// The bytes of a numpy array's contiguous buffer (empty when it is not
+/// contiguous: its own `as_slice` check then gives the error).
+fn bytes_of<T, E>(slice: Result<&[T], E>) -> std::ops::Range<usize> {
+    match slice {
+        Ok(s) => {
+            let start = s.as_ptr() as usize;
+            start..start + std::mem::size_of_val(s)
+        }
+        Err(_) => 0..0,
+    }
+}
+
 fn kind(log: bool) -> SoftmaxKind {
     if log {
         SoftmaxKind::LogSoftmax
@@ -68,6 +83,7 @@ fn softmax(
     let x = Input::extract("x", x, dtype)?;
     let mut out = Output::extract("out", out, dtype)?;
     arrays::same_shape(("x", x.shape()), ("out", out.shape()))?;
+    disjoint(&[("x", x.bytes(), false), ("out", out.bytes(), true)])?;
     let (rows, cols) = x.shape();
     let (xs, os) = (x.slice()?, out.slice()?);
     with_input!(xs, |xv| {
@@ -92,6 +108,11 @@ fn softmax_backward(
     let mut dx = Output::extract("grad_x", grad_x, dtype)?;
     arrays::same_shape(("y", y.shape()), ("grad_y", g.shape()))?;
     arrays::same_shape(("y", y.shape()), ("grad_x", dx.shape()))?;
+    disjoint(&[
+        ("y", y.bytes(), false),
+        ("grad_y", g.bytes(), false),
+        ("grad_x", dx.bytes(), true),
+    ])?;
     let (rows, cols) = y.shape();
     let (ys, gs, ds) = (y.slice()?, g.slice()?, dx.slice()?);
     with_input!(ys, |yv| {
@@ -131,7 +152,7 @@ fn distill(
     divergence_name: &str,
     beta: f64,
     temperature: f32,
-    weight: PyReadonlyArray1<'_, f32>,
+    weight: &Bound<'_, PyAny>,
     mut loss: PyReadwriteArray1<'_, f32>,
     labels: Option<PyReadonlyArray1<'_, i64>>,
     ce_weight: Option<PyReadonlyArray1<'_, f32>>,
@@ -153,7 +174,34 @@ fn distill(
     for g in [gs.as_ref(), gt.as_ref()].into_iter().flatten() {
         arrays::same_shape(("student", s.shape()), (g.name(), g.shape()))?;
     }
-    let weight = arrays::contiguous("weight", weight.as_slice())?;
+    let weight = Weights::extract("weight", weight)?;
+    let mut regions = vec![
+        ("student", s.bytes(), false),
+        ("teacher", t.bytes(), false),
+        ("weight", weight.bytes(), false),
+    ];
+    for g in [gs.as_ref(), gt.as_ref()].into_iter().flatten() {
+        regions.push((g.name(), g.bytes(), true));
+    }
+    // (numpy arrays among themselves are borrow-checked by numpy's crate;
+    // this catches a capsule overlapping any argument)
+    regions.push(("loss", bytes_of(loss.as_slice()), true));
+    for (name, r) in [
+        ("labels", labels.as_ref().map(|a| bytes_of(a.as_slice()))),
+        (
+            "ce_weight",
+            ce_weight.as_ref().map(|a| bytes_of(a.as_slice())),
+        ),
+    ] {
+        if let Some(r) = r {
+            regions.push((name, r, false));
+        }
+    }
+    if let Some(o) = ce_loss.as_ref() {
+        regions.push(("ce_loss", bytes_of(o.as_slice()), true));
+    }
+    disjoint(&regions)?;
+    let weight = weight.slice("weight")?;
     let loss = arrays::contiguous("loss", loss.as_slice_mut())?;
     let mut ce_loss = ce_loss;
     let hard = match (labels.as_ref(), ce_weight.as_ref(), ce_loss.as_mut()) {
@@ -240,6 +288,18 @@ fn sparse_kl(
         .transpose()?;
     if let Some(g) = g.as_ref() {
         arrays::same_shape(("student", s.shape()), ("grad", g.shape()))?;
+        disjoint(&[
+            ("student", s.bytes(), false),
+            ("teacher_ids", bytes_of(teacher_ids.as_slice()), false),
+            (
+                "teacher_logprobs",
+                bytes_of(teacher_logprobs.as_slice()),
+                false,
+            ),
+            ("weight", bytes_of(weight.as_slice()), false),
+            ("loss", bytes_of(loss.as_slice()), true),
+            ("grad", g.bytes(), true),
+        ])?;
     }
     let teacher = SparseTeacher {
         ids: arrays::contiguous("teacher_ids", teacher_ids.as_slice())?,
