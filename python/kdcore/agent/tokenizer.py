@@ -59,9 +59,16 @@ class ByteTokenizer:
             i = int(raw)
             if 0 <= i < 256:
                 out.append(i)
+            elif (piece := self._piece(i)) is not None:
+                out += piece
             elif not self.pad_id <= i <= self.eos_id:
-                raise ValueError(f"{i} is not a ByteTokenizer id (0..{self.vocab_size - 1})")
+                name = type(self).__name__
+                raise ValueError(f"{i} is not a {name} id (0..{self.vocab_size - 1})")
         return out.decode("utf-8", errors="replace")
+
+    def _piece(self, token: int) -> bytes | None:
+        """The bytes of a multi-byte token (a subclass's vocabulary); None here."""
+        return None
 
     def __call__(
         self,

@@ -18,9 +18,6 @@ space, as byte-pair tokenizers keep it).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
-
-import torch
 
 from ..agent import ByteTokenizer
 
@@ -92,20 +89,10 @@ class DemoTokenizer(ByteTokenizer):
         """Token ids of ``text``, no special tokens."""
         return self._tokens(text)[0]
 
-    def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
-        """Ids back to text; PAD/BOS/EOS are skipped, invalid UTF-8 becomes U+FFFD."""
-        if isinstance(ids, torch.Tensor):
-            ids = ids.reshape(-1).tolist()
-        out = bytearray()
-        for raw in ids:
-            i = int(raw)
-            if 0 <= i < 256:
-                out.append(i)
-            elif self._first_piece <= i < self.vocab_size:
-                out += self.pieces[i - self._first_piece].encode("utf-8")
-            elif not self.is_special(i):
-                raise ValueError(f"{i} is not a DemoTokenizer id (0..{self.vocab_size - 1})")
-        return out.decode("utf-8", errors="replace")
+    def _piece(self, token: int) -> bytes | None:
+        if self._first_piece <= token < self.vocab_size:
+            return self.pieces[token - self._first_piece].encode("utf-8")
+        return None
 
     def __call__(
         self, text: str, return_offsets_mapping: bool = False, add_special_tokens: bool = False
