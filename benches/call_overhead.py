@@ -2,6 +2,7 @@
 eager PyTorch and beside the kernel alone, to see what the Python side costs.
 
     python benches/call_overhead.py [--threads 1] [--rounds 400] [--shapes 1x8,64x32000]
+                                    [--temperature 1]
 
 Per shape (rows x V, float32, the student requiring grad), in one process
 with fixed thread counts, interleaved (each round runs every variant a few
@@ -11,7 +12,9 @@ wall-clock time; on a busy machine the CPU time is the steadier):
 
 - ``kdcore``: ``kdcore.kl_loss(s, t)`` then ``backward()``;
 - ``torch``: the same loss in eager PyTorch, ``F.kl_div(F.log_softmax(s),
-  F.log_softmax(t), log_target=True, reduction="batchmean")`` then ``backward()``;
+  F.log_softmax(t), log_target=True, reduction="batchmean")`` then ``backward()``
+  (at ``--temperature T`` other than 1: the logits divided by T and the loss
+  multiplied by T², as kdcore's loss is);
 - ``kernel``: the Rust kernel alone, called through the backend object
   (``_rust.BACKEND.distill``: the loss rows and the student gradient);
 - ``outside``: the time kdcore spends outside the kernel, measured with the
@@ -81,18 +84,18 @@ def interleaved(variants: dict, rounds: int, inner: int, clock=time.perf_counter
 
 
 class _Bare(torch.autograd.Function):
-    """The floor: the stub kernel in a bare autograd.Function."""
+    """The floor: the stub kernel in a bare autograd.Function (the summed loss out,
+    the gradient saved, as kdcore's eager ops do)."""
 
     @staticmethod
     def forward(ctx, s, args):
         ctx.set_materialize_grads(False)
         rows, _, grad, _ = StubBackend().distill(args)
-        ctx.mark_non_differentiable(grad)
         ctx.save_for_backward(grad)
-        return rows.sum(), grad  # (the gradient an output too, as in kdcore's ops)
+        return rows.sum()
 
     @staticmethod
-    def backward(ctx, grad_out, _):
+    def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
         return grad, None
 
@@ -116,38 +119,45 @@ def on_stub(fn):
     return run
 
 
-def measure(rows: int, vocab: int, rounds: int, clock: str) -> None:
+def measure(rows: int, vocab: int, rounds: int, clock: str, temperature: float) -> None:
     g = torch.Generator().manual_seed(0)
     s = torch.randn(rows, vocab, generator=g).requires_grad_()
     t = torch.randn(rows, vocab, generator=g)
     weight = torch.full((rows,), 1.0 / rows)
-    args = DistillArgs(s.detach(), t, weight, 1.0, "kl", 0.5, None, None, True, False)
+    T = temperature
+    weight = weight * (T * T)
+    args = DistillArgs(s.detach(), t, weight, T, "kl", 0.5, None, None, True, False)
 
     def kd():
-        kdcore.kl_loss(s, t).backward()
+        kdcore.kl_loss(s, t, temperature=T).backward()
         s.grad = None
 
+    def torch_kl():
+        if T == 1.0:  # (the least eager code: no division, no T² factor)
+            lq, lp = F.log_softmax(s, -1), F.log_softmax(t, -1)
+            return F.kl_div(lq, lp, reduction="batchmean", log_target=True)
+        lq, lp = F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)
+        return F.kl_div(lq, lp, reduction="batchmean", log_target=True) * (T * T)
+
     def eager():
-        lq, lp = F.log_softmax(s, -1), F.log_softmax(t, -1)
-        F.kl_div(lq, lp, reduction="batchmean", log_target=True).backward()
+        torch_kl().backward()
         s.grad = None
 
     def kernel():
         _rust.BACKEND.distill(args)
 
     def formula():
-        lq, lp = F.log_softmax(s, -1), F.log_softmax(t, -1)
-        (lp.exp() * (lp - lq)).sum(-1).mean().backward()
+        lq, lp = F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)
+        ((lp.exp() * (lp - lq)).sum(-1).mean() * (T * T)).backward()
         s.grad = None
 
     def bare():
-        _Bare.apply(s, args)[0].backward()
+        _Bare.apply(s, args).backward()
         s.grad = None
 
     # The same loss: a check that the comparison is fair.
-    lq, lp = F.log_softmax(s, -1), F.log_softmax(t, -1)
-    ref = F.kl_div(lq, lp, reduction="batchmean", log_target=True)
-    assert torch.allclose(kdcore.kl_loss(s, t), ref, rtol=1e-4, atol=1e-6)
+    ref = torch_kl()
+    assert torch.allclose(kdcore.kl_loss(s, t, temperature=T), ref, rtol=1e-4, atol=1e-6)
 
     inner = 20 if rows * vocab < 100_000 else 2
     variants = {
@@ -161,12 +171,15 @@ def measure(rows: int, vocab: int, rounds: int, clock: str) -> None:
     }
     med = interleaved(variants, rounds, inner, CLOCKS[clock])
     us = {k: v * 1e6 for k, v in med.items()}
-    print(f"{rows}x{vocab} fp32, {clock} time, medians of {rounds} rounds x {inner} calls:")
+    print(
+        f"{rows}x{vocab} fp32, T = {T:g}, {clock} time, medians of {rounds} rounds x {inner} calls:"
+    )
     print(f"  kdcore f+b            {us['kdcore']:10.1f} us")
     print(f"  torch eager f+b       {us['torch']:10.1f} us   (F.kl_div, log_target)")
     print(f"  torch formula f+b     {us['formula']:10.1f} us   (Σ P (log P - log Q))")
     print(f"  kernel alone          {us['kernel']:10.1f} us   (_rust.BACKEND.distill)")
     print(f"  kdcore - torch        {us['kdcore'] - us['torch']:+10.1f} us")
+    print(f"  kdcore / torch        {us['kdcore'] / us['torch']:10.2f}")
     print(f"  kdcore - kernel       {us['kdcore'] - us['kernel']:+10.1f} us")
     print(f"  kdcore f+b, stub      {us['kdcore_stub']:10.1f} us   (distill computes nothing)")
     print(f"  stub alone            {us['stub']:10.1f} us")
@@ -183,13 +196,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=400)
     parser.add_argument("--shapes", default="1x8,64x32000", help="rows x V, comma separated")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu")
+    parser.add_argument("--temperature", type=float, default=1.0)
     opts = parser.parse_args()
     torch.set_num_threads(opts.threads)
     kdcore.set_num_threads(opts.threads)
     print(f"threads: torch {torch.get_num_threads()}, kdcore {kdcore.get_num_threads()}")
     for shape in opts.shapes.split(","):
         rows, vocab = (int(x) for x in shape.lower().split("x"))
-        measure(rows, vocab, opts.rounds, opts.clock)
+        measure(rows, vocab, opts.rounds, opts.clock, opts.temperature)
 
 
 if __name__ == "__main__":

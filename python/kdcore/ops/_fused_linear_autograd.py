@@ -36,7 +36,12 @@ def _absent(hidden, weight, *_) -> tuple:
     return None, hidden.new_empty(0), weight.new_empty(0), weight.new_empty(0)
 
 
-@kernel_op("kdcore::fused_linear_distill", dispatch_on=("hidden",), absent=_absent)
+@kernel_op(
+    "kdcore::fused_linear_distill",
+    dispatch_on=("hidden",),
+    differentiable=("hidden", "weight", "bias"),
+    absent=_absent,
+)
 def FUSED_LINEAR(
     kernels: KernelBackend,
     hidden: torch.Tensor,

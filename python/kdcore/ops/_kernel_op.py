@@ -16,9 +16,16 @@ same code:
   of one term); it is copied only where outputs must be distinct tensors
   (the registered op; the twin unless it sums the first output).
 - ``setup(ctx, inputs, output)`` and ``backward(ctx, *grad_outputs)``, as for
-  ``register_autograd``. ``backward`` returns the gradients of the leading
-  inputs it differentiates; the ``None`` of every later input is added here.
+  ``register_autograd``. Only the first output is differentiable, and only
+  the leading inputs named in ``differentiable``: ``backward`` returns their
+  gradients; the ``None`` of every later input is added here.
   :func:`scale_saved` scales a saved gradient through the right backend.
+
+The eager twin is what every eager call pays, so it is lean: ``apply`` gets
+the backend, the inputs as one tuple and the differentiable inputs (the only
+ones autograd must see), and returns the first output alone; the others come
+back beside autograd (they are not differentiable, so autograd has nothing to
+track), and its backward gets one incoming gradient.
 
 ``KernelOp.__call__(route, *inputs)`` runs the op where ``_dispatch.route``
 said: the registered op, or the twin on that backend.
@@ -61,15 +68,23 @@ class KernelOp:
     """A kernel op, registered and eager; made by :func:`kernel_op`."""
 
     def __init__(
-        self, name: str, forward: Callable, dispatch_on: tuple[str, ...], absent: Callable | None
+        self,
+        name: str,
+        forward: Callable,
+        dispatch_on: tuple[str, ...],
+        differentiable: tuple[str, ...],
+        absent: Callable | None,
     ) -> None:
         signature = inspect.signature(forward, eval_str=True)
         params = list(signature.parameters.values())[1:]  # without `kernels`
         names = [p.name for p in params]
         picks = [names.index(n) for n in dispatch_on]
+        if tuple(names[: len(differentiable)]) != tuple(differentiable):
+            raise TypeError(f"{name}: differentiable inputs must lead the inputs, got {names}")
         self.name = name
         self._forward = forward
         self._inputs = len(params)
+        self._differentiable = len(differentiable)
 
         def body(*inputs):
             kernels = _dispatch.kernels_for(name, *(inputs[i] for i in picks))
@@ -107,21 +122,25 @@ class KernelOp:
 
         self.op.register_autograd(op_backward, setup_context=op_setup)
 
-        def twin_forward(ctx, kernels, reduce_first, *twin_inputs):
-            # Only the first output is differentiable: without this, autograd would
-            # fill a (rows, V) zero gradient for each saved-gradient output.
+        n_diff = self._differentiable
+        leading_nones = (None,) * 4  # (kernels, reduce_first, inputs, rest)
+
+        def twin_forward(ctx, kernels, reduce_first, inputs, rest, *_differentiable):
+            # The differentiable inputs are in `inputs` too (autograd only needs to
+            # see them). An undefined incoming gradient stays None (no zero fill).
             ctx.set_materialize_grads(False)
-            output = forward(kernels, *twin_inputs)
+            output = forward(kernels, *inputs)
             if not reduce_first:  # (summed, the first output is a new tensor anyway)
                 output = _distinct(output)
             ctx.kernels = kernels
-            setup_context(ctx, twin_inputs, output)
-            if reduce_first:
-                return (output[0].sum(), *output[1:])
-            return output
+            setup_context(ctx, inputs, output)
+            rest.append(output)
+            first = output[0] if isinstance(output, tuple) else output
+            return first.sum() if reduce_first else first
 
-        def twin_backward(ctx, *grad_outputs):
-            return (None, None, *padded(backward(ctx, *grad_outputs)))
+        def twin_backward(ctx, grad):
+            grads = backward(ctx, grad)
+            return (*leading_nones, *grads, *nones[len(grads) : n_diff])
 
         # Named after the op: autograd shows e.g. DistillFunctionBackward.
         name = forward.__name__.title().replace("_", "") + "Function"
@@ -134,18 +153,26 @@ class KernelOp:
         if route is _dispatch.REGISTERED or self._twin is None:
             output = self.op(*inputs)
             return (output[0].sum(), *output[1:]) if reduce_first else output
-        return self._twin.apply(route, reduce_first, *inputs)
+        rest: list = []
+        first = self._twin.apply(route, reduce_first, inputs, rest, *inputs[: self._differentiable])
+        output = rest[0]
+        return (first, *output[1:]) if isinstance(output, tuple) else first
 
 
 def kernel_op(
-    name: str, *, dispatch_on: tuple[str, ...], absent: Callable | None = None
+    name: str,
+    *,
+    dispatch_on: tuple[str, ...],
+    differentiable: tuple[str, ...],
+    absent: Callable | None = None,
 ) -> Callable[[Callable], KernelOp]:
     """Decorator: ``forward(kernels: KernelBackend, *inputs)`` -> a :class:`KernelOp`
     registered as ``name``; ``dispatch_on`` names the tensor inputs whose device
-    and dtype pick the registered op's backend; ``absent(*inputs)`` gives the
+    and dtype pick the registered op's backend; ``differentiable`` the leading
+    inputs its backward differentiates; ``absent(*inputs)`` gives the
     registered op's (empty) tensors for outputs the forward leaves None."""
 
     def make(forward: Callable) -> KernelOp:
-        return KernelOp(name, forward, dispatch_on, absent)
+        return KernelOp(name, forward, dispatch_on, differentiable, absent)
 
     return make

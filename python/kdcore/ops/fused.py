@@ -34,7 +34,12 @@ def _absent(student, teacher, *_) -> tuple:
     return None, None, ce_rows, student.new_empty(0), teacher.new_empty(0)
 
 
-@kernel_op("kdcore::distill", dispatch_on=("student", "teacher"), absent=_absent)
+@kernel_op(
+    "kdcore::distill",
+    dispatch_on=("student", "teacher"),
+    differentiable=("student", "teacher"),
+    absent=_absent,
+)
 def DISTILL(
     kernels: KernelBackend,
     student: torch.Tensor,
@@ -92,7 +97,8 @@ def _(student, teacher, weight, temperature, divergence, beta, labels, ce_weight
 
 def _setup(ctx, inputs, output) -> None:
     ctx.grad_student, ctx.grad_teacher = inputs[8], inputs[9]
-    ctx.mark_non_differentiable(*[out for out in output[1:] if out is not None])
+    if ctx.kernels is None:  # (the eager twin returns only the first output)
+        ctx.mark_non_differentiable(*[out for out in output[1:] if out is not None])
     ctx.save_for_backward(output[3], output[4])
 
 

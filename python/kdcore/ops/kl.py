@@ -20,7 +20,6 @@ def kernel_divergence(divergence: str, beta: float) -> str:
 def divergence_loss(
     student_logits,
     teacher_logits,
-    *,
     divergence,
     beta,
     temperature,
@@ -30,15 +29,17 @@ def divergence_loss(
     reduction,
     scale_t2,
 ) -> torch.Tensor:
-    """Shared body of the divergence losses: validate, dispatch, weight rows, run."""
+    """Shared body of the divergence losses: validate, dispatch, weight rows, run.
+
+    (Positional parameters and no work the common call does not need: at small
+    shapes this body costs about as much as the kernel.)"""
     student, teacher = _validate.logit_pair(student_logits, teacher_logits)
     t = _validate.temperature(temperature)
     red = _validate.reduction(reduction)
-    lead = student.shape[:-1]
     if labels is not None:
-        labels = _validate.labels(labels, lead, student)
+        labels = _validate.labels(labels, student.shape[:-1], student)
     if mask is not None:
-        _validate.mask(mask, lead, student)
+        _validate.mask(mask, student.shape[:-1], student)
     route = _dispatch.route(student, teacher)
     if route is None:
         wide = _dispatch.reference_dtype(student.device)
@@ -60,11 +61,13 @@ def divergence_loss(
         student, labels=labels, ignore_index=ignore_index, mask=mask, reduction=red, scale=scale
     )
     kernel = kernel_divergence(divergence, beta)
-    result = fused_rows(route, student, teacher, weight, t, kernel, beta=beta, reduce=red != "none")
-    loss, dtype = result.loss, loss_dtype(student, teacher)
+    loss = fused_rows(
+        route, student, teacher, weight, t, kernel, beta=beta, reduce=red != "none"
+    ).loss
+    dtype = loss_dtype(student, teacher)
     if loss.dtype != dtype:  # (meta float64: float32 fake rows)
         loss = loss.to(dtype)
-    return loss.reshape(lead) if red == "none" else loss
+    return loss.reshape(student.shape[:-1]) if red == "none" else loss
 
 
 def kl_loss(
@@ -114,14 +117,14 @@ def kl_loss(
     return divergence_loss(
         student_logits,
         teacher_logits,
-        divergence="reverse_kl" if reverse else "kl",
-        beta=0.5,
-        temperature=temperature,
-        labels=labels,
-        ignore_index=ignore_index,
-        mask=mask,
-        reduction=reduction,
-        scale_t2=scale_t2,
+        "reverse_kl" if reverse else "kl",
+        0.5,
+        temperature,
+        labels,
+        ignore_index,
+        mask,
+        reduction,
+        scale_t2,
     )
 
 
@@ -150,14 +153,14 @@ def jsd_loss(
     return divergence_loss(
         student_logits,
         teacher_logits,
-        divergence="jsd",
-        beta=_validate.beta(beta),
-        temperature=temperature,
-        labels=labels,
-        ignore_index=ignore_index,
-        mask=mask,
-        reduction=reduction,
-        scale_t2=scale_t2,
+        "jsd",
+        _validate.beta(beta),
+        temperature,
+        labels,
+        ignore_index,
+        mask,
+        reduction,
+        scale_t2,
     )
 
 
@@ -181,12 +184,12 @@ def tvd_loss(
     return divergence_loss(
         student_logits,
         teacher_logits,
-        divergence="tvd",
-        beta=0.5,
-        temperature=temperature,
-        labels=labels,
-        ignore_index=ignore_index,
-        mask=mask,
-        reduction=reduction,
-        scale_t2=scale_t2,
+        "tvd",
+        0.5,
+        temperature,
+        labels,
+        ignore_index,
+        mask,
+        reduction,
+        scale_t2,
     )

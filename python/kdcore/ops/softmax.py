@@ -9,7 +9,7 @@ from .._backend import KernelBackend
 from ._kernel_op import kernel_op
 
 
-@kernel_op("kdcore::softmax", dispatch_on=("x",))
+@kernel_op("kdcore::softmax", dispatch_on=("x",), differentiable=("x",))
 def SOFTMAX(kernels: KernelBackend, x: torch.Tensor, temperature: float, log: bool) -> torch.Tensor:
     """softmax(x / T) (or log-softmax) over the last axis of a 2-D tensor."""
     return kernels.softmax(x, temperature, log)
@@ -20,7 +20,7 @@ def _(x: torch.Tensor, temperature: float, log: bool) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@kernel_op("kdcore::softmax_backward", dispatch_on=("y",))
+@kernel_op("kdcore::softmax_backward", dispatch_on=("y",), differentiable=())
 def SOFTMAX_BACKWARD(
     kernels: KernelBackend, grad: torch.Tensor, y: torch.Tensor, temperature: float, log: bool
 ) -> torch.Tensor:

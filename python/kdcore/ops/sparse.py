@@ -18,6 +18,7 @@ OP = "kdcore::sparse_kl (sparse_kl_loss)"
 @kernel_op(
     "kdcore::sparse_kl",
     dispatch_on=("student",),
+    differentiable=("student",),
     absent=lambda student, *_: (None, student.new_empty(0)),
 )
 def SPARSE_KL(
@@ -62,7 +63,7 @@ def _setup(ctx, inputs, output) -> None:
     ctx.save_for_backward(output[1])
 
 
-def _backward(ctx, grad_rows, _):
+def _backward(ctx, grad_rows, *_):
     (grad,) = ctx.saved_tensors
     grad_s = scale_saved(ctx, grad, grad_rows, "student") if ctx.grad_student else None
     return (_modes.first_order_only(grad_s, OP),)
