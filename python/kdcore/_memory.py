@@ -203,13 +203,22 @@ _NUMPY_STORAGE = {
 
 def empty_like(x: torch.Tensor) -> torch.Tensor:
     """``torch.empty_like(x)`` (contiguous), from the buffer cache when large."""
-    nbytes = x.numel() * x.element_size()
-    if nbytes >= _MIN_RECYCLE_BYTES and x.is_cpu and x.dtype in _NUMPY_STORAGE:
-        view = _cache.take(nbytes, _NUMPY_STORAGE[x.dtype])
+    if x.is_cpu and x.numel() * x.element_size() >= _MIN_RECYCLE_BYTES:
+        return empty(x.shape, x.dtype, x.device)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def empty(shape, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``torch.empty(shape, dtype=dtype, device=device)``, from the buffer cache when
+    large and on the CPU."""
+    device = torch.device(device)
+    nbytes = torch.Size(shape).numel() * dtype.itemsize
+    if nbytes >= _MIN_RECYCLE_BYTES and device.type == "cpu" and dtype in _NUMPY_STORAGE:
+        view = _cache.take(nbytes, _NUMPY_STORAGE[dtype])
         if view is not None:
             # The storage holds `view` itself: its lifetime is the buffer's lease.
-            return torch.from_numpy(view).view(x.dtype).view(x.shape)
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+            return torch.from_numpy(view).view(dtype).view(shape)
+    out = torch.empty(shape, dtype=dtype, device=device)
     if nbytes >= _MIN_ADVISE_BYTES and out.is_cpu:
         _advise_huge(out.data_ptr(), nbytes)
     return out

@@ -105,16 +105,18 @@ class Problem:
         read = self.div_weight != 0
         return read | (self.ce_weight != 0) if self.ce_weight is not None else read
 
-    def teacher_rows(self, start: int, stop: int) -> torch.Tensor:
+    def teacher_rows(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """The dense teacher's logits of rows [start, stop), at least fp32, no
-        gradient, transformed (``teacher_logit_scale``, ``teacher_softcap``)."""
+        gradient, transformed (``teacher_logit_scale``, ``teacher_softcap``);
+        computed from teacher hidden states into ``out`` where the dtypes allow
+        (a buffer the caller reuses)."""
         with torch.no_grad():
             if self.teacher_logits is not None:
                 z = self.teacher_logits[start:stop]
                 z = z.to(torch.promote_types(z.dtype, torch.float32))
                 return self.teacher_transform(z, inplace=False)  # z may be the caller's
             hidden = self.teacher_hidden[start:stop]
-            z = logits_fp32(hidden, self.teacher_weight, self.teacher_bias)
+            z = logits_fp32(hidden, self.teacher_weight, self.teacher_bias, out)
             return self.teacher_transform(z, inplace=True)
 
     def teacher_transform(self, z: torch.Tensor, *, inplace: bool) -> torch.Tensor:

@@ -15,13 +15,18 @@ def tensor_cores(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.device.type == "cuda" and a.dtype == b.dtype and a.dtype in HALF
 
 
-def mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def mm32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ b`` with fp32 accumulation and an fp32 result (float64 stays float64).
 
     On CUDA, 16-bit operands go to cuBLAS as they are with an fp32 output
     (``out_dtype``), so no fp32 copy of a (V, H) weight is ever made; elsewhere
-    (or on a torch without it) they are widened first.
+    (or on a torch without it) they are widened first. ``out`` (contiguous, of
+    the result's shape), when the operands already have its dtype, receives
+    the product: a chunk loop then writes every chunk's logits into one buffer
+    instead of paging in a fresh one per chunk (costly on the CPU).
     """
+    if out is not None and a.dtype == b.dtype == out.dtype and out.dtype not in HALF:
+        return torch.mm(a, b, out=out)
     if tensor_cores(a, b):
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
@@ -48,15 +53,21 @@ def addmm32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tenso
 
 
 def logits_fp32(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """hidden @ weight.T + bias with fp32 accumulation and an fp32 result
-    (never rounded to bf16 before the loss)."""
+    (never rounded to bf16 before the loss); written into ``out`` where
+    :func:`mm32` can (outside autograd: the bias is then added in place)."""
     if hidden.dtype != weight.dtype:
         dtype = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
-    out = mm32(hidden, weight.t())
-    return out + bias.to(out.dtype) if bias is not None else out
+    z = mm32(hidden, weight.t(), out)
+    if bias is None:
+        return z
+    return z.add_(bias.to(z.dtype)) if z is out else z + bias.to(z.dtype)
 
 
 def pad_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
