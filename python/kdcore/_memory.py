@@ -81,18 +81,21 @@ def _limit_from_env() -> int:
 class _Slab:
     """One buffer of the cache and whether a tensor may still be using it."""
 
-    __slots__ = ("array", "busy", "_lease", "_watch", "__weakref__")
+    __slots__ = ("array", "busy", "_offset", "_lease", "_watch", "__weakref__")
 
     def __init__(self, array: np.ndarray) -> None:
         self.array = array
         self.busy = False
+        # Where the aligned part starts, found once (``ndarray.ctypes`` costs
+        # about as much as a small kernel call).
+        self._offset = (-array.ctypes.data) % _ALIGN
         self._lease = 0
         self._watch = None
 
     def lend(self, nbytes: int, dtype) -> np.ndarray:
         """A 64-byte aligned view of ``nbytes`` as ``dtype``; the slab is busy
         until that view object is garbage."""
-        offset = (-self.array.ctypes.data) % _ALIGN
+        offset = self._offset
         view = self.array[offset : offset + nbytes].view(dtype)
         self.busy = True
         self._lease += 1
