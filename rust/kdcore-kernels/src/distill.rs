@@ -294,7 +294,7 @@ fn partition_pass<A: Arch, S: Element, T: Element, const CROSS: u8>(
     sc: &mut Scratch<'_>,
 ) -> (Wide, Wide, Wide, Wide) {
     let inv_t = plan.inv_t;
-    let (mut zs, mut zt, mut z1, mut cross): (Wide, Wide, Wide, Wide) = Default::default();
+    let (mut zs, mut zt, mut z1, mut cross): (Wide, Wide, Wide, Wide) = ([0.0; LANES], [0.0; LANES], [0.0; LANES], [0.0; LANES]);
     for run in runs(ps.chunks()) {
         let (mut zs_run, mut zt_run) = ([0.0; LANES], [0.0; LANES]);
         let (mut z1_run, mut cross_run) = ([0.0; LANES], [0.0; LANES]);
@@ -567,7 +567,7 @@ fn half_sign(x: f32) -> f32 {
 /// TVD and the sums its gradients need: (½ Σ|P−Q|, Σ Q g, Σ P (−g)).
 #[inline(always)]
 fn tvd_sums(cols: usize, stats: &RowStats, sc: &Scratch<'_>) -> (f64, f64, f64) {
-    let (mut abs, mut qg, mut pg): (Wide, Wide, Wide) = Default::default();
+    let (mut abs, mut qg, mut pg): (Wide, Wide, Wide) = ([0.0; LANES], [0.0; LANES], [0.0; LANES]);
     let chunks = cols.div_ceil(LANES);
     for start in (0..chunks).step_by(RUN / LANES) {
         let (mut abs_run, mut qg_run, mut pg_run) = ([0.0; LANES], [0.0; LANES], [0.0; LANES]);
@@ -608,7 +608,7 @@ fn jsd_sums<A: Arch, S: Element, T: Element>(
     // In f64: 1 − β rounds to 1 in f32 for β < 6e-8, and the log of it is β-sized.
     let (log_beta, log_rest) = (beta.ln() as f32, (-beta).ln_1p() as f32);
     let odds = log_beta - log_rest;
-    let (mut klq, mut klp): (Wide, Wide) = Default::default();
+    let (mut klq, mut klp): (Wide, Wide) = ([0.0; LANES], [0.0; LANES]);
     let (ps, pt) = (PaddedRow::new(s), PaddedRow::new(t));
     for run in runs(ps.chunks()) {
         let (mut klq_run, mut klp_run) = ([0.0; LANES], [0.0; LANES]);

@@ -25,7 +25,7 @@ pub enum SoftmaxKind {
 #[inline(always)]
 pub(crate) fn row_log_partition<A: Arch, E: Element>(row: &[E], inv_t: f32) -> (f32, f64) {
     let max = row_max(row);
-    let mut z = Wide::default();
+    let mut z = [0.0f64; LANES];
     let padded = PaddedRow::new(row);
     for run in runs(padded.chunks()) {
         let mut z_run = [0.0; LANES];
@@ -75,7 +75,7 @@ fn softmax_backward_block<A: Arch, E: Element>(
     let rows = y.chunks(cols).zip(grad_y.chunks(cols));
     for ((y_row, g_row), dx_row) in rows.zip(grad_x.chunks_mut(cols)) {
         // softmax: dx = y (g - Σ g y) / T;  log_softmax: dx = (g - e^y Σ g) / T
-        let mut acc = Wide::default();
+        let mut acc = [0.0f64; LANES];
         let (py, pg) = (PaddedRow::filled(y_row, 0.0), PaddedRow::filled(g_row, 0.0));
         for run in runs(py.chunks()) {
             let mut acc_run = [0.0; LANES];

@@ -122,7 +122,7 @@ fn sparse_row<A: Arch, S: Element>(
         outside[id as usize] = 0.0;
     }
     let max = row_max(s);
-    let (mut z, mut z_tail): (Wide, Wide) = Default::default();
+    let (mut z, mut z_tail): (Wide, Wide) = ([0.0; LANES], [0.0; LANES]);
     let padded = PaddedRow::new(s);
     for run in runs(padded.chunks()) {
         let (mut z_run, mut tail_run) = ([0.0; LANES], [0.0; LANES]);
