@@ -30,10 +30,10 @@ use crate::element::Element;
 use crate::error::{check_len, inverse_temperature, KernelError};
 use crate::rows::{
     prefetch_chunk, row_max, run_blocks, runs, shift, split_rows, wide_sum, widen_into, Blocking,
-    PaddedRow, Wide, RUN,
+    PaddedRow, Wide,
 };
 use crate::simd::simd_dispatch;
-use crate::simd::{exp_nonpos_lanes, softplus_shared, Arch, SimdLevel, LANES};
+use crate::simd::{exp_nonpos_lanes, softplus_shared, Arch, SimdLevel};
 use crate::softmax::check_shape;
 
 /// Which divergence between teacher P and student Q.
@@ -86,8 +86,9 @@ struct Scratch<'a> {
     p_m: &'a mut [f32],
 }
 
-fn scratch(buf: &mut Vec<f32>, cols: usize) -> Scratch<'_> {
-    let n = cols.div_ceil(LANES) * LANES;
+/// Scratch rows of `cols` padded to whole chunks of `L`.
+fn scratch<const L: usize>(buf: &mut Vec<f32>, cols: usize) -> Scratch<'_> {
+    let n = cols.div_ceil(L) * L;
     if buf.len() < 5 * n {
         buf.resize(5 * n, 0.0);
     }
@@ -107,21 +108,21 @@ fn scratch(buf: &mut Vec<f32>, cols: usize) -> Scratch<'_> {
 /// Chunk k of a scratch row, as a fixed-size array (lane loops over it need
 /// no bounds checks).
 #[inline(always)]
-fn lanes(buf: &[f32], k: usize) -> &[f32; LANES] {
-    buf[k * LANES..(k + 1) * LANES]
+fn lanes<const L: usize>(buf: &[f32], k: usize) -> &[f32; L] {
+    buf[k * L..(k + 1) * L]
         .try_into()
-        .expect("a chunk is LANES long")
+        .expect("a chunk is L long")
 }
 
 #[inline(always)]
-fn lanes_mut(buf: &mut [f32], k: usize) -> &mut [f32] {
-    &mut buf[k * LANES..(k + 1) * LANES]
+fn lanes_mut<const L: usize>(buf: &mut [f32], k: usize) -> &mut [f32] {
+    &mut buf[k * L..(k + 1) * L]
 }
 
 #[inline(always)]
-fn copy_lanes(dst: &mut [f32], v: &[f32; LANES]) {
+fn copy_lanes<const L: usize>(dst: &mut [f32], v: &[f32; L]) {
     // A fixed-size copy: inlined register stores, no memcpy call.
-    let dst: &mut [f32; LANES] = dst.try_into().expect("a chunk is LANES long");
+    let dst: &mut [f32; L] = dst.try_into().expect("a chunk is L long");
     *dst = *v;
 }
 
@@ -138,7 +139,7 @@ struct Plan {
 
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn distill_row<A: Arch, S: Element, T: Element>(
+fn distill_row<A: Arch, const L: usize, S: Element, T: Element>(
     s: &[S],
     t: &[T],
     plan: Plan,
@@ -159,18 +160,18 @@ fn distill_row<A: Arch, S: Element, T: Element>(
     } else {
         ahead
     };
-    let (max_s, max_t) = (row_max(s), row_max(t));
-    let (ps, pt) = (PaddedRow::new(s), PaddedRow::new(t));
+    let (max_s, max_t) = (row_max::<S, L>(s), row_max::<T, L>(t));
+    let (ps, pt) = (PaddedRow::<S, L>::new(s), PaddedRow::<T, L>::new(t));
     // One instance per cross term: with a run-time choice inside the loop the
     // compiler merges the two forms through pointers to stack copies.
     let (zs, zt, z1, cross) = match plan.divergence {
         Divergence::Kl => {
-            partition_pass::<A, S, T, CROSS_FORWARD>(&ps, &pt, max_s, max_t, plan, &ahead, sc)
+            partition_pass::<A, L, S, T, CROSS_FORWARD>(&ps, &pt, max_s, max_t, plan, &ahead, sc)
         }
         Divergence::ReverseKl => {
-            partition_pass::<A, S, T, CROSS_REVERSE>(&ps, &pt, max_s, max_t, plan, &ahead, sc)
+            partition_pass::<A, L, S, T, CROSS_REVERSE>(&ps, &pt, max_s, max_t, plan, &ahead, sc)
         }
-        _ => partition_pass::<A, S, T, CROSS_NONE>(&ps, &pt, max_s, max_t, plan, &ahead, sc),
+        _ => partition_pass::<A, L, S, T, CROSS_NONE>(&ps, &pt, max_s, max_t, plan, &ahead, sc),
     };
     let (zs, zt) = (wide_sum(&zs), wide_sum(&zt));
     let (log_zs, log_zt) = (zs.ln(), zt.ln());
@@ -186,8 +187,8 @@ fn distill_row<A: Arch, S: Element, T: Element>(
     let (div, sum_s, sum_t) = match plan.divergence {
         Divergence::Kl => (wide_sum(&cross) / zt - log_zt + log_zs, 0.0, 0.0),
         Divergence::ReverseKl => (wide_sum(&cross) / zs - log_zs + log_zt, 0.0, 0.0),
-        Divergence::Tvd => tvd_sums(s.len(), &stats, sc),
-        Divergence::Jsd { beta } => jsd_sums::<A, S, T>(s, t, inv_t, beta, &stats, sc),
+        Divergence::Tvd => tvd_sums::<L>(s.len(), &stats, sc),
+        Divergence::Jsd { beta } => jsd_sums::<A, L, S, T>(s, t, inv_t, beta, &stats, sc),
     };
 
     // Hard-label cross-entropy at T = 1 on the student.
@@ -284,35 +285,35 @@ const CROSS_REVERSE: u8 = 2;
 /// at T = 1) and the cross term, widened per run; e^a, e^b (and e^{s − max s})
 /// kept in scratch when later passes read them.
 #[inline(always)]
-fn partition_pass<A: Arch, S: Element, T: Element, const CROSS: u8>(
-    ps: &PaddedRow<'_, S>,
-    pt: &PaddedRow<'_, T>,
+fn partition_pass<A: Arch, const L: usize, S: Element, T: Element, const CROSS: u8>(
+    ps: &PaddedRow<'_, S, L>,
+    pt: &PaddedRow<'_, T, L>,
     max_s: f32,
     max_t: f32,
     plan: Plan,
     ahead: &Ahead<'_, S, T>,
     sc: &mut Scratch<'_>,
-) -> (Wide, Wide, Wide, Wide) {
+) -> (Wide<L>, Wide<L>, Wide<L>, Wide<L>) {
     let inv_t = plan.inv_t;
-    let (mut zs, mut zt, mut z1, mut cross): (Wide, Wide, Wide, Wide) = Default::default();
+    let (mut zs, mut zt, mut z1, mut cross) = ([0.0; L], [0.0; L], [0.0; L], [0.0; L]);
     for run in runs(ps.chunks()) {
-        let (mut zs_run, mut zt_run) = ([0.0; LANES], [0.0; LANES]);
-        let (mut z1_run, mut cross_run) = ([0.0; LANES], [0.0; LANES]);
+        let (mut zs_run, mut zt_run) = ([0.0; L], [0.0; L]);
+        let (mut z1_run, mut cross_run) = ([0.0; L], [0.0; L]);
         for k in run {
-            prefetch_chunk(ahead.next_s, k);
-            prefetch_chunk(ahead.next_t, k);
-            prefetch_chunk(ahead.grad_s, k);
-            prefetch_chunk(ahead.grad_t, k);
+            prefetch_chunk::<S, L>(ahead.next_s, k);
+            prefetch_chunk::<T, L>(ahead.next_t, k);
+            prefetch_chunk::<S, L>(ahead.grad_s, k);
+            prefetch_chunk::<T, L>(ahead.grad_t, k);
             let (cs, ct) = (ps.chunk(k), pt.chunk(k));
             let a = shift(cs, max_s, inv_t);
             let b = shift(ct, max_t, inv_t);
-            let (es, et) = (exp_nonpos_lanes::<A>(&a), exp_nonpos_lanes::<A>(&b));
-            for i in 0..LANES {
+            let (es, et) = (exp_nonpos_lanes::<A, L>(&a), exp_nonpos_lanes::<A, L>(&b));
+            for i in 0..L {
                 zs_run[i] += es[i];
                 zt_run[i] += et[i];
             }
             if CROSS == CROSS_FORWARD {
-                for i in 0..LANES {
+                for i in 0..L {
                     cross_run[i] += if et[i] != 0.0 {
                         et[i] * (b[i] - a[i])
                     } else {
@@ -320,7 +321,7 @@ fn partition_pass<A: Arch, S: Element, T: Element, const CROSS: u8>(
                     };
                 }
             } else if CROSS == CROSS_REVERSE {
-                for i in 0..LANES {
+                for i in 0..L {
                     cross_run[i] += if es[i] != 0.0 {
                         es[i] * (a[i] - b[i])
                     } else {
@@ -329,15 +330,15 @@ fn partition_pass<A: Arch, S: Element, T: Element, const CROSS: u8>(
                 }
             }
             if plan.ce_t1 {
-                let e1 = exp_nonpos_lanes::<A>(&shift(cs, max_s, 1.0));
-                for i in 0..LANES {
+                let e1 = exp_nonpos_lanes::<A, L>(&shift(cs, max_s, 1.0));
+                for i in 0..L {
                     z1_run[i] += e1[i];
                 }
-                copy_lanes(lanes_mut(sc.e1, k), &e1);
+                copy_lanes(lanes_mut::<L>(sc.e1, k), &e1);
             }
             if plan.keep {
-                copy_lanes(lanes_mut(sc.es, k), &es);
-                copy_lanes(lanes_mut(sc.et, k), &et);
+                copy_lanes(lanes_mut::<L>(sc.es, k), &es);
+                copy_lanes(lanes_mut::<L>(sc.et, k), &et);
             }
         }
         widen_into(&mut zs, &zs_run);
@@ -566,14 +567,13 @@ fn half_sign(x: f32) -> f32 {
 
 /// TVD and the sums its gradients need: (½ Σ|P−Q|, Σ Q g, Σ P (−g)).
 #[inline(always)]
-fn tvd_sums(cols: usize, stats: &RowStats, sc: &Scratch<'_>) -> (f64, f64, f64) {
-    let (mut abs, mut qg, mut pg): (Wide, Wide, Wide) = Default::default();
-    let chunks = cols.div_ceil(LANES);
-    for start in (0..chunks).step_by(RUN / LANES) {
-        let (mut abs_run, mut qg_run, mut pg_run) = ([0.0; LANES], [0.0; LANES], [0.0; LANES]);
-        for k in start..(start + RUN / LANES).min(chunks) {
-            let (es, et) = (lanes(sc.es, k), lanes(sc.et, k));
-            for i in 0..LANES {
+fn tvd_sums<const L: usize>(cols: usize, stats: &RowStats, sc: &Scratch<'_>) -> (f64, f64, f64) {
+    let (mut abs, mut qg, mut pg): (Wide<L>, Wide<L>, Wide<L>) = ([0.0; L], [0.0; L], [0.0; L]);
+    for run in runs(cols.div_ceil(L)) {
+        let (mut abs_run, mut qg_run, mut pg_run) = ([0.0; L], [0.0; L], [0.0; L]);
+        for k in run {
+            let (es, et) = (lanes::<L>(sc.es, k), lanes::<L>(sc.et, k));
+            for i in 0..L {
                 let (q, p) = (es[i] * stats.inv_zs, et[i] * stats.inv_zt);
                 abs_run[i] += (p - q).abs();
                 qg_run[i] += q * half_sign(q - p);
@@ -597,7 +597,7 @@ fn tvd_sums(cols: usize, stats: &RowStats, sc: &Scratch<'_>) -> (f64, f64, f64) 
 /// scratch for the gradient pass. (Forming log M itself and subtracting would
 /// carry an f32 rounding of each |log Q|: ~1e-6 on a 32k-wide row.)
 #[inline(always)]
-fn jsd_sums<A: Arch, S: Element, T: Element>(
+fn jsd_sums<A: Arch, const L: usize, S: Element, T: Element>(
     s: &[S],
     t: &[T],
     inv_t: f32,
@@ -608,16 +608,16 @@ fn jsd_sums<A: Arch, S: Element, T: Element>(
     // In f64: 1 − β rounds to 1 in f32 for β < 6e-8, and the log of it is β-sized.
     let (log_beta, log_rest) = (beta.ln() as f32, (-beta).ln_1p() as f32);
     let odds = log_beta - log_rest;
-    let (mut klq, mut klp): (Wide, Wide) = Default::default();
-    let (ps, pt) = (PaddedRow::new(s), PaddedRow::new(t));
+    let (mut klq, mut klp): (Wide<L>, Wide<L>) = ([0.0; L], [0.0; L]);
+    let (ps, pt) = (PaddedRow::<S, L>::new(s), PaddedRow::<T, L>::new(t));
     for run in runs(ps.chunks()) {
-        let (mut klq_run, mut klp_run) = ([0.0; LANES], [0.0; LANES]);
+        let (mut klq_run, mut klp_run) = ([0.0; L], [0.0; L]);
         for k in run {
             let a = shift(ps.chunk(k), stats.max_s, inv_t);
             let b = shift(pt.chunk(k), stats.max_t, inv_t);
-            let (es, et) = (lanes(sc.es, k), lanes(sc.et, k));
-            let (mut q_m, mut p_m) = ([0.0; LANES], [0.0; LANES]);
-            for i in 0..LANES {
+            let (es, et) = (lanes::<L>(sc.es, k), lanes::<L>(sc.et, k));
+            let (mut q_m, mut p_m) = ([0.0; L], [0.0; L]);
+            for i in 0..L {
                 let x = (b[i] - a[i]) - stats.log_ratio + odds;
                 let shared = softplus_shared::<A>(x);
                 // max(±x, 0) as selects: a NaN x (both probabilities 0) stays
@@ -632,8 +632,8 @@ fn jsd_sums<A: Arch, S: Element, T: Element>(
                 klq_run[i] += if q != 0.0 { q * q_m[i] } else { 0.0 };
                 klp_run[i] += if p != 0.0 { p * p_m[i] } else { 0.0 };
             }
-            copy_lanes(lanes_mut(sc.q_m, k), &q_m);
-            copy_lanes(lanes_mut(sc.p_m, k), &p_m);
+            copy_lanes(lanes_mut::<L>(sc.q_m, k), &q_m);
+            copy_lanes(lanes_mut::<L>(sc.p_m, k), &p_m);
         }
         widen_into(&mut klq, &klq_run);
         widen_into(&mut klp, &klp_run);
@@ -648,7 +648,7 @@ type HardBlock<'a> = Option<(&'a [i64], &'a [f32], &'a mut [f32])>;
 /// One block of rows.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn distill_block<A: Arch, S: Element, T: Element>(
+fn distill_block<A: Arch, const L: usize, S: Element, T: Element>(
     s: &[S],
     t: &[T],
     cols: usize,
@@ -660,7 +660,7 @@ fn distill_block<A: Arch, S: Element, T: Element>(
     mut grad_t: Option<&mut [T]>,
     buf: &mut Vec<f32>,
 ) {
-    let mut sc = scratch(buf, cols);
+    let mut sc = scratch::<L>(buf, cols);
     let hint_rows = hints_fit::<S, T>(cols);
     for (r, (&w, out)) in weight.iter().zip(loss.iter_mut()).enumerate() {
         let span = r * cols..(r + 1) * cols;
@@ -700,7 +700,7 @@ fn distill_block<A: Arch, S: Element, T: Element>(
         };
         let (row_s, row_t) = (&s[span.clone()], &t[span]);
         let (div, ce_loss) =
-            distill_row::<A, S, T>(row_s, row_t, plan, w, ce_arg, gs, gt, ahead, &mut sc);
+            distill_row::<A, L, S, T>(row_s, row_t, plan, w, ce_arg, gs, gt, ahead, &mut sc);
         *out = if w == 0.0 { 0.0 } else { div };
         if let Some((_, _, ce_out)) = ce.as_mut() {
             ce_out[r] = ce_loss;
@@ -727,6 +727,37 @@ pub struct Grads<'a, S, T> {
 /// the student, and, on request, the gradients of their sum.
 #[allow(clippy::too_many_arguments)]
 pub fn distill<S: Element, T: Element>(
+    student: &[S],
+    teacher: &[T],
+    rows: usize,
+    cols: usize,
+    divergence: Divergence,
+    temperature: f32,
+    weight: &[f32],
+    loss: &mut [f32],
+    hard: Option<HardLabels<'_>>,
+    grads: Grads<'_, S, T>,
+) -> Result<(), KernelError> {
+    distill_at(
+        SimdLevel::detect(),
+        student,
+        teacher,
+        rows,
+        cols,
+        divergence,
+        temperature,
+        weight,
+        loss,
+        hard,
+        grads,
+    )
+}
+
+/// [`distill`] at a given SIMD level (tests run every level a CPU has).
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn distill_at<S: Element, T: Element>(
+    level: SimdLevel,
     student: &[S],
     teacher: &[T],
     rows: usize,
@@ -798,7 +829,6 @@ pub fn distill<S: Element, T: Element>(
         keep: wants_grad || matches!(divergence, Divergence::Tvd | Divergence::Jsd { .. }),
         ce_t1: hard.is_some() && inv_t != 1.0,
     };
-    let level = SimdLevel::detect();
     let blocking = Blocking::new(rows, cols);
     let (per, len) = (blocking.rows_per_block, blocking.rows_per_block * cols);
     let hard_blocks: Vec<HardBlock<'_>> = match hard {

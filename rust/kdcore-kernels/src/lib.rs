@@ -24,3 +24,11 @@ pub use kl::{kl_div, KlGrads};
 pub use simd::SimdLevel;
 pub use softmax::{softmax, softmax_backward, SoftmaxKind};
 pub use sparse::{sparse_kl, SparseTeacher, Tail};
+
+// The kernels at a given SIMD level: the tests run every level a CPU has.
+#[doc(hidden)]
+pub use distill::distill_at;
+#[doc(hidden)]
+pub use softmax::{softmax_at, softmax_backward_at};
+#[doc(hidden)]
+pub use sparse::sparse_kl_at;

@@ -6,45 +6,47 @@ use rayon::prelude::*;
 
 use crate::element::Element;
 use crate::pool;
-use crate::simd::{Lanes, LANES};
+use crate::simd::Lanes;
 
 /// Below this many elements a call runs on the calling thread: waking the
 /// pool costs more than the work (a 1 x 8 call must take microseconds).
 const PARALLEL_MIN_ELEMENTS: usize = 1 << 15;
 
+// `L` below: the lane count of the SIMD level a kernel is compiled for
+// (chosen by `simd_dispatch!`).
+
 /// One full chunk, widened to f32.
 #[inline(always)]
-pub(crate) fn widen<E: Element>(src: &[E; LANES]) -> Lanes {
+pub(crate) fn widen<E: Element, const L: usize>(src: &[E; L]) -> Lanes<L> {
     std::array::from_fn(|i| src[i].to_f32())
 }
 
 /// (x − max) / T for one full chunk, widened.
 #[inline(always)]
-pub(crate) fn shift<E: Element>(src: &[E; LANES], max: f32, inv_t: f32) -> Lanes {
+pub(crate) fn shift<E: Element, const L: usize>(src: &[E; L], max: f32, inv_t: f32) -> Lanes<L> {
     std::array::from_fn(|i| (src[i].to_f32() - max) * inv_t)
 }
 
-/// The chunk indices `0..chunks` in runs of `RUN` elements: lane sums are
-/// kept in f32 within a run and widened to f64 after it.
+/// The chunk indices `0..chunks` in runs of [`CHUNKS_PER_RUN`] chunks: lane
+/// sums are kept in f32 within a run and widened to f64 after it.
 #[inline(always)]
 pub(crate) fn runs(chunks: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
-    const PER_RUN: usize = RUN / LANES;
     (0..chunks)
-        .step_by(PER_RUN)
-        .map(move |start| start..(start + PER_RUN).min(chunks))
+        .step_by(CHUNKS_PER_RUN)
+        .map(move |start| start..(start + CHUNKS_PER_RUN).min(chunks))
 }
 
 /// A row seen as full lane chunks: chunk k is the row's own memory, except a
 /// partial last chunk, which is a copy padded with −inf (probability 0 after
 /// the shift). Loop bodies so never handle a short chunk, whose run-time
 /// length would push their lane arrays through the stack.
-pub(crate) struct PaddedRow<'a, E> {
+pub(crate) struct PaddedRow<'a, E, const L: usize> {
     row: &'a [E],
     full: usize,
-    tail: [E; LANES],
+    tail: [E; L],
 }
 
-impl<'a, E: Element> PaddedRow<'a, E> {
+impl<'a, E: Element, const L: usize> PaddedRow<'a, E, L> {
     #[inline(always)]
     pub fn new(row: &'a [E]) -> Self {
         Self::filled(row, f32::NEG_INFINITY)
@@ -53,9 +55,9 @@ impl<'a, E: Element> PaddedRow<'a, E> {
     /// Padding with `fill` instead of −inf.
     #[inline(always)]
     pub fn filled(row: &'a [E], fill: f32) -> Self {
-        let full = row.len() / LANES;
-        let mut tail = [E::from_f32(fill); LANES];
-        let rest = &row[full * LANES..];
+        let full = row.len() / L;
+        let mut tail = [E::from_f32(fill); L];
+        let rest = &row[full * L..];
         tail[..rest.len()].copy_from_slice(rest);
         PaddedRow { row, full, tail }
     }
@@ -63,37 +65,37 @@ impl<'a, E: Element> PaddedRow<'a, E> {
     /// Number of chunks, the padded one included.
     #[inline(always)]
     pub fn chunks(&self) -> usize {
-        self.row.len().div_ceil(LANES)
+        self.row.len().div_ceil(L)
     }
 
     /// The element range of chunk k within the row (shorter for the last).
     #[inline(always)]
     pub fn span(&self, k: usize) -> std::ops::Range<usize> {
-        k * LANES..((k + 1) * LANES).min(self.row.len())
+        k * L..((k + 1) * L).min(self.row.len())
     }
 
     #[inline(always)]
-    pub fn chunk(&self, k: usize) -> &[E; LANES] {
+    pub fn chunk(&self, k: usize) -> &[E; L] {
         if k < self.full {
-            self.row[k * LANES..(k + 1) * LANES]
+            self.row[k * L..(k + 1) * L]
                 .try_into()
-                .expect("LANES long")
+                .expect("a chunk is L long")
         } else {
             &self.tail
         }
     }
 }
 
-/// Narrows the first `dst.len()` (at most `LANES`) lanes into `dst`.
+/// Narrows the first `dst.len()` (at most `L`) lanes into `dst`.
 ///
 /// The partial path indexes `v` with constants only (a fixed-length loop with
 /// a bounds test on `dst`): a lane array indexed by a run-time length must
 /// live in memory, and the full-chunk path would then go through the stack
 /// too.
 #[inline(always)]
-pub(crate) fn store<E: Element>(dst: &mut [E], v: &Lanes) {
-    if let Ok(full) = <&mut [E; LANES]>::try_from(&mut *dst) {
-        for i in 0..LANES {
+pub(crate) fn store<E: Element, const L: usize>(dst: &mut [E], v: &Lanes<L>) {
+    if let Ok(full) = <&mut [E; L]>::try_from(&mut *dst) {
+        for i in 0..L {
             full[i] = E::from_f32(v[i]);
         }
     } else {
@@ -106,35 +108,36 @@ pub(crate) fn store<E: Element>(dst: &mut [E], v: &Lanes) {
 }
 
 #[inline(always)]
-pub(crate) fn add_into(acc: &mut Lanes, v: &Lanes) {
-    for i in 0..LANES {
+pub(crate) fn add_into<const L: usize>(acc: &mut Lanes<L>, v: &Lanes<L>) {
+    for i in 0..L {
         acc[i] += v[i];
     }
 }
 
 #[inline(always)]
-pub(crate) fn lane_max(v: &Lanes) -> f32 {
+pub(crate) fn lane_max<const L: usize>(v: &Lanes<L>) -> f32 {
     v.iter()
         .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
 }
 
-/// Elements summed in f32 lanes before the lane sums are widened to f64.
+/// Chunks summed in f32 lanes before the lane sums are widened to f64: 32
+/// f32 additions per lane at every width (a run is `32 * L` elements).
 /// Plain f32 lanes over a 32k-wide row lose ~1e-6 absolute in log Z, which is
 /// 1e-4 of a small KL; runs keep f64 accuracy at nearly f32 cost.
-pub(crate) const RUN: usize = 32 * LANES;
+pub(crate) const CHUNKS_PER_RUN: usize = 32;
 
 /// Lane sums in f64, fed one run at a time.
-pub(crate) type Wide = [f64; LANES];
+pub(crate) type Wide<const L: usize> = [f64; L];
 
 #[inline(always)]
-pub(crate) fn widen_into(acc: &mut Wide, v: &Lanes) {
-    for i in 0..LANES {
+pub(crate) fn widen_into<const L: usize>(acc: &mut Wide<L>, v: &Lanes<L>) {
+    for i in 0..L {
         acc[i] += v[i] as f64;
     }
 }
 
 #[inline(always)]
-pub(crate) fn wide_sum(v: &Wide) -> f64 {
+pub(crate) fn wide_sum<const L: usize>(v: &Wide<L>) -> f64 {
     v.iter().sum()
 }
 
@@ -142,7 +145,8 @@ pub(crate) fn wide_sum(v: &Wide) -> f64 {
 /// wrong guess only changes how many hints are issued).
 const LINE: usize = 64;
 
-/// Hints the CPU to bring the cache lines of chunk `k` of `row` into L2.
+/// Hints the CPU to bring the cache lines of chunk `k` (of `L` elements) of
+/// `row` into L2.
 ///
 /// The row kernels read a row from memory once (its maxima) and then work on
 /// it from cache: without a hint those phases alternate, waiting on memory
@@ -150,11 +154,11 @@ const LINE: usize = 64;
 /// be written) while a row's exponentials are computed overlaps the two. A
 /// hint never faults: `row` may be empty or shorter than the chunk.
 #[inline(always)]
-pub(crate) fn prefetch_chunk<E>(row: &[E], k: usize) {
+pub(crate) fn prefetch_chunk<E, const L: usize>(row: &[E], k: usize) {
     if row.is_empty() {
         return;
     }
-    let bytes = LANES * std::mem::size_of::<E>();
+    let bytes = L * std::mem::size_of::<E>();
     let start = (row.as_ptr() as *const u8).wrapping_add(k * bytes);
     for offset in (0..bytes).step_by(LINE) {
         prefetch_l2(start.wrapping_add(offset));
@@ -175,12 +179,12 @@ fn prefetch_l2(_p: *const u8) {
 
 /// Maximum of a row, widened to f32.
 #[inline(always)]
-pub(crate) fn row_max<E: Element>(row: &[E]) -> f32 {
-    let mut acc = [f32::NEG_INFINITY; LANES];
-    let mut chunks = row.chunks_exact(LANES);
+pub(crate) fn row_max<E: Element, const L: usize>(row: &[E]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; L];
+    let mut chunks = row.chunks_exact(L);
     for chunk in &mut chunks {
-        let full: &[E; LANES] = chunk.try_into().expect("chunks_exact gives LANES");
-        for i in 0..LANES {
+        let full: &[E; L] = chunk.try_into().expect("chunks_exact gives L");
+        for i in 0..L {
             let x = full[i].to_f32();
             acc[i] = if x > acc[i] { x } else { acc[i] };
         }

@@ -1,18 +1,27 @@
 //! Run-time SIMD selection and the vectorised math the kernels share.
 //!
-//! The kernels are written once, over fixed-size lane arrays ([`Lanes`]), and
-//! compiled several times: inside `#[target_feature]` wrappers for AVX-512 and
-//! AVX2+FMA, and once for the portable baseline (SSE2 on x86-64, NEON on
-//! aarch64). LLVM vectorises the lane loops for each feature set; the level is
-//! detected once at run time, so a wheel built anywhere runs anywhere.
+//! The kernels are written once, over fixed-size lane arrays ([`Lanes`]) whose
+//! width is a const generic, and compiled several times: inside
+//! `#[target_feature]` wrappers for AVX-512 and AVX2+FMA, and once for the
+//! portable baseline (SSE2 on x86-64, NEON on aarch64), each at the width that
+//! suits its registers ([`SimdLevel::lanes`]). LLVM vectorises the lane loops
+//! for each feature set; the level is detected once at run time, so a wheel
+//! built anywhere runs anywhere.
 
 use std::sync::OnceLock;
 
-/// Lanes processed together. Two AVX-512 registers, four AVX2 registers:
-/// enough independent work to hide the latency of `exp`.
-pub const LANES: usize = 32;
-/// One chunk of a row, widened to f32.
-pub type Lanes = [f32; LANES];
+/// Lanes processed together at each level: four vector registers per lane
+/// array, independent work that hides the latency of the `exp` polynomial (a
+/// dependency chain). AVX-512 has 32 zmm registers of 16 lanes. AVX2 has 16
+/// ymm registers of 8: at 64 lanes (eight per array) some kernels measured
+/// faster and others slower, so it keeps 32 (docs/benchmarks.md).
+pub(crate) const AVX512_LANES: usize = 64;
+pub(crate) const AVX2_LANES: usize = 32;
+/// SSE2 / NEON (16 registers of 4 lanes): 16 and 32 lanes measured the same.
+pub(crate) const PORTABLE_LANES: usize = 32;
+
+/// One chunk of a row, widened to f32 (`L`: the level's lane count).
+pub type Lanes<const L: usize> = [f32; L];
 
 /// An instruction set this CPU runs, as a token: only run-time detection
 /// ([`SimdLevel::detect`], [`SimdLevel::available`]) and the always-safe
@@ -41,7 +50,12 @@ pub(crate) enum Isa {
 }
 
 impl SimdLevel {
-    /// The best level this CPU supports (detected once).
+    /// The best level this CPU supports (detected once), or the lower level
+    /// that the environment variable `KDCORE_SIMD` names (`avx512`,
+    /// `avx2+fma`, `portable`; `neon` on aarch64) when this CPU runs it.
+    /// The variable is read once, at the first call; a name this CPU cannot
+    /// run (or an unknown one) is ignored. It lets benchmarks time the lower
+    /// levels on a machine that has the higher ones.
     pub fn detect() -> SimdLevel {
         static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
         *LEVEL.get_or_init(detect_uncached)
@@ -71,6 +85,15 @@ impl SimdLevel {
     /// The instruction set (what `simd_dispatch!` matches on).
     pub(crate) fn isa(self) -> Isa {
         self.0
+    }
+
+    /// f32 lanes a row chunk holds at this level (the kernels' unit of work).
+    pub fn lanes(self) -> usize {
+        match self.0 {
+            Isa::Avx512 => AVX512_LANES,
+            Isa::Avx2Fma => AVX2_LANES,
+            Isa::Portable => PORTABLE_LANES,
+        }
     }
 
     pub fn name(self) -> &'static str {
@@ -103,8 +126,20 @@ fn avx2_supported() -> bool {
         && is_x86_feature_detected!("f16c")
 }
 
+/// The best available level, or the one `KDCORE_SIMD` names (see
+/// [`SimdLevel::detect`]).
 fn detect_uncached() -> SimdLevel {
-    SimdLevel::available()[0]
+    let wanted = std::env::var("KDCORE_SIMD").unwrap_or_default();
+    level_named(&SimdLevel::available(), &wanted)
+}
+
+/// The level of `levels` (best first) called `wanted`, else the best.
+fn level_named(levels: &[SimdLevel], wanted: &str) -> SimdLevel {
+    levels
+        .iter()
+        .copied()
+        .find(|level| level.name() == wanted.trim())
+        .unwrap_or(levels[0])
 }
 
 /// Whether the code being compiled may use fused multiply-add.
@@ -217,9 +252,9 @@ pub fn exp_nonpos<A: Arch>(x: f32) -> f32 {
 
 /// Lane-wise [`exp_nonpos`].
 #[inline(always)]
-pub fn exp_nonpos_lanes<A: Arch>(x: &Lanes) -> Lanes {
-    let mut out = [0.0; LANES];
-    for i in 0..LANES {
+pub fn exp_nonpos_lanes<A: Arch, const L: usize>(x: &Lanes<L>) -> Lanes<L> {
+    let mut out = [0.0; L];
+    for i in 0..L {
         out[i] = exp_nonpos::<A>(x[i]);
     }
     out
@@ -258,9 +293,9 @@ pub fn log1p_unit<A: Arch>(e: f32) -> f32 {
 
 /// Lane-wise [`exp`].
 #[inline(always)]
-pub fn exp_lanes<A: Arch>(x: &Lanes) -> Lanes {
-    let mut out = [0.0; LANES];
-    for i in 0..LANES {
+pub fn exp_lanes<A: Arch, const L: usize>(x: &Lanes<L>) -> Lanes<L> {
+    let mut out = [0.0; L];
+    for i in 0..L {
         out[i] = exp::<A>(x[i]);
     }
     out
@@ -270,7 +305,9 @@ pub fn exp_lanes<A: Arch>(x: &Lanes) -> Lanes {
 /// picks one at run time.
 ///
 /// `simd_dispatch!(pub(crate) fn name<G: Bound, ..>(args..) -> Ret => body_fn);`
-/// defines `name(level, args..)`, which calls `body_fn::<Arch, G..>(args..)`.
+/// defines `name(level, args..)`, which calls `body_fn::<Arch, L, G..>(args..)`
+/// with `L` the level's lane count ([`SimdLevel::lanes`]): the one place
+/// where a level's chunk width is chosen.
 ///
 /// Private to the crate: the `unsafe` calls below are sound only because a
 /// [`SimdLevel`] comes from detection, which code outside cannot bypass.
@@ -282,13 +319,13 @@ macro_rules! simd_dispatch {
             #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
             #[allow(clippy::too_many_arguments)]
             unsafe fn avx512<$($gen: $bound),*>($($arg: $ty),*) $(-> $ret)? {
-                $body::<$crate::simd::Fused, $($gen),*>($($arg),*)
+                $body::<$crate::simd::Fused, { $crate::simd::AVX512_LANES }, $($gen),*>($($arg),*)
             }
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx2,fma,f16c")]
             #[allow(clippy::too_many_arguments)]
             unsafe fn avx2<$($gen: $bound),*>($($arg: $ty),*) $(-> $ret)? {
-                $body::<$crate::simd::Fused, $($gen),*>($($arg),*)
+                $body::<$crate::simd::Fused, { $crate::simd::AVX2_LANES }, $($gen),*>($($arg),*)
             }
             match level.isa() {
                 #[cfg(target_arch = "x86_64")]
@@ -300,15 +337,16 @@ macro_rules! simd_dispatch {
                 // SAFETY: likewise, `Isa::Avx2Fma` only after detection of
                 // avx2, fma and f16c.
                 $crate::simd::Isa::Avx2Fma => unsafe { avx2::<$($gen),*>($($arg),*) },
-                _ => $body::<$crate::simd::Baseline, $($gen),*>($($arg),*),
+                _ => $body::<$crate::simd::Baseline, { $crate::simd::PORTABLE_LANES }, $($gen),*>($($arg),*),
             }
         }
     };
 }
 pub(crate) use simd_dispatch;
 
+// Element loops: the lane count that `simd_dispatch!` passes is unused.
 #[inline(always)]
-fn exp_slice_body<A: Arch>(xs: &[f32], out: &mut [f32]) {
+fn exp_slice_body<A: Arch, const _L: usize>(xs: &[f32], out: &mut [f32]) {
     for (o, x) in out.iter_mut().zip(xs) {
         *o = exp::<A>(*x);
     }
@@ -317,7 +355,7 @@ fn exp_slice_body<A: Arch>(xs: &[f32], out: &mut [f32]) {
 simd_dispatch!(fn exp_slice_at<>(xs: &[f32], out: &mut [f32]) => exp_slice_body);
 
 #[inline(always)]
-fn exp_nonpos_slice_body<A: Arch>(xs: &[f32], out: &mut [f32]) {
+fn exp_nonpos_slice_body<A: Arch, const _L: usize>(xs: &[f32], out: &mut [f32]) {
     for (o, x) in out.iter_mut().zip(xs) {
         *o = exp_nonpos::<A>(*x);
     }
@@ -326,7 +364,7 @@ fn exp_nonpos_slice_body<A: Arch>(xs: &[f32], out: &mut [f32]) {
 simd_dispatch!(fn exp_nonpos_slice_at<>(xs: &[f32], out: &mut [f32]) => exp_nonpos_slice_body);
 
 #[inline(always)]
-fn log1p_unit_slice_body<A: Arch>(xs: &[f32], out: &mut [f32]) {
+fn log1p_unit_slice_body<A: Arch, const _L: usize>(xs: &[f32], out: &mut [f32]) {
     for (o, x) in out.iter_mut().zip(xs) {
         *o = log1p_unit::<A>(*x);
     }
@@ -365,4 +403,25 @@ pub fn exp_slice(level: SimdLevel, xs: &[f32], out: &mut [f32]) -> Option<()> {
     }
     exp_slice_at(level, xs, out);
     Some(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kdcore_simd_names_a_lower_level() {
+        let levels = SimdLevel::available();
+        assert_eq!(level_named(&levels, ""), levels[0]);
+        assert_eq!(level_named(&levels, "no-such-level"), levels[0]);
+        for &level in &levels {
+            assert_eq!(level_named(&levels, level.name()), level);
+            assert_eq!(level_named(&levels, &format!(" {} ", level.name())), level);
+        }
+        // A level this CPU lacks: the best one instead.
+        let without_best = &levels[1..];
+        if let Some(&next) = without_best.first() {
+            assert_eq!(level_named(without_best, levels[0].name()), next);
+        }
+    }
 }

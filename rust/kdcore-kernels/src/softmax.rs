@@ -10,7 +10,7 @@ use crate::rows::{
     PaddedRow, Wide,
 };
 use crate::simd::simd_dispatch;
-use crate::simd::{exp_lanes, exp_nonpos_lanes, madd, Arch, SimdLevel, LANES};
+use crate::simd::{exp_lanes, exp_nonpos_lanes, madd, Arch, SimdLevel};
 
 /// Which of the two normalisations to compute.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,15 +23,18 @@ pub enum SoftmaxKind {
 
 /// Maximum and log-partition of one row of x / T: log Z = log Σ exp((x - max) / T).
 #[inline(always)]
-pub(crate) fn row_log_partition<A: Arch, E: Element>(row: &[E], inv_t: f32) -> (f32, f64) {
-    let max = row_max(row);
-    let mut z = Wide::default();
-    let padded = PaddedRow::new(row);
+pub(crate) fn row_log_partition<A: Arch, const L: usize, E: Element>(
+    row: &[E],
+    inv_t: f32,
+) -> (f32, f64) {
+    let max = row_max::<E, L>(row);
+    let mut z: Wide<L> = [0.0; L];
+    let padded = PaddedRow::<E, L>::new(row);
     for run in runs(padded.chunks()) {
-        let mut z_run = [0.0; LANES];
+        let mut z_run = [0.0; L];
         for k in run {
             let s = shift(padded.chunk(k), max, inv_t);
-            add_into(&mut z_run, &exp_nonpos_lanes::<A>(&s));
+            add_into(&mut z_run, &exp_nonpos_lanes::<A, L>(&s));
         }
         widen_into(&mut z, &z_run);
     }
@@ -39,22 +42,28 @@ pub(crate) fn row_log_partition<A: Arch, E: Element>(row: &[E], inv_t: f32) -> (
 }
 
 #[inline(always)]
-fn softmax_block<A: Arch, E: Element>(x: &[E], out: &mut [E], cols: usize, inv_t: f32, log: bool) {
+fn softmax_block<A: Arch, const L: usize, E: Element>(
+    x: &[E],
+    out: &mut [E],
+    cols: usize,
+    inv_t: f32,
+    log: bool,
+) {
     for (row, out_row) in x.chunks(cols).zip(out.chunks_mut(cols)) {
-        let (max, log_z) = row_log_partition::<A, E>(row, inv_t);
+        let (max, log_z) = row_log_partition::<A, L, E>(row, inv_t);
         let log_z = log_z as f32;
         let inv_z = (-log_z).exp();
-        let padded = PaddedRow::new(row);
+        let padded = PaddedRow::<E, L>::new(row);
         for k in 0..padded.chunks() {
             let s = shift(padded.chunk(k), max, inv_t);
-            let mut y = [0.0; LANES];
+            let mut y = [0.0; L];
             if log {
-                for i in 0..LANES {
+                for i in 0..L {
                     y[i] = s[i] - log_z;
                 }
             } else {
-                let e = exp_nonpos_lanes::<A>(&s);
-                for i in 0..LANES {
+                let e = exp_nonpos_lanes::<A, L>(&s);
+                for i in 0..L {
                     y[i] = e[i] * inv_z;
                 }
             }
@@ -64,7 +73,7 @@ fn softmax_block<A: Arch, E: Element>(x: &[E], out: &mut [E], cols: usize, inv_t
 }
 
 #[inline(always)]
-fn softmax_backward_block<A: Arch, E: Element>(
+fn softmax_backward_block<A: Arch, const L: usize, E: Element>(
     y: &[E],
     grad_y: &[E],
     grad_x: &mut [E],
@@ -75,13 +84,14 @@ fn softmax_backward_block<A: Arch, E: Element>(
     let rows = y.chunks(cols).zip(grad_y.chunks(cols));
     for ((y_row, g_row), dx_row) in rows.zip(grad_x.chunks_mut(cols)) {
         // softmax: dx = y (g - Σ g y) / T;  log_softmax: dx = (g - e^y Σ g) / T
-        let mut acc = Wide::default();
-        let (py, pg) = (PaddedRow::filled(y_row, 0.0), PaddedRow::filled(g_row, 0.0));
+        let mut acc: Wide<L> = [0.0; L];
+        let py = PaddedRow::<E, L>::filled(y_row, 0.0);
+        let pg = PaddedRow::<E, L>::filled(g_row, 0.0);
         for run in runs(py.chunks()) {
-            let mut acc_run = [0.0; LANES];
+            let mut acc_run = [0.0; L];
             for k in run {
                 let (yv, gv) = (widen(py.chunk(k)), widen(pg.chunk(k)));
-                for i in 0..LANES {
+                for i in 0..L {
                     acc_run[i] = if log {
                         acc_run[i] + gv[i]
                     } else {
@@ -94,15 +104,15 @@ fn softmax_backward_block<A: Arch, E: Element>(
         let total = wide_sum(&acc) as f32;
         for k in 0..py.chunks() {
             let (yv, gv) = (widen(py.chunk(k)), widen(pg.chunk(k)));
-            let mut dx = [0.0; LANES];
+            let mut dx = [0.0; L];
             if log {
                 // y is whatever the caller saved: use the general exp.
-                let p = exp_lanes::<A>(&yv);
-                for i in 0..LANES {
+                let p = exp_lanes::<A, L>(&yv);
+                for i in 0..L {
                     dx[i] = madd::<A>(-p[i], total, gv[i]) * inv_t;
                 }
             } else {
-                for i in 0..LANES {
+                for i in 0..L {
                     dx[i] = yv[i] * (gv[i] - total) * inv_t;
                 }
             }
@@ -137,12 +147,25 @@ pub fn softmax<E: Element>(
     kind: SoftmaxKind,
     out: &mut [E],
 ) -> Result<(), KernelError> {
+    softmax_at(SimdLevel::detect(), x, rows, cols, temperature, kind, out)
+}
+
+/// [`softmax`] at a given SIMD level (tests run every level a CPU has).
+#[doc(hidden)]
+pub fn softmax_at<E: Element>(
+    level: SimdLevel,
+    x: &[E],
+    rows: usize,
+    cols: usize,
+    temperature: f32,
+    kind: SoftmaxKind,
+    out: &mut [E],
+) -> Result<(), KernelError> {
     let n = check_shape(rows, cols)?;
     check_len("x", x.len(), n)?;
     check_len("out", out.len(), n)?;
     let inv_t = inverse_temperature(temperature)?;
     let log = kind == SoftmaxKind::LogSoftmax;
-    let level = SimdLevel::detect();
     let blocking = Blocking::new(rows, cols);
     let len = blocking.rows_per_block * cols;
     let items: Vec<_> = x.chunks(len).zip(out.chunks_mut(len)).collect();
@@ -163,13 +186,37 @@ pub fn softmax_backward<E: Element>(
     kind: SoftmaxKind,
     grad_x: &mut [E],
 ) -> Result<(), KernelError> {
+    softmax_backward_at(
+        SimdLevel::detect(),
+        y,
+        grad_y,
+        rows,
+        cols,
+        temperature,
+        kind,
+        grad_x,
+    )
+}
+
+/// [`softmax_backward`] at a given SIMD level (tests run every level a CPU has).
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn softmax_backward_at<E: Element>(
+    level: SimdLevel,
+    y: &[E],
+    grad_y: &[E],
+    rows: usize,
+    cols: usize,
+    temperature: f32,
+    kind: SoftmaxKind,
+    grad_x: &mut [E],
+) -> Result<(), KernelError> {
     let n = check_shape(rows, cols)?;
     check_len("y", y.len(), n)?;
     check_len("grad_y", grad_y.len(), n)?;
     check_len("grad_x", grad_x.len(), n)?;
     let inv_t = inverse_temperature(temperature)?;
     let log = kind == SoftmaxKind::LogSoftmax;
-    let level = SimdLevel::detect();
     let blocking = Blocking::new(rows, cols);
     let len = blocking.rows_per_block * cols;
     let items: Vec<_> = y

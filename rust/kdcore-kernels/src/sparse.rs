@@ -29,7 +29,7 @@ use crate::rows::{
     Wide,
 };
 use crate::simd::simd_dispatch;
-use crate::simd::{exp_nonpos_lanes, Arch, SimdLevel, LANES};
+use crate::simd::{exp_nonpos_lanes, Arch, SimdLevel};
 use crate::softmax::check_shape;
 
 /// How the teacher's probability mass outside its top-k is handled.
@@ -98,7 +98,7 @@ fn teacher_probs(logprobs: &[f32], ratio: f32, tail: Tail, p: &mut [f64]) -> f64
 
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn sparse_row<A: Arch, S: Element>(
+fn sparse_row<A: Arch, const L: usize, S: Element>(
     s: &[S],
     ids: &[i64],
     logprobs: &[f32],
@@ -111,7 +111,7 @@ fn sparse_row<A: Arch, S: Element>(
     outside: &mut Vec<f32>,
 ) -> f32 {
     let cols = s.len();
-    let padded = cols.div_ceil(LANES) * LANES;
+    let padded = cols.div_ceil(L) * L;
     if exps.len() < padded {
         exps.resize(padded, 0.0);
     }
@@ -121,20 +121,20 @@ fn sparse_row<A: Arch, S: Element>(
     for &id in ids {
         outside[id as usize] = 0.0;
     }
-    let max = row_max(s);
-    let (mut z, mut z_tail): (Wide, Wide) = Default::default();
-    let padded = PaddedRow::new(s);
+    let max = row_max::<S, L>(s);
+    let (mut z, mut z_tail): (Wide<L>, Wide<L>) = ([0.0; L], [0.0; L]);
+    let padded = PaddedRow::<S, L>::new(s);
     for run in runs(padded.chunks()) {
-        let (mut z_run, mut tail_run) = ([0.0; LANES], [0.0; LANES]);
+        let (mut z_run, mut tail_run) = ([0.0; L], [0.0; L]);
         for k in run {
-            let at = k * LANES;
-            let e = exp_nonpos_lanes::<A>(&shift(padded.chunk(k), max, inv_t));
-            let out = &outside[at..at + LANES];
-            for i in 0..LANES {
+            let at = k * L;
+            let e = exp_nonpos_lanes::<A, L>(&shift(padded.chunk(k), max, inv_t));
+            let out = &outside[at..at + L];
+            for i in 0..L {
                 z_run[i] += e[i];
                 tail_run[i] += e[i] * out[i];
             }
-            let dst: &mut [f32; LANES] = (&mut exps[at..at + LANES]).try_into().expect("LANES");
+            let dst: &mut [f32; L] = (&mut exps[at..at + L]).try_into().expect("L long");
             *dst = e;
         }
         widen_into(&mut z, &z_run);
@@ -183,13 +183,13 @@ fn sparse_row<A: Arch, S: Element>(
         let (m_in, m_out) = (m_in as f32, m_out as f32);
         // Every token as if outside the top-k; the k ids are written below.
         let factor = inv_z * m_out * scale;
-        for (k, dst) in g.chunks_mut(LANES).enumerate() {
-            let e = &exps[k * LANES..(k + 1) * LANES];
-            let mut d = [0.0; LANES];
-            for i in 0..LANES {
+        for (k, dst) in g.chunks_mut(L).enumerate() {
+            let e = &exps[k * L..(k + 1) * L];
+            let mut d = [0.0; L];
+            for i in 0..L {
                 d[i] = e[i] * factor;
             }
-            store(dst, &d);
+            store::<S, L>(dst, &d);
         }
         for (&pi, &id) in p.iter().zip(ids) {
             // Q_j m − p_j in f64, then one rounding to the gradient's dtype.
@@ -206,7 +206,7 @@ fn sparse_row<A: Arch, S: Element>(
 
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn sparse_block<A: Arch, S: Element>(
+fn sparse_block<A: Arch, const L: usize, S: Element>(
     s: &[S],
     cols: usize,
     ids: &[i64],
@@ -232,7 +232,7 @@ fn sparse_block<A: Arch, S: Element>(
             continue;
         }
         let (ids, lps) = (&ids[r * k..(r + 1) * k], &logprobs[r * k..(r + 1) * k]);
-        *out = sparse_row::<A, S>(&s[span], ids, lps, inv_t, ratio, tail, w, g, exps, outside);
+        *out = sparse_row::<A, L, S>(&s[span], ids, lps, inv_t, ratio, tail, w, g, exps, outside);
     }
 }
 
@@ -303,6 +303,35 @@ pub fn sparse_kl<S: Element>(
     loss: &mut [f32],
     grad: Option<&mut [S]>,
 ) -> Result<(), KernelError> {
+    sparse_kl_at(
+        SimdLevel::detect(),
+        student,
+        rows,
+        cols,
+        teacher,
+        temperature,
+        tail,
+        weight,
+        loss,
+        grad,
+    )
+}
+
+/// [`sparse_kl`] at a given SIMD level (tests run every level a CPU has).
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn sparse_kl_at<S: Element>(
+    level: SimdLevel,
+    student: &[S],
+    rows: usize,
+    cols: usize,
+    teacher: SparseTeacher<'_>,
+    temperature: f32,
+    tail: Tail,
+    weight: &[f32],
+    loss: &mut [f32],
+    grad: Option<&mut [S]>,
+) -> Result<(), KernelError> {
     let n = check_shape(rows, cols)?;
     check_len("student", student.len(), n)?;
     if teacher.k == 0 {
@@ -334,7 +363,6 @@ pub fn sparse_kl<S: Element>(
         return Ok(());
     }
     let ratio = inv_t / inv_t0; // T0 / T
-    let level = SimdLevel::detect();
     let blocking = Blocking::new(rows, cols);
     let (per, len, k) = (
         blocking.rows_per_block,

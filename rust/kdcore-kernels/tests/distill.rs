@@ -19,7 +19,7 @@ mod common;
 
 use common::*;
 use half::{bf16, f16};
-use kdcore_kernels::{distill, pool, Divergence, Grads, HardLabels, KernelError};
+use kdcore_kernels::{distill, distill_at, pool, Divergence, Grads, HardLabels, KernelError};
 
 // ---------------------------------------------------------------------------
 // float64 reference.
@@ -357,7 +357,8 @@ fn run<S: Dtype, T: Dtype>(
         student: want_s.then_some(&mut out.gs[..]),
         teacher: want_t.then_some(&mut out.gt[..]),
     };
-    distill(s, t, rows, cols, div, temp, w, &mut out.loss, hard, grads).unwrap();
+    let loss = &mut out.loss;
+    distill_at(level(), s, t, rows, cols, div, temp, w, loss, hard, grads).unwrap();
     out
 }
 
@@ -543,6 +544,57 @@ fn distill_sweep<S: Dtype, T: Dtype>(seed: u64, light: bool) {
         }
         println!("distill {} {div:?}: {}", name2::<S, T>(), grad_summary(&st));
     }
+}
+
+/// Shapes around the chunk widths of the levels (16, 32, 64 lanes) and
+/// their runs of 32 chunks (512, 1024, 2048 elements), partial chunks and
+/// runs included.
+const WIDTH_SHAPES: [(usize, usize); 8] = [
+    (3, 15),
+    (2, 16),
+    (3, 63),
+    (2, 64),
+    (3, 65),
+    (2, 1023),
+    (2, 2049),
+    (1, 4160),
+];
+
+/// Every SIMD level this CPU has (AVX-512, AVX2+FMA and the portable build,
+/// each at its own chunk width), every divergence, with and without CE,
+/// against the f64 reference.
+fn distill_every_level<S: Dtype, T: Dtype>(seed: u64) {
+    at_every_level(|level| {
+        let mut rng = Rng::new(seed);
+        for (d, &div) in DIVERGENCES.iter().enumerate() {
+            let mut st = Stats::default();
+            for (k, &(rows, cols)) in WIDTH_SHAPES.iter().chain(&BIG_SHAPES).enumerate() {
+                let temp = TEMPERATURES[(d + k) % TEMPERATURES.len()];
+                let (s, t) = logits_pair(&mut rng, rows, cols);
+                let (w, w_ce, labels) = row_weights(&mut rng, rows, cols);
+                let hard = ((d + k) % 2 == 0).then_some((&labels[..], &w_ce[..]));
+                st.add(distill_case::<S, T>(
+                    &s, &t, rows, cols, div, temp, &w, hard,
+                ));
+            }
+            println!(
+                "distill {} {div:?} at {}: {}",
+                name2::<S, T>(),
+                level.name(),
+                grad_summary(&st)
+            );
+        }
+    });
+}
+
+#[test]
+fn distill_f32_every_level() {
+    distill_every_level::<f32, f32>(11);
+}
+
+#[test]
+fn distill_bf16_every_level() {
+    distill_every_level::<bf16, bf16>(12);
 }
 
 #[test]

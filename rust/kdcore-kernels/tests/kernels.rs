@@ -27,12 +27,13 @@
 mod common;
 
 use common::{
-    check_loss, grad_summary, is_parallel, max64, max_abs, rounded, shifted_and_log_z,
-    ulp_distance, widened, Dtype, RefGrad, Rng, Stats, EPS,
+    at_every_level, check_loss, grad_summary, is_parallel, level, max64, max_abs, rounded,
+    shifted_and_log_z, ulp_distance, widened, Dtype, RefGrad, Rng, Stats, EPS,
 };
 use half::{bf16, f16};
 use kdcore_kernels::{
-    kl_div, pool, softmax, softmax_backward, Element, KernelError, KlGrads, SoftmaxKind,
+    kl_div, pool, softmax, softmax_at, softmax_backward, softmax_backward_at, Element, KernelError,
+    KlGrads, SoftmaxKind,
 };
 
 /// "p=… q=…": the argument names of `kl_div` (the shared `common::name2`
@@ -331,7 +332,7 @@ fn softmax_case<E: Dtype>(x64: &[f64], rows: usize, cols: usize, t: f32) -> Stat
     for kind in [SoftmaxKind::Softmax, SoftmaxKind::LogSoftmax] {
         let log = kind == SoftmaxKind::LogSoftmax;
         let mut out = vec![E::from_f32(f32::NAN); rows * cols];
-        softmax(&x, rows, cols, t, kind, &mut out).unwrap();
+        softmax_at(level(), &x, rows, cols, t, kind, &mut out).unwrap();
         for r in 0..rows {
             let row = &xf[r * cols..(r + 1) * cols];
             let want = if log {
@@ -369,10 +370,10 @@ fn softmax_backward_case<E: Dtype>(rng: &mut Rng, rows: usize, cols: usize, t: f
         let (y, g): (Vec<E>, Vec<E>) = (rounded(&y64), rounded(&g64));
         let (yf, gf) = (widened(&y), widened(&g));
         let mut dx = vec![E::from_f32(f32::NAN); rows * cols];
-        softmax_backward(&y, &g, rows, cols, t, kind, &mut dx).unwrap();
+        softmax_backward_at(level(), &y, &g, rows, cols, t, kind, &mut dx).unwrap();
         let t64 = t as f64;
-        // The lane accumulators sum cols / 32 terms each in f32.
-        let acc = 1.0 + (cols as f64 / 32.0).sqrt();
+        // The lane accumulators sum cols / lanes terms each in f32.
+        let acc = 1.0 + (cols as f64 / level().lanes() as f64).sqrt();
         let refs: Vec<RefGrad> = (0..rows)
             .map(|r| {
                 let span = r * cols..(r + 1) * cols;
@@ -445,6 +446,45 @@ fn softmax_all<E: Dtype>(seed: u64) {
         fwd.beyond_one_ulp,
         grad_summary(&bwd)
     );
+}
+
+/// Softmax and its backward at every SIMD level this CPU has (each its own
+/// chunk width), on shapes around the widths (16, 32, 64 lanes) and their
+/// runs of 32 chunks, against the f64 reference.
+#[test]
+fn softmax_every_level() {
+    const WIDTH_SHAPES: [(usize, usize); 8] = [
+        (3, 15),
+        (2, 16),
+        (3, 63),
+        (2, 64),
+        (3, 65),
+        (2, 1023),
+        (2, 2049),
+        (1, 4160),
+    ];
+    fn run<E: Dtype>(seed: u64) {
+        at_every_level(|level| {
+            let mut rng = Rng::new(seed);
+            let (mut fwd, mut bwd) = (Stats::default(), Stats::default());
+            let shapes = WIDTH_SHAPES.iter().chain(&PARALLEL_SHAPES);
+            for (k, &(rows, cols)) in shapes.enumerate() {
+                let t = TEMPERATURES[k % TEMPERATURES.len()];
+                let (x, _) = logits_pair(&mut rng, rows, cols);
+                fwd.add(softmax_case::<E>(&x, rows, cols, t));
+                bwd.add(softmax_backward_case::<E>(&mut rng, rows, cols, t));
+            }
+            println!(
+                "softmax {} at {}: max rel err {:.2e}; backward: {}",
+                E::NAME,
+                level.name(),
+                fwd.max_value_rel,
+                grad_summary(&bwd)
+            );
+        });
+    }
+    run::<f32>(21);
+    run::<bf16>(22);
 }
 
 #[test]

@@ -22,7 +22,7 @@ mod common;
 use common::*;
 use half::{bf16, f16};
 use kdcore_kernels::{
-    distill, pool, sparse_kl, Divergence, Grads, KernelError, SparseTeacher, Tail,
+    distill, pool, sparse_kl, sparse_kl_at, Divergence, Grads, KernelError, SparseTeacher, Tail,
 };
 
 const TAILS: [Tail; 3] = [Tail::Bucket, Tail::Renormalize, Tail::Zero];
@@ -222,7 +222,7 @@ fn call<S: Dtype>(
         temperature: t0,
     };
     let g = with_grad.then_some(&mut grad[..]);
-    sparse_kl(s, rows, cols, teacher, temp, tail, w, &mut loss, g).unwrap();
+    sparse_kl_at(level(), s, rows, cols, teacher, temp, tail, w, &mut loss, g).unwrap();
     (loss, grad)
 }
 
@@ -341,6 +341,40 @@ fn sparse_sweep<S: Dtype>(seed: u64) {
         }
         println!("sparse {} {tail:?}: {}", S::NAME, grad_summary(&st));
     }
+}
+
+/// Every SIMD level this CPU has (each its own chunk width), every tail,
+/// on shapes around the widths (16, 32, 64 lanes) and their runs of 32
+/// chunks, against the f64 reference.
+#[test]
+fn sparse_every_level() {
+    const WIDTH_SHAPES: [(usize, usize, usize); 7] = [
+        (3, 15, 4),
+        (2, 16, 16),
+        (3, 63, 5),
+        (2, 64, 8),
+        (3, 65, 64),
+        (2, 2049, 20),
+        (1, 4160, 100),
+    ];
+    at_every_level(|level| {
+        let mut rng = Rng::new(31);
+        for tail in TAILS {
+            let mut st = Stats::default();
+            for (k, &(rows, cols, top)) in WIDTH_SHAPES.iter().chain(&BIG).enumerate() {
+                let temp = TEMPERATURES[k % TEMPERATURES.len()];
+                let t0 = [temp, 0.7, 1.7][k % 3];
+                let inp = inputs(&mut rng, rows, cols, top, t0 as f64);
+                let w = weights(&mut rng, rows);
+                st.add(sparse_case::<f32>(&inp, rows, cols, top, t0, temp, tail, &w).0);
+            }
+            println!(
+                "sparse f32 {tail:?} at {}: {}",
+                level.name(),
+                grad_summary(&st)
+            );
+        }
+    });
 }
 
 #[test]

@@ -27,7 +27,7 @@ use std::fmt::Debug;
 use std::sync::OnceLock;
 
 use half::{bf16, f16};
-use kdcore_kernels::Element;
+use kdcore_kernels::{Element, SimdLevel};
 
 // ---------------------------------------------------------------------------
 // Pseudo-random numbers: xorshift64*, Box-Muller normals.
@@ -449,4 +449,31 @@ pub fn check_loss(got: f32, want: f64, weight: f32, half: bool, ctx: &dyn Fn() -
 /// block: at least 2^15 elements and more than one row).
 pub fn is_parallel(rows: usize, cols: usize) -> bool {
     rows * cols >= 1 << 15 && rows > 1
+}
+
+// ---------------------------------------------------------------------------
+// SIMD level under test.
+
+std::thread_local! {
+    /// The level the kernel calls of this test thread run at (None: detected).
+    static LEVEL: std::cell::Cell<Option<SimdLevel>> = const { std::cell::Cell::new(None) };
+}
+
+/// The SIMD level a test's kernel calls use: the detected one, or the one
+/// [`at_every_level`] is running.
+pub fn level() -> SimdLevel {
+    LEVEL.with(|l| l.get()).unwrap_or_else(SimdLevel::detect)
+}
+
+/// Runs `body` once at each SIMD level this CPU has (each compiled with its
+/// own chunk width), the kernel calls of this thread pinned to it.
+pub fn at_every_level(body: impl Fn(SimdLevel)) {
+    let levels = SimdLevel::available();
+    assert!(levels.contains(&SimdLevel::portable()));
+    for level in levels {
+        println!("SIMD level {} ({} lanes)", level.name(), level.lanes());
+        LEVEL.with(|l| l.set(Some(level)));
+        body(level);
+    }
+    LEVEL.with(|l| l.set(None));
 }
