@@ -92,11 +92,11 @@ class _Slab:
         self._lease = 0
         self._watch = None
 
-    def lend(self, nbytes: int, dtype) -> np.ndarray:
-        """A 64-byte aligned view of ``nbytes`` as ``dtype``; the slab is busy
-        until that view object is garbage."""
+    def lend(self, nbytes: int, dtype, shape) -> np.ndarray:
+        """A 64-byte aligned view of ``nbytes`` as ``dtype`` of ``shape`` (``nbytes``
+        of them); the slab is busy until that view object is garbage."""
         offset = self._offset
-        view = self.array[offset : offset + nbytes].view(dtype)
+        view = self.array[offset : offset + nbytes].view(dtype).reshape(shape)
         self.busy = True
         self._lease += 1
         lease = self._lease
@@ -139,9 +139,10 @@ class _BufferCache:
         with self._lock:
             self._slabs = [s for s in self._slabs if s.busy]
 
-    def take(self, nbytes: int, dtype=np.uint8) -> np.ndarray | None:
-        """A 64-byte aligned ``dtype`` view of ``nbytes`` from an idle buffer
-        (at most twice as large), or of a new one if the limit allows; else None."""
+    def take(self, nbytes: int, dtype=np.uint8, shape=-1) -> np.ndarray | None:
+        """A 64-byte aligned ``dtype`` view of ``nbytes`` (of ``shape``) from an
+        idle buffer (at most twice as large), or of a new one if the limit
+        allows; else None."""
         with self._lock:
             best = None
             for slab in self._slabs:
@@ -150,7 +151,7 @@ class _BufferCache:
                     if best is None or size < best.array.nbytes - _ALIGN:
                         best = slab
             if best is not None:
-                return best.lend(nbytes, dtype)
+                return best.lend(nbytes, dtype, shape)
             if not self._make_room(nbytes + _ALIGN):
                 return None
         # Allocated and advised outside the lock: both may release the GIL,
@@ -158,7 +159,7 @@ class _BufferCache:
         slab = _Slab(np.empty(nbytes + _ALIGN, dtype=np.uint8))
         _advise_huge(slab.array.ctypes.data, slab.array.nbytes)
         with self._lock:
-            view = slab.lend(nbytes, dtype)
+            view = slab.lend(nbytes, dtype, shape)
             if self._make_room(slab.array.nbytes):
                 self._slabs.append(slab)
             return view  # (over the limit after a race: used once, not kept)
@@ -206,23 +207,36 @@ _NUMPY_STORAGE = {
 
 def empty_like(x: torch.Tensor) -> torch.Tensor:
     """``torch.empty_like(x)`` (contiguous), from the buffer cache when large."""
-    if x.is_cpu and x.numel() * x.element_size() >= _MIN_RECYCLE_BYTES:
-        return empty(x.shape, x.dtype, x.device)
+    if x.is_cpu:
+        nbytes = x.numel() * x.element_size()
+        if nbytes >= _MIN_RECYCLE_BYTES:
+            return _recycled(x.shape, x.dtype, nbytes)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def empty(shape, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
     """``torch.empty(shape, dtype=dtype, device=device)``, from the buffer cache when
     large and on the CPU."""
-    device = torch.device(device)
-    nbytes = torch.Size(shape).numel() * dtype.itemsize
-    if nbytes >= _MIN_RECYCLE_BYTES and device.type == "cpu" and dtype in _NUMPY_STORAGE:
-        view = _cache.take(nbytes, _NUMPY_STORAGE[dtype])
+    if torch.device(device).type == "cpu":
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        if nbytes >= _MIN_RECYCLE_BYTES:
+            return _recycled(shape, dtype, nbytes)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _recycled(shape, dtype: torch.dtype, nbytes: int) -> torch.Tensor:
+    """A CPU tensor from the buffer cache (a new, huge-page advised one when the
+    cache cannot lend)."""
+    storage = _NUMPY_STORAGE.get(dtype)
+    if storage is not None:
+        view = _cache.take(nbytes, storage, tuple(shape))
         if view is not None:
             # The storage holds `view` itself: its lifetime is the buffer's lease.
-            return torch.from_numpy(view).view(dtype).view(shape)
-    out = torch.empty(shape, dtype=dtype, device=device)
-    if nbytes >= _MIN_ADVISE_BYTES and out.is_cpu:
+            # (Shaped by numpy: a torch view on top costs more than the loan.)
+            out = torch.from_numpy(view)
+            return out if storage is not np.int16 else out.view(dtype)
+    out = torch.empty(shape, dtype=dtype)
+    if nbytes >= _MIN_ADVISE_BYTES:
         _advise_huge(out.data_ptr(), nbytes)
     return out
 
