@@ -364,10 +364,11 @@ const SQUARE_FLUSH_BELOW: f32 = 1.0 / (1u64 << 63) as f32;
 /// widening), so 2a is the T = 1 shifted logit itself. e^a is within 2 ulp
 /// of its rounded value (< 2.5 ulp of exact), so the square is within ~5.5
 /// ulp of e^{2a}, against 2.5 for a third exponential: the CE's partition
-/// sum and gradient stay well inside their f32 tolerances. Squares below 2^-126 are flushed to 0,
-/// as [`exp_nonpos`](crate::simd::exp_nonpos) flushes them: the same
-/// contract, and no subnormal products (slow on some CPUs). e^a is in [0, 1]
-/// or NaN, so the square is too: never inf, NaN only from a NaN logit.
+/// sum and gradient stay well inside their f32 tolerances. Squares below
+/// 2^-126 are flushed to 0, as [`exp_nonpos`](crate::simd::exp_nonpos)
+/// flushes them: the same contract, and no subnormal products (slow on some
+/// CPUs). e^a is in [0, 1] or NaN, so the square is too: never inf, NaN
+/// only from a NaN logit.
 #[inline(always)]
 fn square_lanes<const L: usize>(e: &[f32; L]) -> [f32; L] {
     std::array::from_fn(|i| {
