@@ -135,6 +135,9 @@ struct Plan {
     keep: bool,
     /// Hard-label CE at T ≠ 1 (needs its own partition function).
     ce_t1: bool,
+    /// With `ce_t1` at T = 2 exactly: e^{s − max s} = (e^a)², one multiply
+    /// instead of a third exponential (see [`square_lanes`]).
+    ce_from_square: bool,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -330,7 +333,11 @@ fn partition_pass<A: Arch, const L: usize, S: Element, T: Element, const CROSS: 
                 }
             }
             if plan.ce_t1 {
-                let e1 = exp_nonpos_lanes::<A, L>(&shift(cs, max_s, 1.0));
+                let e1 = if plan.ce_from_square {
+                    square_lanes(&es)
+                } else {
+                    exp_nonpos_lanes::<A, L>(&shift(cs, max_s, 1.0))
+                };
                 for i in 0..L {
                     z1_run[i] += e1[i];
                 }
@@ -347,6 +354,27 @@ fn partition_pass<A: Arch, const L: usize, S: Element, T: Element, const CROSS: 
         widen_into(&mut cross, &cross_run);
     }
     (zs, zt, z1, cross)
+}
+
+/// e^a below which (e^a)² would be subnormal: 2^-63, (2^-63)² = 2^-126.
+const SQUARE_FLUSH_BELOW: f32 = 1.0 / (1u64 << 63) as f32;
+
+/// e^{2a} from e^a, lane-wise: at T = 2, a = (s − max s) · 0.5 is exact
+/// (bf16 and f16 logits too: the shift is the same f32 arithmetic after
+/// widening), so 2a is the T = 1 shifted logit itself. e^a is within 2 ulp
+/// of its rounded value (< 2.5 ulp of exact), so the square is within ~5.5
+/// ulp of e^{2a}, against 2.5 for a third exponential: the CE's partition
+/// sum and gradient stay well inside their f32 tolerances. Squares below
+/// 2^-126 are flushed to 0, as [`exp_nonpos`](crate::simd::exp_nonpos)
+/// flushes them: the same contract, and no subnormal products (slow on some
+/// CPUs). e^a is in [0, 1] or NaN, so the square is too: never inf, NaN
+/// only from a NaN logit.
+#[inline(always)]
+fn square_lanes<const L: usize>(e: &[f32; L]) -> [f32; L] {
+    std::array::from_fn(|i| {
+        let x = if e[i] < SQUARE_FLUSH_BELOW { 0.0 } else { e[i] };
+        x * x
+    })
 }
 
 /// Per-row constants of the gradient pass.
@@ -828,6 +856,8 @@ pub fn distill_at<S: Element, T: Element>(
         inv_t,
         keep: wants_grad || matches!(divergence, Divergence::Tvd | Divergence::Jsd { .. }),
         ce_t1: hard.is_some() && inv_t != 1.0,
+        // 1/T = 0.5 only for T = 2 exactly; then (s − max s) · 0.5 is exact.
+        ce_from_square: hard.is_some() && inv_t == 0.5,
     };
     let blocking = Blocking::new(rows, cols);
     let (per, len) = (blocking.rows_per_block, blocking.rows_per_block * cols);

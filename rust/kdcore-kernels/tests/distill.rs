@@ -853,6 +853,81 @@ fn distill_jsd_far_tails() {
     run_all::<f16, f16>();
 }
 
+/// T = 2 with hard labels: the CE's e^{s − max s} is (e^{(s − max s)/2})²
+/// there (one multiply, not a third exp). Student rows hold logits at
+/// max − 95 (the square would be a subnormal ~1e-41: flushed to 0, as the
+/// exp flushes), at max − 87.6 .. −86.6 (around that cut), at max − 200
+/// (e^a itself is 0) and −inf shared with the teacher; some labels sit on
+/// such logits. Loss, CE and gradients against the f64 reference at every
+/// SIMD level, f32, bf16 and f16.
+#[test]
+fn distill_t2_hard_labels_far_tails() {
+    fn run_all<S: Dtype, T: Dtype>(level: kdcore_kernels::SimdLevel) {
+        let mut rng = Rng::new(800);
+        let shapes = [(3, 15), (4, 64), (3, 65), (6, 1023), (2, 4160), (2, 32000)];
+        for (d, &div) in DIVERGENCES.iter().enumerate() {
+            let mut st = Stats::default();
+            for (k, &(rows, cols)) in shapes.iter().enumerate() {
+                // The widest shape for two divergences (debug-build time).
+                if cols == 32000 && d % 3 != 0 {
+                    continue;
+                }
+                let (mut s, mut t) = logits_pair(&mut rng, rows, cols);
+                let mut labels = Vec::with_capacity(rows);
+                for r in 0..rows {
+                    let row = &mut s[r * cols..(r + 1) * cols];
+                    let max = max64(row);
+                    for (j, x) in row.iter_mut().enumerate().skip(1) {
+                        match j % 7 {
+                            2 => *x = max - 200.0,
+                            4 => *x = max - 95.0,
+                            5 => *x = max - rng.range(86.6, 87.6),
+                            _ => {}
+                        }
+                    }
+                    for j in (1..cols).filter(|j| j % 11 == 3) {
+                        s[r * cols + j] = f64::NEG_INFINITY;
+                        t[r * cols + j] = f64::NEG_INFINITY;
+                    }
+                    // Labels on a far logit, a near-cut one, or anywhere finite.
+                    let finite = |j: &usize| s[r * cols + j].is_finite();
+                    let pick = |m: usize| (0..cols).rev().filter(finite).find(|j| j % 7 == m);
+                    let y = match (r + k) % 4 {
+                        0 => pick(2),
+                        1 => pick(4),
+                        2 => pick(5),
+                        _ => None,
+                    };
+                    labels.push(y.unwrap_or_else(|| rng.below(cols)) as i64);
+                    if !finite(&(labels[r] as usize)) {
+                        labels[r] = 0;
+                    }
+                }
+                // Every row has a CE term; every other one a divergence term.
+                let w: Vec<f32> = (0..rows).map(|r| [1.3, 0.0][r % 2]).collect();
+                let w_ce: Vec<f32> = (0..rows).map(|r| [0.5, 1.0][r % 2]).collect();
+                let hard = Some((&labels[..], &w_ce[..]));
+                st.add(distill_case::<S, T>(&s, &t, rows, cols, div, 2.0, &w, hard));
+                // The far logits are there after rounding: below the cut.
+                let sr = widened(&rounded::<S>(&s[..cols]));
+                let a1 = shifted_and_log_z(&sr, 1.0).0;
+                assert!(a1.iter().any(|&v| v < -90.0 && v > -100.0));
+            }
+            println!(
+                "distill T=2 far tails {} {div:?} at {}: {}",
+                name2::<S, T>(),
+                level.name(),
+                grad_summary(&st)
+            );
+        }
+    }
+    at_every_level(|level| {
+        run_all::<f32, f32>(level);
+        run_all::<bf16, bf16>(level);
+        run_all::<f16, f16>(level);
+    });
+}
+
 /// Identical student and teacher: KL, reverse KL and TVD are exactly 0 with
 /// exactly-zero gradients (TVD: sign(0) = 0), JSD 0 up to rounding; cols = 1:
 /// P = Q = 1 whatever the logits, every gradient exactly 0.
