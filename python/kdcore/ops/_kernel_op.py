@@ -127,8 +127,7 @@ class KernelOp:
 
         def twin_forward(ctx, kernels, reduce_first, inputs, rest, *_differentiable):
             # The differentiable inputs are in `inputs` too (autograd only needs to
-            # see them). An undefined incoming gradient stays None (no zero fill).
-            ctx.set_materialize_grads(False)
+            # see them). One output: its incoming gradient is always defined.
             output = forward(kernels, *inputs)
             if not reduce_first:  # (summed, the first output is a new tensor anyway)
                 output = _distinct(output)
