@@ -72,7 +72,8 @@ struct RowStats {
 }
 
 // Scratch rows (e^a, e^b, e^{s − max s} at T = 1, log M), reused by each pool
-// thread so that no pass computes an exponential twice.
+// thread so that later passes need not compute the exponentials again (except
+// where `Plan::recompute` measured faster than reading them back).
 thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
@@ -236,8 +237,18 @@ fn distill_row<A: Arch, const L: usize, S: Element, T: Element>(
     };
     let ce = ce.map(|(label, _)| (label, ce_scale, z1_inv));
     let (gs, gt) = (grad_s, grad_t);
-    // One instance per divergence and recompute mode (`Plan::recompute`).
+    // One instance per divergence and recompute mode (`Plan::recompute`);
+    // only forward KL computes e^a again.
     const BOTH: u8 = RECOMPUTE_S | SQUARE_E1;
+    macro_rules! by_square {
+        ($term:ty, $terms:expr) => {
+            if plan.recompute & SQUARE_E1 != 0 {
+                grad_pass::<A, S, T, $term, SQUARE_E1>(s, t, plan, $terms, ce, gs, gt, sc)
+            } else {
+                grad_pass::<A, S, T, $term, 0>(s, t, plan, $terms, ce, gs, gt, sc)
+            }
+        };
+    }
     macro_rules! by_mode {
         ($term:ty, $terms:expr) => {
             match plan.recompute {
@@ -254,8 +265,8 @@ fn distill_row<A: Arch, const L: usize, S: Element, T: Element>(
     }
     match plan.divergence {
         Divergence::Kl => by_mode!(KlTerm, &terms),
-        Divergence::ReverseKl => by_mode!(ReverseKlTerm, &terms),
-        Divergence::Tvd => by_mode!(TvdTerm, &terms),
+        Divergence::ReverseKl => by_square!(ReverseKlTerm, &terms),
+        Divergence::Tvd => by_square!(TvdTerm, &terms),
         Divergence::Jsd { beta } => {
             let (beta, rest) = (beta as f32, (1.0 - beta) as f32);
             let terms = Terms {
@@ -263,7 +274,7 @@ fn distill_row<A: Arch, const L: usize, S: Element, T: Element>(
                 rest,
                 ..terms
             };
-            by_mode!(JsdTerm, &terms)
+            by_square!(JsdTerm, &terms)
         }
     }
     (loss, ce_loss)
@@ -306,7 +317,7 @@ fn hints_fit<S, T>(cols: usize) -> bool {
 /// Forward KL on rows too wide for [`hints_fit`]: e^a from the student
 /// logits. Such a row's logits, two scratch rows and gradient row do not fit
 /// L2, so the gradient pass reads them from L3; with one scratch row fewer it
-/// measured ~15% faster (256x128256 f32) despite the extra exp (see
+/// measured 10-15% faster (256x128256 f32) despite the extra exp (see
 /// docs/benchmarks.md; recomputing e^b instead, or both, gained less). Hard
 /// labels at T = 2: the CE's e^{s − max s} is (e^a)² ([`square_flushed`]), one
 /// store and one load per element fewer than the `e1` scratch row.
