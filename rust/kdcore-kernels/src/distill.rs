@@ -33,7 +33,7 @@ use crate::rows::{
     PaddedRow, Wide,
 };
 use crate::simd::simd_dispatch;
-use crate::simd::{exp_nonpos_lanes, softplus_shared, Arch, SimdLevel};
+use crate::simd::{exp_nonpos, exp_nonpos_lanes, softplus_shared, Arch, SimdLevel};
 use crate::softmax::check_shape;
 
 /// Which divergence between teacher P and student Q.
@@ -72,7 +72,8 @@ struct RowStats {
 }
 
 // Scratch rows (e^a, e^b, e^{s − max s} at T = 1, log M), reused by each pool
-// thread so that no pass computes an exponential twice.
+// thread so that later passes need not compute the exponentials again (except
+// where `Plan::recompute` measured faster than reading them back).
 thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
@@ -138,7 +139,15 @@ struct Plan {
     /// With `ce_t1` at T = 2 exactly: e^{s − max s} = (e^a)², one multiply
     /// instead of a third exponential (see [`square_lanes`]).
     ce_from_square: bool,
+    /// Which exponentials the gradient pass computes again from the logits
+    /// instead of reading them from scratch (`RECOMPUTE_*` bits).
+    recompute: u8,
 }
+
+/// Gradient pass: e^a from the student logits instead of `sc.es`.
+const RECOMPUTE_S: u8 = 1;
+/// Gradient pass: the CE's e^{s − max s} as (e^a)² (T = 2) instead of `sc.e1`.
+const SQUARE_E1: u8 = 4;
 
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
@@ -228,12 +237,36 @@ fn distill_row<A: Arch, const L: usize, S: Element, T: Element>(
     };
     let ce = ce.map(|(label, _)| (label, ce_scale, z1_inv));
     let (gs, gt) = (grad_s, grad_t);
+    // One instance per divergence and recompute mode (`Plan::recompute`);
+    // only forward KL computes e^a again.
+    const BOTH: u8 = RECOMPUTE_S | SQUARE_E1;
+    macro_rules! by_square {
+        ($term:ty, $terms:expr) => {
+            if plan.recompute & SQUARE_E1 != 0 {
+                grad_pass::<A, S, T, $term, SQUARE_E1>(s, t, plan, $terms, ce, gs, gt, sc)
+            } else {
+                grad_pass::<A, S, T, $term, 0>(s, t, plan, $terms, ce, gs, gt, sc)
+            }
+        };
+    }
+    macro_rules! by_mode {
+        ($term:ty, $terms:expr) => {
+            match plan.recompute {
+                0 => grad_pass::<A, S, T, $term, 0>(s, t, plan, $terms, ce, gs, gt, sc),
+                RECOMPUTE_S => {
+                    grad_pass::<A, S, T, $term, RECOMPUTE_S>(s, t, plan, $terms, ce, gs, gt, sc)
+                }
+                SQUARE_E1 => {
+                    grad_pass::<A, S, T, $term, SQUARE_E1>(s, t, plan, $terms, ce, gs, gt, sc)
+                }
+                _ => grad_pass::<A, S, T, $term, BOTH>(s, t, plan, $terms, ce, gs, gt, sc),
+            }
+        };
+    }
     match plan.divergence {
-        Divergence::Kl => grad_pass::<S, T, KlTerm>(s, t, plan, &terms, ce, gs, gt, sc),
-        Divergence::ReverseKl => {
-            grad_pass::<S, T, ReverseKlTerm>(s, t, plan, &terms, ce, gs, gt, sc)
-        }
-        Divergence::Tvd => grad_pass::<S, T, TvdTerm>(s, t, plan, &terms, ce, gs, gt, sc),
+        Divergence::Kl => by_mode!(KlTerm, &terms),
+        Divergence::ReverseKl => by_square!(ReverseKlTerm, &terms),
+        Divergence::Tvd => by_square!(TvdTerm, &terms),
         Divergence::Jsd { beta } => {
             let (beta, rest) = (beta as f32, (1.0 - beta) as f32);
             let terms = Terms {
@@ -241,7 +274,7 @@ fn distill_row<A: Arch, const L: usize, S: Element, T: Element>(
                 rest,
                 ..terms
             };
-            grad_pass::<S, T, JsdTerm>(s, t, plan, &terms, ce, gs, gt, sc)
+            by_square!(JsdTerm, &terms)
         }
     }
     (loss, ce_loss)
@@ -276,6 +309,27 @@ fn hints_fit<S, T>(cols: usize) -> bool {
     // the budget leaves them room in a 2 MiB L2.
     let per_col = 2 * (s + t) + 2 * 4 + s.max(t);
     cols.saturating_mul(per_col) <= HINT_BUDGET_BYTES
+}
+
+/// What the gradient pass computes again instead of reading from scratch
+/// (`RECOMPUTE_*`, `SQUARE_E1` bits), per call.
+///
+/// Forward KL on rows too wide for [`hints_fit`]: e^a from the student
+/// logits. Such a row's logits, two scratch rows and gradient row do not fit
+/// L2, so the gradient pass reads them from L3; with one scratch row fewer it
+/// measured 10-15% faster (256x128256 f32) despite the extra exp (see
+/// docs/benchmarks.md; recomputing e^b instead, or both, gained less). Hard
+/// labels at T = 2: the CE's e^{s − max s} is (e^a)² ([`square_flushed`]), one
+/// store and one load per element fewer than the `e1` scratch row.
+fn recompute_mode<S, T>(divergence: Divergence, cols: usize, ce_from_square: bool) -> u8 {
+    let mut mode = 0;
+    if divergence == Divergence::Kl && !hints_fit::<S, T>(cols) {
+        mode |= RECOMPUTE_S;
+    }
+    if ce_from_square {
+        mode |= SQUARE_E1;
+    }
+    mode
 }
 
 /// Which cross term the partition pass sums (forward KL: Σ e^b (b − a);
@@ -341,10 +395,14 @@ fn partition_pass<A: Arch, const L: usize, S: Element, T: Element, const CROSS: 
                 for i in 0..L {
                     z1_run[i] += e1[i];
                 }
-                copy_lanes(lanes_mut::<L>(sc.e1, k), &e1);
+                if plan.recompute & SQUARE_E1 == 0 {
+                    copy_lanes(lanes_mut::<L>(sc.e1, k), &e1);
+                }
+            }
+            if plan.keep && plan.recompute & RECOMPUTE_S == 0 {
+                copy_lanes(lanes_mut::<L>(sc.es, k), &es);
             }
             if plan.keep {
-                copy_lanes(lanes_mut::<L>(sc.es, k), &es);
                 copy_lanes(lanes_mut::<L>(sc.et, k), &et);
             }
         }
@@ -371,10 +429,14 @@ const SQUARE_FLUSH_BELOW: f32 = 1.0 / (1u64 << 63) as f32;
 /// only from a NaN logit.
 #[inline(always)]
 fn square_lanes<const L: usize>(e: &[f32; L]) -> [f32; L] {
-    std::array::from_fn(|i| {
-        let x = if e[i] < SQUARE_FLUSH_BELOW { 0.0 } else { e[i] };
-        x * x
-    })
+    std::array::from_fn(|i| square_flushed(e[i]))
+}
+
+/// One lane of [`square_lanes`] (the gradient pass forms the same value).
+#[inline(always)]
+fn square_flushed(e: f32) -> f32 {
+    let x = if e < SQUARE_FLUSH_BELOW { 0.0 } else { e };
+    x * x
 }
 
 /// Per-row constants of the gradient pass.
@@ -530,7 +592,7 @@ fn elem<S: Element, T: Element>(
 /// the other passes came out split into 16 + 8 + 4 + 2 + 1 + 1 lanes here).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn grad_pass<S: Element, T: Element, G: GradTerm>(
+fn grad_pass<A: Arch, S: Element, T: Element, G: GradTerm, const MODE: u8>(
     s: &[S],
     t: &[T],
     plan: Plan,
@@ -545,7 +607,26 @@ fn grad_pass<S: Element, T: Element, G: GradTerm>(
     let (q_m, p_m) = (&sc.q_m[..n], &sc.p_m[..n]);
     let e1 = if plan.ce_t1 { &sc.e1[..n] } else { es };
     let (ce_w, z1_inv) = ce.map_or((0.0, 0.0), |(_, w, z)| (w, z));
+    // The exponentials of one element: from scratch, or computed again from
+    // the logits by the partition pass's own arithmetic (the same bits). A
+    // scratch value that is not used is not loaded.
+    let exps = |s: S, es: f32, et: f32, e1: f32| {
+        let es = if MODE & RECOMPUTE_S != 0 {
+            exp_nonpos::<A>((s.to_f32() - stats.max_s) * inv_t)
+        } else {
+            es
+        };
+        let e1 = if MODE & SQUARE_E1 != 0 {
+            square_flushed(es)
+        } else if plan.ce_t1 {
+            e1
+        } else {
+            es
+        };
+        (es, et, e1)
+    };
     let student = |s: S, t: T, es: f32, et: f32, e1: f32, q_m: f32, p_m: f32| {
+        let (es, et, e1) = exps(s, es, et, e1);
         let x = elem(G::LOGITS_S, s, t, es, et, q_m, p_m, &stats, inv_t);
         let d = G::student(&x, k) * k.c;
         if ce.is_some() {
@@ -575,6 +656,7 @@ fn grad_pass<S: Element, T: Element, G: GradTerm>(
         for ((out, ((&s, &t), (&es, &et))), (&qm, &pm)) in
             g.iter_mut().zip(inputs).zip(q_m.iter().zip(p_m))
         {
+            let (es, et, _) = exps(s, es, et, 0.0);
             let x = elem(G::LOGITS_T, s, t, es, et, qm, pm, &stats, inv_t);
             *out = T::from_f32(G::teacher(&x, k) * k.c);
         }
@@ -851,13 +933,15 @@ pub fn distill_at<S: Element, T: Element>(
         return Ok(());
     }
     let wants_grad = grads.student.is_some() || grads.teacher.is_some();
+    // 1/T = 0.5 only for T = 2 exactly; then (s − max s) · 0.5 is exact.
+    let ce_from_square = hard.is_some() && inv_t == 0.5;
     let plan = Plan {
         divergence,
         inv_t,
         keep: wants_grad || matches!(divergence, Divergence::Tvd | Divergence::Jsd { .. }),
         ce_t1: hard.is_some() && inv_t != 1.0,
-        // 1/T = 0.5 only for T = 2 exactly; then (s − max s) · 0.5 is exact.
-        ce_from_square: hard.is_some() && inv_t == 0.5,
+        ce_from_square,
+        recompute: recompute_mode::<S, T>(divergence, cols, ce_from_square),
     };
     let blocking = Blocking::new(rows, cols);
     let (per, len) = (blocking.rows_per_block, blocking.rows_per_block * cols);

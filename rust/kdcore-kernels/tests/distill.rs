@@ -587,6 +587,43 @@ fn distill_every_level<S: Dtype, T: Dtype>(seed: u64) {
     });
 }
 
+/// Rows wider than the kernel's hint budget (more than 37449 f32 or 58254
+/// 16-bit columns), where forward KL computes e^a again in the gradient pass
+/// instead of keeping it in scratch; T = 2 with hard labels also forms the CE's
+/// e^{s − max s} as (e^a)² there. Every level, every divergence.
+fn distill_wide_rows<S: Dtype, T: Dtype>(seed: u64, cols: usize) {
+    at_every_level(|level| {
+        let mut rng = Rng::new(seed);
+        for (d, &div) in DIVERGENCES.iter().enumerate() {
+            let mut st = Stats::default();
+            for (k, &temp) in TEMPERATURES.iter().enumerate() {
+                let (s, t) = logits_pair(&mut rng, 2, cols);
+                let (w, w_ce, labels) = row_weights(&mut rng, 2, cols);
+                // Forward KL and T = 2 always with CE; the others in turn.
+                let with_ce = d == 0 || temp == 2.0 || (d + k) % 2 == 0;
+                let hard = with_ce.then_some((&labels[..], &w_ce[..]));
+                st.add(distill_case::<S, T>(&s, &t, 2, cols, div, temp, &w, hard));
+            }
+            println!(
+                "wide distill {} {div:?} at {}: {}",
+                name2::<S, T>(),
+                level.name(),
+                grad_summary(&st)
+            );
+        }
+    });
+}
+
+#[test]
+fn distill_wide_rows_f32() {
+    distill_wide_rows::<f32, f32>(21, 40_000);
+}
+
+#[test]
+fn distill_wide_rows_bf16() {
+    distill_wide_rows::<bf16, bf16>(22, 60_000);
+}
+
 #[test]
 fn distill_f32_every_level() {
     distill_every_level::<f32, f32>(11);
