@@ -18,11 +18,12 @@ from .kl import kernel_divergence
 from .sparse import TAILS
 
 #: Row chunks: fp32 bytes of logits (student, teacher, gradient) one chunk may
-#: hold. Chunks must be tall enough for the GEMMs to run at speed: on the CPU,
-#: 174-row chunks (64 MiB at V = 32000) made the chunk GEMMs 28% slower than
-#: the same GEMMs at full size; 128 MiB gives about 350 rows there (a middle
-#: ground: 700-row chunks were a little faster but doubled the peak memory).
-CHUNK_BUDGET_BYTES = {"cpu": 128 << 20, "cuda": 256 << 20}
+#: hold. Chunks must be tall enough for the GEMMs to run at speed: each GEMM
+#: call packs the whole (V, H) weight again, so short chunks pay that per chunk.
+#: On the CPU at V = 32000, H = 512, 2048 rows: 350-row chunks (128 MiB) ran
+#: 1.18-1.23x the full-size GEMMs' time, 700-row chunks (256 MiB) 1.12x,
+#: 1024-row chunks 1.07-1.09x.
+CHUNK_BUDGET_BYTES = {"cpu": 256 << 20, "cuda": 256 << 20}
 MIN_CHUNK_ROWS = 64
 #: Vocabulary slices: fp32 bytes of (rows, slice) temporaries one slice may
 #: hold (about five of them).

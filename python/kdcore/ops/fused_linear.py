@@ -67,8 +67,8 @@ def fused_linear_distillation_loss(
     ``normalize`` weight rows as in :func:`kdcore.distillation_loss` (both
     terms; ``reduction`` must be ``"mean"``).
 
-    Rows are processed in chunks of ``chunk_size`` (default: what fits 128 MiB
-    of fp32 logits on the CPU, 256 MiB on CUDA, at least 64 rows): each
+    Rows are processed in chunks of ``chunk_size`` (default: what fits 256 MiB
+    of fp32 logits, at least 64 rows): each
     chunk's logits are formed with fp32 accumulation and kept in fp32 (never
     rounded to bf16 before the loss), go through the fused kernel, and give
     their share of the gradients w.r.t. ``student_hidden``, ``student_weight``
