@@ -55,10 +55,6 @@ def torch_kd_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * TEMPERATURE**2
 
 
-def median_ms(fn: Callable[[], object], repeat: int, warmup: int = 2) -> float:
-    return interleaved_medians_ms({"fn": (fn, repeat)}, warmup=warmup)["fn"]
-
-
 def interleaved_medians_ms(
     contenders: dict[str, tuple[Callable[[], object], int]], warmup: int = 2
 ) -> dict[str, float]:
@@ -432,11 +428,16 @@ def run(
     def small_torch(s):
         return torch_kd_loss(s, small_t)
 
-    small = {
-        "kdcore_1x8_fwd_bwd_us": median_ms(_fwd_bwd(small_kd, small_s), 201) * 1e3,
-        "kdcore_1x8_fwd_us": median_ms(_fwd(small_kd, small_s), 201) * 1e3,
-        "eager_1x8_fwd_bwd_us": median_ms(_fwd_bwd(small_torch, small_s), 201) * 1e3,
-    }
+    # Interleaved (a call is microseconds: drift would decide a separate median).
+    small_ms = interleaved_medians_ms(
+        {
+            "kdcore_1x8_fwd_bwd_us": (_fwd_bwd(small_kd, small_s), 401),
+            "kdcore_1x8_fwd_us": (_fwd(small_kd, small_s), 401),
+            "eager_1x8_fwd_bwd_us": (_fwd_bwd(small_torch, small_s), 401),
+        },
+        warmup=50,
+    )
+    small = {name: ms * 1e3 for name, ms in small_ms.items()}
     print()
     for table in ops:
         picked = [r for r in rows if r["table"] == table]
@@ -448,7 +449,9 @@ def run(
         print(line)
     print(
         f"1x8 call: kdcore f+b {small['kdcore_1x8_fwd_bwd_us']:.1f} us, "
-        f"fwd {small['kdcore_1x8_fwd_us']:.1f} us; eager f+b {small['eager_1x8_fwd_bwd_us']:.1f} us"
+        f"fwd {small['kdcore_1x8_fwd_us']:.1f} us; "
+        f"eager f+b {small['eager_1x8_fwd_bwd_us']:.1f} us "
+        f"(kdcore/eager f+b {small['kdcore_1x8_fwd_bwd_us'] / small['eager_1x8_fwd_bwd_us']:.2f})"
     )
     if json_path:
         text = json.dumps({"meta": meta, "rows": rows, "small": small}, indent=2)
