@@ -21,7 +21,7 @@ from .sparse import TAILS
 #: hold. Chunks must be tall enough for the GEMMs to run at speed: each GEMM
 #: call packs the whole (V, H) weight again, so short chunks pay that per chunk.
 #: On the CPU at V = 32000, H = 512, 2048 rows: 350-row chunks (128 MiB) ran
-#: 1.18-1.23x the full-size GEMMs' time, 700-row chunks (256 MiB) 1.12x,
+#: 1.14-1.23x the full-size GEMMs' time, 700-row chunks (256 MiB) 1.10-1.12x,
 #: 1024-row chunks 1.07-1.09x.
 CHUNK_BUDGET_BYTES = {"cpu": 256 << 20, "cuda": 256 << 20}
 MIN_CHUNK_ROWS = 64
