@@ -2,9 +2,9 @@
 
     python benches/fused_linear_chunks.py [--threads 2] [--rounds 5] [--chunks 349,699,1024]
 
-At 2048 rows x H 512 x V 32000 fp32 (teacher as hidden states, labels,
-alpha 0.5, T 2), in one process, interleaved rounds, medians, each as a ratio
-to the first:
+At ``kdcore bench``'s fused case (2048 rows x H 512 x V 32000 fp32, teacher as
+hidden states, labels, alpha 0.5, T 2), in one process, interleaved rounds,
+medians, each as a ratio to the first:
 
 - ``gemms``: the four GEMMs alone at full size into preallocated outputs
   (student and teacher logits, hidden-state and weight gradients), what
@@ -27,8 +27,25 @@ import torch
 import kdcore
 from kdcore._backend import DistillArgs
 from kdcore._rust import BACKEND
+from kdcore.bench import FUSED_SHAPE, TEMPERATURE, FusedCase
 
-ROWS, HIDDEN, VOCAB, T = 2048, 512, 32000, 2.0
+
+def chunked_gemms(case: FusedCase, chunk: int):
+    """The case's four GEMMs in row chunks, each chunk's logits into the same rows
+    of the preallocated outputs (reused buffers, as the fused loss uses)."""
+    hd, wd = case.h.detach(), case.w.detach()
+    rows = hd.shape[0]
+
+    def run() -> None:
+        case.gw.zero_()
+        for start in range(0, rows, chunk):
+            stop = min(rows, start + chunk)
+            z = torch.mm(hd[start:stop], wd.t(), out=case.zs[: stop - start])
+            torch.mm(case.th[start:stop], case.tw.t(), out=case.zt[: stop - start])
+            torch.mm(z, wd, out=case.gh[start:stop])
+            case.gw.addmm_(z.t(), hd[start:stop])
+
+    return run
 
 
 def main() -> None:
@@ -41,64 +58,21 @@ def main() -> None:
     kdcore.set_num_threads(opts.threads)
     chunks = [int(c) for c in opts.chunks.split(",")]
 
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(ROWS, HIDDEN, generator=g).requires_grad_()
-    w = (torch.randn(VOCAB, HIDDEN, generator=g) / HIDDEN**0.5).requires_grad_()
-    th = torch.randn(ROWS, HIDDEN, generator=g)
-    tw = torch.randn(VOCAB, HIDDEN, generator=g) / HIDDEN**0.5
-    labels = torch.randint(0, VOCAB, (ROWS,), generator=g)
-    hd, wd = h.detach(), w.detach()
-    zs, zt = torch.empty(ROWS, VOCAB), torch.empty(ROWS, VOCAB)
-    grad_logits = torch.randn(ROWS, VOCAB, generator=g)
-    gh, gw = torch.empty(ROWS, HIDDEN), torch.empty(VOCAB, HIDDEN)
+    case = FusedCase(FUSED_SHAPE, torch.Generator().manual_seed(0))
+    rows, _, _ = FUSED_SHAPE
+    case.gemms()
+    case.zt.copy_(case.zs * 1.1)  # (a teacher near the student, as in training)
+    div_w = torch.full((rows,), TEMPERATURE**2 / rows)
+    ce_w = torch.full((rows,), 0.5 / rows)
+    kernel_args = DistillArgs(
+        case.zs, case.zt, div_w, TEMPERATURE, "kl", 0.5, case.labels, ce_w, True, False
+    )
 
-    def gemms():
-        torch.mm(hd, wd.t(), out=zs)
-        torch.mm(th, tw.t(), out=zt)
-        torch.mm(grad_logits, wd, out=gh)
-        torch.mm(grad_logits.t(), hd, out=gw)
-
-    def chunked(c: int):
-        def run():
-            gw.zero_()
-            for start in range(0, ROWS, c):
-                stop = min(ROWS, start + c)
-                z = torch.mm(hd[start:stop], wd.t(), out=zs[: stop - start])
-                torch.mm(th[start:stop], tw.t(), out=zt[: stop - start])
-                torch.mm(z, wd, out=gh[start:stop])
-                gw.addmm_(z.t(), hd[start:stop])
-
-        return run
-
-    div_w = torch.full((ROWS,), T * T / ROWS)
-    ce_w = torch.full((ROWS,), 0.5 / ROWS)
-
-    def fused(c: int | None):
-        def run():
-            loss = kdcore.fused_linear_distillation_loss(
-                h,
-                w,
-                teacher_hidden=th,
-                teacher_weight=tw,
-                labels=labels,
-                alpha=0.5,
-                temperature=T,
-                chunk_size=c,
-            )
-            torch.autograd.grad(loss, (h, w))
-
-        return run
-
-    def kernel_only():
-        BACKEND.distill(DistillArgs(zs, zt, div_w, T, "kl", 0.5, labels, ce_w, True, False))
-
-    variants = {"gemms": gemms}
-    variants.update({f"gemms/{c}": chunked(c) for c in chunks})
-    variants["kernel"] = kernel_only
-    variants["fused"] = fused(None)
-    variants.update({f"fused/{c}": fused(c) for c in chunks})
-    gemms()
-    zt.copy_(zs * 1.1)
+    variants = {"gemms": case.gemms}
+    variants.update({f"gemms/{c}": chunked_gemms(case, c) for c in chunks})
+    variants["kernel"] = lambda: BACKEND.distill(kernel_args)
+    variants["fused"] = case.fused
+    variants.update({f"fused/{c}": (lambda c=c: case.fused(c)) for c in chunks})
     for fn in variants.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in variants}
@@ -108,7 +82,8 @@ def main() -> None:
             fn()
             times[name].append(time.perf_counter() - start)
     base = times["gemms"]
-    print(f"{ROWS}x{HIDDEN}x{VOCAB} fp32, {opts.threads} threads, medians of {opts.rounds} rounds")
+    n, hidden, vocab = FUSED_SHAPE
+    print(f"{n}x{hidden}x{vocab} fp32, {opts.threads} threads, medians of {opts.rounds} rounds")
     for name, ts in times.items():
         ratio = statistics.median(t / b for t, b in zip(ts, base, strict=True))
         print(f"  {name:12s} {statistics.median(ts) * 1e3:9.1f} ms   /gemms {ratio:.3f}")

@@ -278,43 +278,53 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _measure_fused(repeat: int, quick: bool, gen) -> dict:
-    """The fused linear + distillation loss (teacher as hidden states, alpha 0.5)
-    against its GEMMs alone: student and teacher logits, then the student's
-    hidden and weight gradients, each into a preallocated output."""
-    n, hidden, vocab = FUSED_QUICK_SHAPE if quick else FUSED_SHAPE
-    h = torch.randn(n, hidden, generator=gen).requires_grad_()
-    w = (torch.randn(vocab, hidden, generator=gen) / hidden**0.5).requires_grad_()
-    th = torch.randn(n, hidden, generator=gen)
-    tw = torch.randn(vocab, hidden, generator=gen) / hidden**0.5
-    labels = torch.randint(0, vocab, (n,), generator=gen)
+class FusedCase:
+    """The fused linear + distillation loss's benchmark case (teacher as hidden
+    states, labels, alpha 0.5) and its four GEMMs alone: student and teacher
+    logits, then the student's hidden and weight gradients, each into a
+    preallocated output (``zs``, ``zt``, ``gh``, ``gw``)."""
 
-    def fused():
+    def __init__(self, shape: tuple[int, int, int], gen) -> None:
+        n, hidden, vocab = shape
+        self.h = torch.randn(n, hidden, generator=gen).requires_grad_()
+        self.w = (torch.randn(vocab, hidden, generator=gen) / hidden**0.5).requires_grad_()
+        self.th = torch.randn(n, hidden, generator=gen)
+        self.tw = torch.randn(vocab, hidden, generator=gen) / hidden**0.5
+        self.labels = torch.randint(0, vocab, (n,), generator=gen)
+        self.zs, self.zt = torch.empty(n, vocab), torch.empty(n, vocab)
+        self.grad_logits = torch.randn(n, vocab, generator=gen)
+        self.gh, self.gw = torch.empty(n, hidden), torch.empty(vocab, hidden)
+
+    def fused(self, chunk_size: int | None = None):
         loss = kdcore.fused_linear_distillation_loss(
-            h,
-            w,
-            teacher_hidden=th,
-            teacher_weight=tw,
-            labels=labels,
+            self.h,
+            self.w,
+            teacher_hidden=self.th,
+            teacher_weight=self.tw,
+            labels=self.labels,
             alpha=0.5,
             temperature=TEMPERATURE,
+            chunk_size=chunk_size,
         )
-        return torch.autograd.grad(loss, (h, w))
+        return torch.autograd.grad(loss, (self.h, self.w))
 
-    hd, wd = h.detach(), w.detach()
-    zs, zt = torch.empty(n, vocab), torch.empty(n, vocab)
-    grad_logits = torch.randn(n, vocab, generator=gen)
-    gh, gw = torch.empty(n, hidden), torch.empty(vocab, hidden)
+    def gemms(self) -> None:
+        hd, wd = self.h.detach(), self.w.detach()
+        torch.mm(hd, wd.t(), out=self.zs)
+        torch.mm(self.th, self.tw.t(), out=self.zt)
+        torch.mm(self.grad_logits, wd, out=self.gh)
+        torch.mm(self.grad_logits.t(), hd, out=self.gw)
 
-    def gemms():
-        torch.mm(hd, wd.t(), out=zs)
-        torch.mm(th, tw.t(), out=zt)
-        torch.mm(grad_logits, wd, out=gh)
-        torch.mm(grad_logits.t(), hd, out=gw)
 
+def _measure_fused(repeat: int, quick: bool, gen) -> dict:
+    """The fused linear + distillation loss against its GEMMs alone (:class:`FusedCase`)."""
+    n, hidden, vocab = FUSED_QUICK_SHAPE if quick else FUSED_SHAPE
+    case = FusedCase((n, hidden, vocab), gen)
     # Fewer runs: one call is seconds at the full shape.
     runs = max(3, repeat // 2)
-    times = interleaved_medians_ms({"fused_fwd_bwd_ms": (fused, runs), "gemms_ms": (gemms, runs)})
+    times = interleaved_medians_ms(
+        {"fused_fwd_bwd_ms": (case.fused, runs), "gemms_ms": (case.gemms, runs)}
+    )
     return {
         "table": "fused",
         "op": "fused linear distill",
